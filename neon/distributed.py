@@ -1,0 +1,110 @@
+"""Process-group setup and the few collectives the core needs.
+
+Shaped after `NVlabs/edm2:torch_utils/distributed.py`, with torchtune's backend choice: nccl when
+CUDA is available, gloo otherwise (the CPU path the tests exercise). Everything works without
+`torchrun`: then `rank()` is 0, `world()` is 1 and the collectives are identities.
+
+Only `neon.cli` and the family `calculate_fid.py` shims call `init()`. Family modules never import
+this file or `torch.distributed`.
+"""
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init() -> None:
+    """Join the process group that torchrun describes; a no-op when `WORLD_SIZE` is unset or 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+
+
+def shutdown() -> None:
+    """Leave the process group (if any), so torchrun sees a clean exit."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """This rank's device: its local GPU under CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Collective: wait for every rank."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Run the body on rank 0 first, then on the others: for downloads and caches that every rank
+    reads but only one should write."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def shard(items):
+    """This rank's share of `items` (a sequence or an int n, meaning range(n)), dealt round-robin:
+    rank r gets items r, r + world, r + 2 world, ... Work is split by index, never by per-rank
+    seeds, so results do not depend on the world size."""
+    if isinstance(items, int):
+        items = range(items)
+    return items[rank()::world()]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Collective: sum `tensor` over ranks in place (on the process group's device) and return it."""
+    if dist.is_initialized():
+        work = tensor.to(_comm_device())
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        tensor.copy_(work)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Collective: every rank returns rank `src`'s `obj` (any picklable value)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Collective: every rank returns the list of all ranks' `obj`, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _comm_device() -> torch.device:
+    return device() if dist.get_backend() == "nccl" else torch.device("cpu")
