@@ -1,0 +1,96 @@
+"""Peak memory of `neon.merge.merge_files` on two large .safetensors checkpoints.
+
+Writes a base and a self-trained checkpoint (float32 tensors) into a temporary directory, then
+runs each merge in a fresh process and reads its peak RSS (`ru_maxrss`):
+
+  idle:      `import torch, neon.merge` and nothing else (the floor every process pays);
+  naive:     the baseline, `safetensors.torch.load_file` of both files, extrapolate, `save_file`;
+  streamed:  `merge_files`, which reads and writes one tensor at a time.
+
+Ratios are against the checkpoint size and against the naive merge measured in the same run.
+
+    python benchmarks/merge_memory.py                          # 8 × 32Mi float32: two 1 GiB files
+    python benchmarks/merge_memory.py --tensors 4 --numel 8388608
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from neon import checkpoint  # noqa: E402
+
+MEASURE = "import resource, sys\n{body}\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+IDLE = "import torch, neon.merge"
+NAIVE = """
+import torch
+from safetensors.torch import load_file, save_file
+base, self_sd, w = load_file(sys.argv[1]), load_file(sys.argv[2]), float(sys.argv[3])
+merged = {k: ((1 + w) * base[k].float() - w * self_sd[k].float()).to(base[k].dtype) for k in base}
+save_file(merged, sys.argv[4])
+"""
+STREAMED = """
+from neon.merge import merge_files
+merge_files(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4])
+"""
+
+
+def peak_rss(body: str, *args) -> tuple[int, float]:
+    """(peak RSS in bytes, wall seconds) of `body` run in a fresh Python process."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", MEASURE.format(body=body), *map(str, args)], cwd=REPO,
+                            env=os.environ | {"PYTHONPATH": REPO}, capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1]) * 1024, time.perf_counter() - start  # ru_maxrss is KiB on Linux
+
+
+def write_checkpoint(path: str, num_tensors: int, numel: int, seed: int) -> None:
+    specs = [(f"block{i}.weight", torch.float32, (numel,)) for i in range(num_tensors)]
+    g = torch.Generator().manual_seed(seed)
+    checkpoint.write_safetensors(path, specs, (torch.randn(numel, generator=g) for _ in range(num_tensors)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tensors", type=int, default=8, help="tensors per checkpoint")
+    parser.add_argument("--numel", type=int, default=32 * 2**20, help="float32 elements per tensor")
+    parser.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        base, self_path = os.path.join(tmp, "base.safetensors"), os.path.join(tmp, "self.safetensors")
+        write_checkpoint(base, args.tensors, args.numel, seed=0)
+        write_checkpoint(self_path, args.tensors, args.numel, seed=1)
+        size = os.path.getsize(base)
+        tensor_bytes = args.numel * 4
+        print(f"checkpoint: {args.tensors} x {args.numel} float32 = {size / 2**30:.2f} GiB per file")
+
+        idle, _ = peak_rss(IDLE)
+        naive, naive_s = peak_rss(NAIVE, base, self_path, 0.5, os.path.join(tmp, "naive.safetensors"))
+        streamed, streamed_s = peak_rss(STREAMED, base, self_path, 0.5, os.path.join(tmp, "neon.safetensors"))
+        naive_out = os.path.join(tmp, "naive.safetensors")
+        streamed_out = os.path.join(tmp, "neon.safetensors")
+        names = list(checkpoint.safetensors_header(streamed_out)[0])
+        pairs = zip(checkpoint.iter_safetensors(naive_out, names),
+                    checkpoint.iter_safetensors(streamed_out, names))
+        same = all(torch.equal(a, b) for (_, a), (_, b) in pairs)
+
+    gib = 2**30
+    print(f"idle     peak RSS {idle / gib:6.2f} GiB")
+    print(f"naive    peak RSS {naive / gib:6.2f} GiB  {naive / size:5.2f}x checkpoint  {naive_s:5.1f} s")
+    print(f"streamed peak RSS {streamed / gib:6.2f} GiB  {streamed / size:5.2f}x checkpoint  "
+          f"{streamed_s:5.1f} s")
+    print(f"streamed / naive: {streamed / naive:.2f}x peak RSS, {streamed_s / naive_s:.2f}x time; "
+          f"above idle: {(streamed - idle) / tensor_bytes:.1f} tensors streamed vs "
+          f"{(naive - idle) / tensor_bytes:.1f} naive")
+    print(f"outputs equal, tensor by tensor: {same}")
+
+
+if __name__ == "__main__":
+    main()

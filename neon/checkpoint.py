@@ -1,0 +1,440 @@
+"""Every read and write of weights, and every atomic file write of the project.
+
+This is the only module that calls `torch.load`, `torch.save`, pickle, safetensors I/O or
+`os.replace`. It reads `.pt`/`.pth` files (always `weights_only=True`) and `.safetensors` files
+into a `Container` that remembers where θ lives inside the file, writes a new θ back in the same
+layout (`write_like`), streams safetensors tensor by tensor so a merge never holds a whole
+checkpoint, and provides `atomic`, the temp-file-then-rename pattern every other module uses for
+its outputs, so an interrupted run never leaves a partial file under a final name.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import struct
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from neon.errors import NeonError
+
+logger = logging.getLogger(__name__)
+
+# Where θ lives inside a container, in order of preference: the EMA wins wherever a file has one,
+# because that is the network the paper samples from and merges (DiT's `ema` preference).
+WEIGHT_KEYS: tuple[tuple[str, ...], ...] = (
+    (),
+    ("ema",),
+    ("model_ema",),
+    ("ema_model",),
+    ("model",),
+    ("state_dict",),
+    ("net",),
+    ("var_wo_ddp",),
+    ("trainer", "var_wo_ddp"),
+)
+
+_SUFFIXES = {".pt": "pt", ".pth": "pt", ".safetensors": "safetensors", ".pkl": "pkl"}
+
+# safetensors dtype codes. Data is little-endian; like the safetensors library itself, we assume a
+# little-endian host and copy bytes as they are.
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_CODES = {dtype: code for code, dtype in _ST_DTYPES.items()}
+_ST_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
+
+
+@dataclasses.dataclass
+class Container:
+    """A checkpoint file as read: the whole object plus where θ lives inside it.
+
+    `data` is the object as loaded (a dict); `weights_key` is the path of dict keys to the state
+    dict (`()` when `data` is itself the flat state dict); `metadata` is the safetensors
+    `__metadata__` (empty for `.pt`).
+    """
+
+    path: str
+    format: str  # 'pt' | 'safetensors'
+    data: dict
+    weights_key: tuple[str, ...]
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The state dict at `weights_key` (the object inside `data`, not a copy)."""
+        node = self.data
+        for key in self.weights_key:
+            node = node[key]
+        return node
+
+
+def format_of(path: str) -> str:
+    """The checkpoint format a file name implies: 'pt' (.pt/.pth), 'safetensors' or 'pkl'."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in _SUFFIXES:
+        raise NeonError(f"{path}: unknown checkpoint format (expected .pt, .pth, .safetensors or .pkl)")
+    return _SUFFIXES[suffix]
+
+
+def read(path: str, mmap: bool = False) -> Container:
+    """Read a checkpoint file and locate θ in it.
+
+    Args:
+        path: a `.pt`/`.pth` file (loaded with `weights_only=True` onto the CPU) or a
+            `.safetensors` file.
+        mmap: map `.pt` tensors from the file instead of reading them (pages load on first
+            touch). Ignored for `.safetensors`, which `iter_safetensors` streams instead.
+
+    Returns:
+        A `Container`. Raises `NeonError` (one line) if the file is missing, unreadable, or holds
+        no state dict at any of `WEIGHT_KEYS`.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise NeonError(f"no such checkpoint: {path}")
+    fmt = format_of(path)
+    metadata = {}
+    if fmt == "pkl":
+        # TODO(#5): EDM/IMM network pickles through an allowlist unpickler.
+        raise NeonError(f"{path}: reading .pkl network pickles is not supported yet")
+    if fmt == "safetensors":
+        parsed = _parse_safetensors(path)
+        data, metadata = dict(_read_safetensors(path, parsed, list(parsed[0]))), parsed[1]
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:
+            raise NeonError(f"cannot read checkpoint {path}: {_short(e)}") from None
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise NeonError(f"cannot read checkpoint {path}: top level is a {kind}, not a dict")
+    return Container(path, fmt, data, _locate(path, data), metadata)
+
+
+def read_state(path: str) -> dict:
+    """A training-state file (optimizer, scaler, data position) as the dict it holds, loaded with
+    `weights_only=True`; NeonError (one line) when it is missing or unreadable."""
+    if not os.path.exists(path):
+        raise NeonError(f"no such state file: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise NeonError(f"cannot read state file {path}: {_short(e)}") from None
+    if not isinstance(data, dict):
+        raise NeonError(f"cannot read state file {path}: top level is a {type(data).__name__}, not a dict")
+    return data
+
+
+def _locate(path: str, data: dict) -> tuple[str, ...]:
+    for key in WEIGHT_KEYS:
+        node = data
+        for k in key:
+            node = node.get(k) if isinstance(node, Mapping) else None
+        if _is_state_dict(node):
+            return key
+    keys = ", ".join(map(str, list(data)[:10])) + (", ..." if len(data) > 10 else "")
+    raise NeonError(f"{path}: no state dict found (top-level keys: {keys or 'none'})")
+
+
+def _is_state_dict(node) -> bool:
+    return (isinstance(node, Mapping) and len(node) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in node.items()))
+
+
+def _short(e: object) -> str:
+    """The first sentence of an error message, for a one-line NeonError."""
+    text = str(e)
+    # torch's weights_only errors run to a dozen lines; the reason follows this marker.
+    marker = "WeightsUnpickler error:"
+    prefix = ""
+    if marker in text:
+        text, prefix = text.split(marker, 1)[1], "weights_only=True refused it: "
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0].split(". ")[0] if lines else type(e).__name__
+    line = prefix + line
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def replaced(container: Container, state_dict: Mapping[str, torch.Tensor]) -> object:
+    """A new data object in `container`'s layout with `state_dict` at `weights_key`.
+
+    The dicts enclosing the state dict are shallow-copied; every other entry is the same object
+    as in `container.data`, which is left unchanged.
+    """
+    if not container.weights_key:
+        return state_dict
+    data = copy.copy(container.data)
+    node = data
+    for key in container.weights_key[:-1]:
+        node[key] = copy.copy(node[key])
+        node = node[key]
+    node[container.weights_key[-1]] = state_dict
+    return data
+
+
+def write(obj: object, path: str) -> None:
+    """`torch.save(obj)` to `path` atomically (parent directories are created)."""
+    with atomic(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def output_format(base_format: str, path: str, format: str = "same") -> str:
+    """The format `write_like` writes for a `base_format` container: 'pt' or 'safetensors'.
+
+    Raises `NeonError` if `format` is not 'same' or 'safetensors', or the suffix of `path` does
+    not name the format written, so callers can refuse a bad output name before any work.
+    """
+    if format not in ("same", "safetensors"):
+        raise NeonError(f"unknown output format {format!r} (expected 'same' or 'safetensors')")
+    fmt = "safetensors" if format == "safetensors" or base_format == "safetensors" else "pt"
+    if format_of(path) != fmt:
+        suffix = ".safetensors" if fmt == "safetensors" else ".pt"
+        raise NeonError(f"{path}: the output is written as {fmt}, so its name must end in {suffix}")
+    return fmt
+
+
+def write_like(container: Container, state_dict: Mapping[str, torch.Tensor], path: str,
+               format: str = "same") -> None:
+    """Write `state_dict` as θ of a checkpoint shaped like `container`, atomically.
+
+    Args:
+        format: 'same' keeps the container's layout and format (for `.pt`, every non-weight
+            entry is kept; for `.safetensors`, the metadata is kept). 'safetensors' writes the
+            plain tensors to a `.safetensors` file whatever the container was.
+        path: its suffix must match the format written (`.pt`/`.pth` or `.safetensors`).
+    """
+    if output_format(container.format, path, format) == "pt":
+        write(replaced(container, state_dict), path)
+    else:
+        specs = [(name, t.dtype, tuple(t.shape)) for name, t in state_dict.items()]
+        write_safetensors(path, specs, state_dict.values(), container.metadata)
+
+
+@contextlib.contextmanager
+def atomic(path: str) -> Iterator[str]:
+    """Yield a temporary path next to `path`; on success rename it onto `path`.
+
+    On an exception the temporary file is removed and the exception re-raised, so `path` is
+    either untouched or complete. The temporary name starts with '.' (snapshot globs skip it)
+    and ends with the suffix of `path` (numpy's `savez` would otherwise append '.npz').
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(name)[1]
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj: object) -> None:
+    """Write `obj` as indented JSON with a trailing newline, atomically."""
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `text` to `path` atomically."""
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _parse_safetensors(path: str) -> tuple[dict, dict, int]:
+    """Validated header: ({name: (dtype, shape, begin, end)} in data order, metadata, data start)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise NeonError(f"no such checkpoint: {path}")
+
+    def corrupt(reason):
+        return NeonError(f"cannot read checkpoint {path}: {reason}")
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise corrupt("file is shorter than the 8-byte safetensors header length")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > min(size - 8, _ST_MAX_HEADER):
+            raise corrupt(f"header length {n} does not fit in a {size}-byte file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))  # JSON allows the trailing space padding
+    except ValueError as e:
+        raise corrupt(f"header is not JSON ({_short(e)})") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise corrupt("__metadata__ is not a str -> str mapping")
+    data_size = size - 8 - n
+    entries = {}
+    for name, spec in header.items():
+        try:
+            dtype = _ST_DTYPES[spec["dtype"]]
+            shape = tuple(spec["shape"])
+            begin, end = spec["data_offsets"]
+            ok = (all(type(d) is int and d >= 0 for d in shape)
+                  and type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
+                  and end - begin == math.prod(shape) * dtype.itemsize)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise corrupt(f"bad or truncated header entry for {name!r}: {json.dumps(spec)[:100]}")
+        entries[name] = (dtype, shape, begin, end)
+    # File order is data order (stable, so empty tensors keep their header order).
+    entries = dict(sorted(entries.items(), key=lambda item: item[1][2]))
+    return entries, metadata, 8 + n
+
+
+def safetensors_header(path: str) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict]:
+    """Names, dtypes and shapes of a `.safetensors` file, in file order, plus its metadata.
+
+    Reads only the header. Raises `NeonError` if the file is missing or its header is invalid.
+    """
+    entries, metadata, _ = _parse_safetensors(path)
+    return {name: (dtype, shape) for name, (dtype, shape, _, _) in entries.items()}, metadata
+
+
+def iter_safetensors(path: str, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, tensor)` from a `.safetensors` file, one tensor in memory at a time.
+
+    Each tensor is read with seek + read into its own CPU buffer (no mmap, so resident memory is
+    the tensor being handled, not the file). Order: file order, or the order of `names`. The
+    header is checked (and unknown names refused) when this is called, before any data is read.
+    """
+    parsed = _parse_safetensors(path)
+    names = list(parsed[0]) if names is None else list(names)
+    unknown = [name for name in names if name not in parsed[0]]
+    if unknown:
+        raise NeonError(f"{path}: no tensor named {', '.join(unknown[:5])}")
+    return _read_safetensors(path, parsed, names)
+
+
+def _read_safetensors(path: str, parsed: tuple, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    entries, _, start = parsed
+    with open(path, "rb") as f:
+        for name in names:
+            dtype, shape, begin, end = entries[name]
+            tensor = torch.empty(shape, dtype=dtype)
+            if end > begin:
+                f.seek(start + begin)
+                view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+                while view:  # a single read() returns at most ~2 GiB on Linux
+                    got = f.readinto(view)
+                    if not got:
+                        raise NeonError(f"cannot read checkpoint {path}: data of {name!r} is truncated")
+                    view = view[got:]
+                del view
+            yield name, tensor
+            del tensor  # let the caller's copy be the only reference while the next one is read
+
+
+def write_safetensors(path: str, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+                      tensors: Iterable[torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a `.safetensors` file from a stream of tensors, atomically.
+
+    Args:
+        specs: `(name, dtype, shape)` of every tensor, in the order they will arrive. The header
+            (with all offsets) is written from these before any data.
+        tensors: yields one tensor per spec, in order; each is checked against its spec and
+            written as soon as it arrives, so peak memory is one tensor, not the file.
+        metadata: the optional `__metadata__` (str -> str).
+    """
+    specs = [(name, dtype, tuple(int(d) for d in shape)) for name, dtype, shape in specs]
+    header = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map str to str")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape in specs:
+        if dtype not in _ST_CODES:
+            raise ValueError(f"{name}: {dtype} cannot be stored in safetensors")
+        if name in header or name == "__metadata__":
+            raise ValueError(f"duplicate or reserved tensor name {name!r}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the safetensors library does
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        stream = iter(tensors)
+        for name, dtype, shape in specs:
+            tensor = next(stream, None)
+            if tensor is None:
+                raise ValueError(f"the tensors ran out before {name!r}")
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, "
+                                 f"spec says {dtype} {list(shape)}")
+            tensor = tensor.detach().cpu().contiguous()
+            if tensor.numel():
+                f.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+            del tensor
+        if next(stream, None) is not None:
+            raise ValueError(f"more tensors than the {len(specs)} specs")
+
+
+def download(url: str, dest_dir: str) -> str:
+    """Fetch `url` into `dest_dir` once and return the local path.
+
+    A local path that exists is returned as it is. A URL (http(s)://, file://) is fetched with
+    urllib into `dest_dir/<last path component>`, atomically, unless that file already exists.
+    Not collective: wrap it in `distributed.main_first()` when every rank needs the file.
+    """
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "" or os.path.exists(url):
+        if not os.path.exists(url):
+            raise NeonError(f"no such file: {url}")
+        return url
+    name = os.path.basename(urllib.parse.unquote(parsed.path))
+    if not name:
+        raise NeonError(f"cannot download {url}: the URL does not end in a file name")
+    dest = os.path.join(dest_dir, name)
+    if os.path.exists(dest):
+        return dest
+    logger.info("downloading %s to %s", url, dest)
+    try:
+        with atomic(dest) as tmp, urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f, 2**20)
+    except (OSError, ValueError) as e:
+        reason = e.reason if type(e) is urllib.error.URLError else e  # HTTPError reads better whole
+        raise NeonError(f"cannot download {url}: {_short(reason)}") from None
+    return dest

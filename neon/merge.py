@@ -1,0 +1,175 @@
+"""The extrapolation step of Neon: θ_neon = (1 + w) θ_base − w θ_self_trained.
+
+`extrapolate` applies it to two state dicts in memory; `merge_files` applies it to two checkpoint
+files and writes the result in the base's container, so the merged file is evaluated with the same
+command as the base. All file I/O goes through `neon.checkpoint`.
+"""
+
+import collections
+import logging
+import math
+import numbers
+import os
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from neon import checkpoint
+from neon.errors import NeonError
+
+logger = logging.getLogger(__name__)
+
+
+def extrapolate(base: Mapping[str, torch.Tensor], self_trained: Mapping[str, torch.Tensor],
+                w: float) -> dict[str, torch.Tensor]:
+    """Neon paper, Algorithm 1: result[k] = (1 + w) · base[k] − w · self_trained[k].
+
+    Floating tensors are computed in float32 (float64 when the base tensor is float64) and cast
+    back to the base dtype. Non-floating tensors (integer buffers, bool) and tensors with any
+    non-finite entry in the base (e.g. attention masks holding −inf) are the base's tensor,
+    unchanged. The inputs are not modified.
+
+    Args:
+        base: θ_base.
+        self_trained: θ_base briefly fine-tuned on its own samples; the same keys and shapes as
+            `base` (dtypes may differ).
+        w: the extrapolation weight, a finite real number.
+
+    Returns:
+        A new dict with the keys of `base`, in its order. Raises `NeonError` if w is not finite
+        or the keys or shapes differ (the message names the differing keys).
+    """
+    w = _check_w(w)
+    _check_match(_shapes(base), _shapes(self_trained))
+    return {name: _extrapolate_tensor(a, self_trained[name], w)[0] for name, a in base.items()}
+
+
+def merge_files(base_path: str, self_path: str, w: float, out_path: str, format: str = "same") -> None:
+    """Extrapolate two checkpoint files (Neon paper, Algorithm 1) into `out_path`.
+
+    θ is `checkpoint.read(...).weights` of each file (the EMA where a file has one). The output
+    keeps the base's container: its layout and every non-weight entry for `.pt`, its metadata for
+    `.safetensors`; `format='safetensors'` writes plain tensors instead. Everything is validated
+    before anything is written, and the write is atomic, so on any error no output file exists.
+
+    Memory stays near one checkpoint: two `.safetensors` inputs merged into a `.safetensors`
+    output are streamed tensor by tensor (peak: a few tensors); otherwise the base is loaded and
+    updated in place while the self-trained file is memory-mapped.
+    """
+    w = _check_w(w)
+    base_format = checkpoint.format_of(base_path)
+    self_format = checkpoint.format_of(self_path)
+    out_format = checkpoint.output_format(base_format, out_path, format)
+    if os.path.realpath(out_path) in (os.path.realpath(base_path), os.path.realpath(self_path)):
+        raise NeonError(f"{out_path}: the output must not overwrite an input")
+
+    if base_format == self_format == "safetensors":  # then the output is .safetensors too
+        base_specs, metadata = checkpoint.safetensors_header(base_path)
+        self_specs, _ = checkpoint.safetensors_header(self_path)
+        _check_match({k: shape for k, (_, shape) in base_specs.items()},
+                     {k: shape for k, (_, shape) in self_specs.items()}, base_path, self_path)
+        counts = collections.Counter()
+        specs = [(name, dtype, shape) for name, (dtype, shape) in base_specs.items()]
+        merged = _streamed(base_path, self_path, list(base_specs), w, counts)
+        checkpoint.write_safetensors(out_path, specs, merged, metadata)
+    else:
+        base = checkpoint.read(base_path)
+        self_trained = checkpoint.read(self_path, mmap=self_format == "pt")
+        base_sd, self_sd = base.weights, self_trained.weights
+        _check_match(_shapes(base_sd), _shapes(self_sd), base_path, self_path)
+        # In-place updates are safe only for a tensor whose storage nothing else in the file
+        # shares (tied weights, or a raw 'model' entry aliasing the EMA), else an aliased
+        # tensor would be extrapolated twice or a kept entry silently changed.
+        owners = collections.Counter(t.untyped_storage().data_ptr() for t in _tensors(base.data))
+        counts = collections.Counter()
+        merged = {}
+        for name, a in base_sd.items():
+            in_place = owners[a.untyped_storage().data_ptr()] == 1
+            merged[name], done = _extrapolate_tensor(a, self_sd[name], w, in_place)
+            counts[done] += 1
+        del self_sd, self_trained  # release the mapping before writing
+        checkpoint.write_like(base, merged, out_path, format)
+    logger.info("merged %s and %s with w=%g into %s (%d tensors extrapolated, %d copied from base)",
+                base_path, self_path, w, out_path, counts[True], counts[False])
+
+
+def _streamed(base_path: str, self_path: str, names: list[str], w: float,
+              counts: collections.Counter) -> Iterator[torch.Tensor]:
+    # Both files are read in the base's order; each base buffer is ours, so it is updated in place.
+    pairs = zip(checkpoint.iter_safetensors(base_path, names),
+                checkpoint.iter_safetensors(self_path, names))
+    for (_, a), (_, b) in pairs:
+        out, done = _extrapolate_tensor(a, b, w, in_place=True)
+        counts[done] += 1
+        del a, b  # hold one output, not last step's inputs, while the next pair is read
+        yield out
+        del out
+
+
+def _extrapolate_tensor(a: torch.Tensor, b: torch.Tensor, w: float,
+                        in_place: bool = False) -> tuple[torch.Tensor, bool]:
+    """(result, whether it was extrapolated) for one tensor; `in_place` may overwrite `a`."""
+    if not a.is_floating_point() or not _all_finite(a):
+        return a, False
+    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    wb = w * b.to(compute)
+    if in_place and a.dtype == compute:
+        # The same two roundings as (1 + w) * a - w * b, with one temporary instead of three.
+        return a.mul_(1 + w).sub_(wb), True
+    return ((1 + w) * a.to(compute) - wb).to(a.dtype), True
+
+
+def _all_finite(a: torch.Tensor) -> bool:
+    # aminmax propagates NaN and ±inf, allocates nothing of a's size, and on CPU runs ~15x faster
+    # than isfinite(a).all().
+    if a.numel() == 0:
+        return True
+    low, high = torch.aminmax(a)
+    return math.isfinite(low.item()) and math.isfinite(high.item())
+
+
+def _tensors(obj) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def _check_w(w) -> float:
+    if isinstance(w, bool) or not isinstance(w, numbers.Real):
+        raise NeonError(f"w must be a finite number, got {w!r}")
+    w = float(w)
+    if not math.isfinite(w):
+        raise NeonError(f"w must be finite, got {w}")
+    return w
+
+
+def _shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in state_dict.items()}
+
+
+def _check_match(base: Mapping[str, tuple], self_trained: Mapping[str, tuple],
+                 base_name: str = "base", self_name: str = "self-trained") -> None:
+    """Raise one NeonError naming every key whose presence or shape differs."""
+    missing = [k for k in base if k not in self_trained]
+    extra = [k for k in self_trained if k not in base]
+    reshaped = [f"{k} {list(base[k])} vs {list(self_trained[k])}"
+                for k in base if k in self_trained and tuple(base[k]) != tuple(self_trained[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing from self-trained: {_listed(missing)}")
+    if extra:
+        problems.append(f"not in base: {_listed(extra)}")
+    if reshaped:
+        problems.append(f"shapes differ: {_listed(reshaped)}")
+    if problems:
+        raise NeonError(f"{self_name} does not match {base_name}: " + "; ".join(problems))
+
+
+def _listed(items: list[str], limit: int = 5) -> str:
+    text = ", ".join(items[:limit])
+    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
