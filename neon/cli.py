@@ -1,0 +1,290 @@
+"""The `neon` command: sample | finetune | merge | sweep | demo.
+
+Each verb parses its flags, builds the recipe (YAML from --config, then the verb's flags, then
+dotted `--section.field VALUE` overrides), calls one library function, drains it under a rank-0
+progress bar and prints a one-line summary. User errors (NeonError) print `error: <message>` and
+exit with code 2; writes are atomic, so nothing partial is left behind.
+
+  torchrun --nproc_per_node=8 -m neon.cli sample --config configs/toy/diffusion_zeta1.1.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from neon import checkpoint, config, distributed, family, finetune, log, merge, sweep, synthetic
+from neon.errors import NeonError
+
+SECTIONS = ("family", "model", "sampler", "synthetic", "finetune", "sweep")
+
+# flag -> recipe key, per verb (flag names as in the README so recipes and docs agree)
+SAMPLE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "out": "synthetic.out", "num": "synthetic.num",
+                "batch_size": "synthetic.batch_size", "seed": "synthetic.seed_base",
+                "shard_size": "synthetic.shard_size"}
+FINETUNE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "data": "finetune.data", "out": "finetune.out",
+                  "images": "finetune.total_images", "batch_size": "finetune.batch_size", "lr": "finetune.lr",
+                  "ramp_images": "finetune.ramp_images", "ema_beta": "finetune.ema_beta",
+                  "snapshot_every": "finetune.snapshot_every_images", "precision": "finetune.precision"}
+SWEEP_FLAGS = {"family": "family", "base": "model.ckpt", "self_trained": "sweep.self_trained", "w": "sweep.w",
+               "cfg": "sweep.cfg", "num": "sweep.num", "final_num": "sweep.final_num", "out": "sweep.out",
+               "ref": "sweep.ref", "batch_size": "sweep.batch_size"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A resolved recipe: the sections one verb needs (the others stay None)."""
+
+    family: str
+    model: family.ModelConfig
+    sampler: object = None
+    synthetic: synthetic.SyntheticConfig | None = None
+    finetune: finetune.FinetuneConfig | None = None
+    sweep: sweep.SweepConfig | None = None
+
+
+def build_recipe(raw: dict, sections=SECTIONS) -> Recipe:
+    """Validate `raw` (a recipe dict) and build the named sections. Unfilled links between sections
+    are resolved here: finetune.data defaults to synthetic.out, sweep.self_trained to finetune.out."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise NeonError(f"unknown recipe section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
+    if not raw.get("family"):
+        raise NeonError("family (--family) is required")
+    fam = family.get(raw["family"])
+    raw = {k: dict(v or {}) if k != "family" else v for k, v in raw.items()}
+    ft, sw = raw.setdefault("finetune", {}), raw.setdefault("sweep", {})
+    if ft.get("data") is None and raw.get("synthetic", {}).get("out"):
+        ft["data"] = raw["synthetic"]["out"]
+    if sw.get("self_trained") is None and ft.get("out"):
+        sw["self_trained"] = ft["out"]
+    built = {"family": raw["family"], "model": config.build(family.ModelConfig, raw.get("model"), "model")}
+    types = {"sampler": fam.Sampler, "synthetic": synthetic.SyntheticConfig,
+             "finetune": finetune.FinetuneConfig, "sweep": sweep.SweepConfig}
+    for name in sections:
+        if name in types:
+            built[name] = config.build(types[name], raw.get(name), name)
+    if "sweep" in sections:
+        unknown = sorted(set(built["sweep"].sampler) - {f.name for f in dataclasses.fields(fam.Sampler)})
+        if unknown:
+            raise NeonError(f"unknown key sweep.sampler.{unknown[0]}")
+    return Recipe(**built)
+
+
+def main(argv=None) -> None:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        log.setup()
+        distributed.init()
+        args.run(args, _dotted(extra, parser))
+    except NeonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        distributed.shutdown()
+
+
+def cmd_sample(args, overrides):
+    recipe = _recipe(args, overrides, SAMPLE_FLAGS, ("sampler", "synthetic"))
+    conf = recipe.synthetic
+    if _dry_run(args, recipe) or not _need(model=recipe.model.ckpt, out=conf.out):
+        return
+    fam = family.get(recipe.family)
+    model = fam.load(recipe.model.ckpt, recipe.model.arch, distributed.device())
+    base_sha = distributed.broadcast_object(checkpoint.sha256(recipe.model.ckpt) if distributed.is_main() else None)
+    with log.progress(total=conf.num, unit="sample", desc="sample") as bar:
+        for count in synthetic.write(fam, model, recipe.sampler, conf, recipe.family, base_sha):
+            bar.update(count)
+    _save_resolved(conf.out, recipe)
+    _say(f"synthetic set of {conf.num} samples in {conf.out}")
+
+
+def cmd_finetune(args, overrides):
+    recipe = _recipe(args, overrides, FINETUNE_FLAGS, ("finetune",))
+    conf = recipe.finetune
+    if _dry_run(args, recipe) or not _need(model=recipe.model.ckpt, data=conf.data, out=conf.out):
+        return
+    fam = family.get(recipe.family)
+    model = fam.load(recipe.model.ckpt, recipe.model.arch, distributed.device())
+    os.makedirs(conf.out, exist_ok=True)
+    _save_resolved(conf.out, recipe)
+    log.setup(conf.out)
+    last = None
+    with log.progress(total=conf.total_images, unit="img", desc="finetune") as bar:
+        for last in finetune.run(fam, model, conf, recipe.family):
+            bar.update(conf.batch_size)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+    _say(f"fine-tuned to {conf.total_images} images; snapshots in {conf.out}"
+         + (f" (last loss {last['loss']:.4f})" if last else " (already complete)"))
+
+
+def cmd_merge(args, overrides):
+    if overrides:
+        raise NeonError(f"neon merge takes no recipe overrides (got {', '.join(overrides)})")
+    base = args.base
+    if base is None and args.config:
+        base = config.load_yaml(args.config).get("model", {}).get("ckpt")
+    if args.dry_run:
+        print(json.dumps({"base": base, "self_trained": args.self_trained, "w": args.w, "out": args.out,
+                          "format": args.format}))
+        return
+    _need(base=base, self=args.self_trained, w=args.w, out=args.out)
+    if distributed.world() > 1:
+        raise NeonError("neon merge runs in one process; launch it without torchrun")
+    merge.merge_files(base, args.self_trained, args.w, args.out, args.format)
+    _say(f"wrote {args.out} = (1 + {args.w}) base − {args.w} self_trained")
+
+
+def cmd_sweep(args, overrides):
+    recipe = _recipe(args, overrides, SWEEP_FLAGS, ("sampler", "sweep"))
+    conf = recipe.sweep
+    if _dry_run(args, recipe) or not _need(base=recipe.model.ckpt, self=conf.self_trained):
+        return
+    fam = family.get(recipe.family)
+    model = fam.load(recipe.model.ckpt, recipe.model.arch, distributed.device())
+    out = sweep.output_dir(conf)
+    _save_resolved(out, recipe)
+    for record in sweep.run(fam, model, recipe.model.ckpt, recipe.sampler, conf):
+        _say(json.dumps(record), err=True)
+    records = sweep.load_results(out)
+    best = sweep.best_point(records, conf)
+    summary = {"best_snapshot": best["snapshot"], "best_w": best["w"], "best_cfg": best["cfg"],
+               "best_fid": best["fid"], "results": os.path.join(out, sweep.RESULTS)}
+    finals = {r["snapshot"] + str(r["w"]): r["fid"] for r in records if r["seeds"][0] == conf.final_seed_base
+              and r["num"] == conf.final_num and r["cfg"] == best["cfg"]}
+    if conf.final_num:
+        summary["final_base_fid"] = finals.get(sweep.BASE + "0.0")
+        summary["final_best_fid"] = finals.get(best["snapshot"] + str(best["w"]))
+    _say(json.dumps(summary))
+
+
+def cmd_demo(args, overrides):
+    from neon.toy import demo
+
+    if overrides:
+        raise NeonError(f"neon demo takes no recipe overrides (got {', '.join(overrides)})")
+    if args.dry_run:
+        print(json.dumps({"out": args.out, "quick": args.quick, "settings": demo.SETTINGS}))
+        return
+    if distributed.world() > 1:
+        raise NeonError("neon demo runs in one process; launch it without torchrun")
+    rows = demo.run(args.out, quick=args.quick)
+    _say(demo.table(rows))
+    _say(f"results: {os.path.join(args.out, 'results.json')}; plot: {os.path.join(args.out, 'curves.png')}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neon", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Any recipe field can be set with --section.field VALUE, "
+                                            "e.g. --sampler.zeta 1.1 or --finetune.lr 1e-5.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    def verb(name, run, help_text):
+        p = verbs.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(run=run)
+        p.add_argument("--config", help="YAML recipe")
+        p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+        return p
+
+    p = verb("sample", cmd_sample, "draw the synthetic set S from the base model (resumable)")
+    _flags(p, family="registry name", ckpt="base checkpoint", out="output directory",
+           num=(int, "number of samples"), batch_size=(int, "samples per call and process"),
+           seed=(int, "seed of sample 0"), shard_size=(int, "samples per shard file"))
+    p = verb("finetune", cmd_finetune, "fine-tune a copy of the base on S (resumable)")
+    _flags(p, family="registry name", ckpt="base checkpoint", data="synthetic set directory",
+           out="run directory", images=(int, "total images"), batch_size=(int, "global batch size"),
+           lr=(float, "learning rate"), ramp_images=(int, "linear lr ramp length in images"),
+           ema_beta=(float, "per-step EMA decay"), snapshot_every=(int, "snapshot interval in images"),
+           precision="fp32 | bf16 | fp16")
+    p = verb("merge", cmd_merge, "write θ_neon = (1 + w) base − w self_trained")
+    _flags(p, base="base checkpoint", self_trained=(str, "self-trained snapshot", "--self"),
+           w=(float, "extrapolation weight"), out="output file")
+    p.add_argument("--format", choices=("same", "safetensors"), default="same",
+                   help="the base's container (default) or plain safetensors")
+    p = verb("sweep", cmd_sweep, "choose w (and cfg) by FID over snapshots")
+    _flags(p, family="registry name", base="base checkpoint",
+           self_trained=(str, "snapshots: glob pattern or run directory", "--self"),
+           w="grid start:stop:step or a,b,c", cfg=(float, "guidance scales", None, "+"),
+           num=(int, "samples per evaluation"), final_num=(int, "samples of the final report"),
+           out="directory of results.jsonl", ref="reference statistics .npz",
+           batch_size=(int, "samples per call and process"))
+    p = verb("demo", cmd_demo, "Neon on the 2-D toy models: a table, a plot and results.json")
+    p.add_argument("--quick", action="store_true", help="smaller run (under a minute on 2 cores)")
+    p.add_argument("--out", default=os.path.join("outputs", "demo"), help="output directory")
+    return parser
+
+
+def _flags(parser, **specs):
+    """Add --flag options: spec is a help string (str type) or (type, help[, flag name[, nargs]])."""
+    for dest, spec in specs.items():
+        kind, text, name, nargs = (str, spec, None, None) if isinstance(spec, str) else (tuple(spec) + (None, None))[:4]
+        parser.add_argument(name or "--" + dest.replace("_", "-"), dest=dest, type=kind, help=text, nargs=nargs)
+
+
+def _dotted(extra: list[str], parser) -> list[tuple[str, str]]:
+    """['--a.b', 'v', '--c.d=v'] → [('a.b', 'v'), ('c.d', 'v')]; anything else is a usage error."""
+    pairs, i = [], 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or "." not in token.split("=")[0]:
+            parser.error(f"unrecognized argument: {token}")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(extra):
+            key, value = token[2:], extra[i + 1]
+            i += 2
+        else:
+            parser.error(f"{token} needs a value")
+        if key.split(".")[0] not in SECTIONS:
+            parser.error(f"unknown recipe section in {token}")
+        pairs.append((key, value))
+    return pairs
+
+
+def _recipe(args, overrides, flags, sections) -> Recipe:
+    raw = config.load_yaml(args.config) if args.config else {}
+    for dest, key in flags.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            config.set_dotted(raw, key, value)
+    for key, value in overrides:
+        config.set_dotted(raw, key, value)
+    return build_recipe(raw, sections)
+
+
+def _dry_run(args, recipe) -> bool:
+    if args.dry_run:
+        print(config.dump_yaml(_resolved(recipe)), end="")
+    return args.dry_run
+
+
+def _resolved(recipe: Recipe) -> dict:
+    return {k: v for k, v in config.to_dict(recipe).items() if v is not None}
+
+
+def _save_resolved(out: str, recipe: Recipe) -> None:
+    if distributed.is_main():
+        os.makedirs(out, exist_ok=True)
+        checkpoint.write_text(os.path.join(out, "config.resolved.yaml"), config.dump_yaml(_resolved(recipe)))
+
+
+def _need(**values) -> bool:
+    missing = [name for name, value in values.items() if value is None]
+    if missing:
+        raise NeonError(f"missing {', '.join('--' + m for m in missing)} (or set it in --config)")
+    return True
+
+
+def _say(text: str, err: bool = False) -> None:
+    if distributed.is_main():
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+if __name__ == "__main__":
+    main()

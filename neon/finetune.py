@@ -1,0 +1,248 @@
+"""The self-training step: fine-tune a copy of θ_base on the synthetic set S.
+
+Shaped after `NVlabs/edm2:training/training_loop.py`: intervals are counted in images, the random
+state is re-derived from (seed, step, rank) at every step instead of being carried along, snapshots
+(`snapshot-<images_seen:010d>.pt`: what inference and merging need) are kept apart from the
+training state (`state-latest.pt`: optimizer, scaler, data position), and running the same command
+again resumes from the training state. A run killed after a snapshot and resumed ends with exactly
+the weights of an uninterrupted run.
+
+This is the only place the core wraps a network in DistributedDataParallel.
+"""
+
+import copy
+import dataclasses
+import glob
+import json
+import logging
+import os
+
+import torch
+
+from neon import checkpoint, config, distributed, synthetic
+from neon.errors import NeonError
+
+logger = logging.getLogger(__name__)
+
+STATE = "state-latest.pt"
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """The recipe's `finetune` section."""
+
+    data: str | None = None
+    """Directory of the synthetic set (default: synthetic.out)."""
+    out: str | None = None
+    """Run directory for snapshots and the training state."""
+    total_images: int = 0
+    """Length of the fine-tune in images (a multiple of batch_size)."""
+    batch_size: int = 64
+    """Global batch size: split evenly over the processes."""
+    lr: float = 1e-5
+    """Learning rate after the ramp."""
+    ramp_images: int = 0
+    """Linear learning-rate ramp from 0 to lr over this many images (EDM's lr_rampup); 0: none."""
+    ema_beta: float | None = None
+    """Per-step EMA decay of the weights; snapshots then carry the EMA, which is θ_self_trained."""
+    ema_halflife_images: int | None = None
+    """EMA half-life in images (EDM's ema_halflife_kimg × 1000), instead of ema_beta."""
+    snapshot_every_images: int | None = None
+    """Snapshot interval in images (a multiple of batch_size); default: only at the end."""
+    precision: str = "fp32"
+    """fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler)."""
+    optimizer: str = "adam"
+    """adam or adamw."""
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; None: no clipping."""
+    seed: int = 0
+    """Seeds the data order and every random draw of the loss."""
+
+    def __post_init__(self):
+        if self.total_images <= 0 or self.batch_size <= 0:
+            raise NeonError("finetune.total_images and finetune.batch_size must be positive")
+        every = self.snapshot_every_images
+        for name, value in (("total_images", self.total_images), ("snapshot_every_images", every)):
+            if value is not None and value % self.batch_size:
+                raise NeonError(f"finetune.{name}={value} is not a multiple of batch_size={self.batch_size}")
+        if every is not None and every <= 0:
+            raise NeonError("finetune.snapshot_every_images must be positive")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise NeonError(f"finetune.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise NeonError(f"finetune.optimizer must be adam or adamw, got {self.optimizer!r}")
+        if self.ema_beta is not None and self.ema_halflife_images is not None:
+            raise NeonError("set finetune.ema_beta or finetune.ema_halflife_images, not both")
+        if self.ema_beta is not None and not 0 <= self.ema_beta < 1:
+            raise NeonError(f"finetune.ema_beta must be in [0, 1), got {self.ema_beta}")
+        if self.lr < 0 or self.ramp_images < 0:
+            raise NeonError("finetune.lr and finetune.ramp_images must be >= 0")
+
+    @property
+    def ema_decay(self) -> float | None:
+        """The per-step EMA decay, or None when there is no EMA."""
+        if self.ema_halflife_images is not None:
+            return 0.5 ** (self.batch_size / max(self.ema_halflife_images, 1e-8))
+        return self.ema_beta
+
+
+def snapshot_name(images_seen: int) -> str:
+    return f"snapshot-{images_seen:010d}.pt"
+
+
+def snapshots(pattern: str) -> list[str]:
+    """Snapshot files matching a glob pattern (a run directory means all its snapshots), in order
+    of images seen."""
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "snapshot-*.pt")
+    return sorted(glob.glob(pattern))
+
+
+def run(family, model, conf: FinetuneConfig, family_name: str):
+    """Collective: fine-tune `family.trainable(model)` on the synthetic set `conf.data`, writing
+    snapshots and the training state into `conf.out`; resumes from `conf.out/state-latest.pt`.
+
+    Yields one dict per optimizer step: images_seen, loss (this rank's), lr, and snapshot (path or
+    None). The model's weights are modified in place.
+    """
+    if not conf.data or not conf.out:
+        raise NeonError("finetune.data (--data) and finetune.out (--out) are required")
+    data = synthetic.read(conf.data)
+    if data.manifest["family"] != family_name:
+        raise NeonError(f"{conf.data} was drawn from family {data.manifest['family']!r}, not {family_name!r}")
+    world, rank = distributed.world(), distributed.rank()
+    if conf.batch_size % world:
+        raise NeonError(f"finetune.batch_size={conf.batch_size} is not divisible by {world} processes")
+    net = family.trainable(model)
+    if net is not model.net:
+        raise NeonError(f"family {family_name!r}: trainable(model) must be model.net")
+    device = next(net.parameters()).device
+    net.train().requires_grad_(True)
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if conf.ema_decay is not None else None
+    opt_class = torch.optim.AdamW if conf.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_class(net.parameters(), lr=conf.lr, betas=tuple(conf.betas), eps=conf.eps,
+                    weight_decay=conf.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=conf.precision == "fp16")
+    identity = _identity(conf, data)
+    images_seen = _resume(conf.out, identity, net, ema, opt, scaler)
+    every = conf.snapshot_every_images or conf.total_images
+    ddp_net = net
+    if world > 1:
+        ddp_net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = dataclasses.replace(model, net=ddp_net)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(conf.precision)
+    local = conf.batch_size // world
+    order = _DataOrder(len(data.seeds), conf.seed)
+
+    while images_seen < conf.total_images:
+        step = images_seen // conf.batch_size
+        lr = conf.lr * min(1.0, (images_seen + conf.batch_size) / conf.ramp_images) if conf.ramp_images else conf.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        indices = order.take(images_seen, conf.batch_size)[rank * local:(rank + 1) * local]
+        step_seed = _derive(conf.seed, step, rank)
+        torch.manual_seed(step_seed)  # dropout / drop-path inside the network draw from the global RNG
+        generator = torch.Generator().manual_seed(step_seed)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = family.loss(train_model, data.samples[indices].to(device), data.labels[indices].to(device), generator)
+        scaler.scale(loss).backward()
+        if conf.grad_clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), conf.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), net.parameters()):
+                    e.lerp_(p.detach().to(e.dtype), 1.0 - conf.ema_decay)
+                for e, b in zip(ema.buffers(), net.buffers()):
+                    e.copy_(b)
+        images_seen += conf.batch_size
+        snapshot = None
+        if images_seen % every == 0 or images_seen == conf.total_images:
+            snapshot = _save(conf.out, family_name, model, net, ema, opt, scaler, images_seen, identity, loss)
+        yield {"images_seen": images_seen, "loss": loss.item(), "lr": lr, "snapshot": snapshot}
+    net.eval().requires_grad_(False)
+
+
+class _DataOrder:
+    """The data stream: epoch e visits S in the order randperm(N) seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._epoch, self._perm = n, seed, None, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(_derive(self.seed, epoch, -1))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
+        return self._perm
+
+    def take(self, position: int, count: int) -> torch.Tensor:
+        """Indices of stream positions [position, position + count)."""
+        parts = []
+        while count > 0:
+            epoch, offset = divmod(position, self.n)
+            chunk = self._permutation(epoch)[offset:offset + count]
+            parts.append(chunk)
+            position, count = position + len(chunk), count - len(chunk)
+        return torch.cat(parts)
+
+
+def _derive(*ints: int) -> int:
+    """A 63-bit seed from a tuple of ints (tuples of ints hash the same in every process)."""
+    return hash(tuple(ints)) & ((1 << 63) - 1)
+
+
+def _identity(conf: FinetuneConfig, data) -> dict:
+    """What a resumed run must share with the run that wrote the state (the length may grow)."""
+    fields = config.to_dict(conf)
+    for name in ("data", "out", "total_images", "snapshot_every_images"):
+        fields.pop(name)
+    fields["data_shards"] = data.manifest["shards"]
+    return json.loads(json.dumps(fields))
+
+
+def _resume(out, identity, net, ema, opt, scaler) -> int:
+    path = os.path.join(out, STATE)
+    if not os.path.exists(path):
+        return 0
+    state = checkpoint.read_state(path)
+    if state["identity"] != identity:
+        changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
+        raise NeonError(f"{out} holds a fine-tune with other settings ({', '.join(changed)}); "
+                        f"choose another --out or remove it")
+    net.load_state_dict(state["net"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    logger.info("resuming %s at %d images", out, state["images_seen"])
+    return state["images_seen"]
+
+
+def _save(out, family_name, model, net, ema, opt, scaler, images_seen, identity, loss) -> str:
+    """Rank 0 writes the snapshot and then the training state; every rank waits for it."""
+    path = os.path.join(out, snapshot_name(images_seen))
+    if distributed.is_main():
+        snapshot = {"family": family_name, "arch": model.arch, "images_seen": images_seen,
+                    "model": _cpu(net.state_dict())}
+        if ema is not None:
+            snapshot["ema"] = _cpu(ema.state_dict())
+        checkpoint.write(snapshot, path)
+        checkpoint.write({"images_seen": images_seen, "identity": identity, "net": _cpu(net.state_dict()),
+                          "ema": _cpu(ema.state_dict()) if ema is not None else {},
+                          "optimizer": opt.state_dict(), "scaler": scaler.state_dict()},
+                         os.path.join(out, STATE))
+        with open(os.path.join(out, "stats.jsonl"), "a") as f:
+            f.write(json.dumps({"images_seen": images_seen, "loss": loss.item(), "snapshot": path}) + "\n")
+    distributed.barrier()
+    return path
+
+
+def _cpu(state_dict: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in state_dict.items()}

@@ -1,0 +1,1 @@
+"""Metrics: feature statistics, Fréchet distance and reference-statistics files."""
