@@ -1,0 +1,109 @@
+"""The toy family's adapter to the core (`neon.family.Family`).
+
+Checkpoints are `{'family': 'toy', 'arch': {'model': 'diffusion'|'ar', ...}, 'model': state_dict}`
+(plus 'ema' in fine-tune snapshots); `arch` says which of the two generators the file holds.
+Samples are float32 [B, 2] points; features are the points themselves, and the reference is the
+target Gaussian, so the sweep's FID is the Fréchet distance of the appendix.
+"""
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from neon import checkpoint
+from neon.errors import NeonError
+from neon.family import Model
+from neon.toy import models
+
+
+@dataclasses.dataclass(frozen=True)
+class ToySampler:
+    """Sampler settings of both toy models (each reads its own fields)."""
+
+    zeta: float = 1.0
+    """Diffusion: score scale; > 1 mode-seeking, < 1 diversity-seeking."""
+    steps: int = 20
+    """Diffusion: DDIM steps."""
+    eta: float = 0.0
+    """Diffusion: DDIM stochasticity (0 deterministic, 1 DDPM posterior variance)."""
+    tau: float = 1.0
+    """AR: temperature multiplying both standard deviations; < 1 mode-seeking."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.zeta <= 0 or self.tau <= 0 or self.eta < 0:
+            raise NeonError("sampler: need steps >= 1, zeta > 0, tau > 0 and eta >= 0")
+
+    def describe(self, kind: str) -> dict:
+        """The fields that matter for a model kind ('diffusion' or 'ar')."""
+        return {"zeta": self.zeta} if kind == "diffusion" else {"tau": self.tau}
+
+
+PRESETS = {"diffusion": {"model": "diffusion", "hidden": 32, "depth": 4, "timesteps": 1000},
+           "ar": {"model": "ar", "hidden": 64}}
+
+
+class ToyFamily:
+    name = "toy"
+    Sampler = ToySampler
+
+    def tiny(self, seed: int, kind: str = "diffusion") -> Model:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._model(PRESETS[kind])
+
+    def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu") -> Model:
+        container = checkpoint.read(path)
+        if arch is not None:
+            if arch not in PRESETS:
+                raise NeonError(f"unknown toy arch {arch!r} (known: {', '.join(PRESETS)})")
+            kwargs = PRESETS[arch]
+        elif isinstance(container.data.get("arch"), dict):
+            kwargs = container.data["arch"]
+        else:
+            raise NeonError(f"{path} does not say its arch; pass --model.arch diffusion|ar")
+        model = self._model(kwargs)
+        try:
+            model.net.load_state_dict(self.weights(container), strict=True)
+        except RuntimeError as e:
+            raise NeonError(f"{path} does not fit the toy {kwargs['model']} model: {str(e).splitlines()[0]}") from None
+        model.net.to(device).eval().requires_grad_(False)
+        return model
+
+    def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: ToySampler) -> torch.Tensor:
+        with torch.inference_mode():
+            if model.arch["model"] == "diffusion":
+                return model.net.sample(seeds, zeta=sampler.zeta, steps=sampler.steps, eta=sampler.eta)
+            return model.net.sample(seeds, tau=sampler.tau)
+
+    def trainable(self, model: Model) -> torch.nn.Module:
+        return model.net
+
+    def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+        if model.arch["model"] == "diffusion":
+            return models.diffusion_loss(model.net, samples, generator, model.arch.get("timesteps", 1000))
+        return model.net(samples).mean()
+
+    def weights(self, container) -> dict[str, torch.Tensor]:
+        return container.weights
+
+    def save(self, state_dict: dict[str, torch.Tensor], path: str, like) -> None:
+        """`like` is a container to mirror, or a Model for a fresh toy checkpoint."""
+        if isinstance(like, Model):
+            checkpoint.write({"family": self.name, "arch": like.arch, "model": state_dict}, path)
+        else:
+            checkpoint.write_like(like, state_dict, path)
+
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        return samples.double()
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.array(models.TRUE_MEAN), np.array(models.TRUE_COV)
+
+    @staticmethod
+    def _model(kwargs: dict) -> Model:
+        return Model(net=models.build(kwargs), arch=dict(kwargs))
+
+
+family = ToyFamily()
