@@ -1,0 +1,54 @@
+"""Shared fixtures: deterministic torch, the toy family, a toy base checkpoint and a synthetic set."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neon import synthetic
+from neon.toy.family import ToySampler, family
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def toy():
+    return family
+
+
+def save_base(path, kind="diffusion", seed=0):
+    """A toy base checkpoint (random init: the mechanics do not need a trained model)."""
+    model = family.tiny(seed, kind)
+    family.save(model.net.state_dict(), str(path), like=model)
+    return str(path)
+
+
+@pytest.fixture
+def base_ckpt(tmp_path):
+    return save_base(tmp_path / "diffusion-base.pt")
+
+
+@pytest.fixture
+def synthetic_set(tmp_path, base_ckpt):
+    """A complete 96-sample toy synthetic set in 4 shards."""
+    conf = synthetic.SyntheticConfig(out=str(tmp_path / "synthetic"), num=96, batch_size=16, shard_size=24,
+                                     labels="none")
+    for _ in synthetic.write(family, family.load(base_ckpt), ToySampler(zeta=1.1), conf, "toy", "sha"):
+        pass
+    return conf.out
+
+
+def run_neon(*args, env=None, cwd=None):
+    """`python -m neon.cli ARGS` in a subprocess; returns CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "neon.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd or REPO)

@@ -1,0 +1,94 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from neon import synthetic
+from neon.errors import NeonError
+from neon.toy.family import ToySampler, family
+
+
+def _files(directory):
+    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))
+            if name.startswith("shard-")}
+
+
+def test_balanced_labels_counts_and_determinism():
+    labels = synthetic.balanced_labels(1003, 10, seed=5)
+    counts = torch.bincount(labels, minlength=10)
+    assert counts.sum() == 1003 and counts.min() == 100 and counts.max() == 101 and (counts == 101).sum() == 3
+    assert torch.equal(labels, synthetic.balanced_labels(1003, 10, seed=5))
+    assert not torch.equal(labels, synthetic.balanced_labels(1003, 10, seed=6))
+    assert torch.equal(synthetic.balanced_labels(4, 0, seed=1), torch.full((4,), -1))
+
+
+def test_set_layout_manifest_and_contents(synthetic_set, base_ckpt):
+    manifest = json.load(open(os.path.join(synthetic_set, "manifest.json")))
+    assert manifest["num"] == 96 and manifest["sample_shape"] == [2] and len(manifest["shards"]) == 4
+    assert manifest["sampler"] == {"zeta": 1.1, "steps": 20, "eta": 0.0, "tau": 1.0}
+    data = synthetic.read(synthetic_set)
+    assert data.samples.shape == (96, 2) and data.samples.dtype == torch.float32
+    assert torch.equal(data.seeds, torch.arange(96)) and torch.equal(data.labels, torch.full((96,), -1))
+    # sample i depends only on its seed: redraw 3 of them alone
+    model = family.load(base_ckpt)
+    again = family.sample(model, torch.full((3,), -1), torch.tensor([5, 50, 95]), ToySampler(zeta=1.1))
+    assert torch.equal(again, data.samples[[5, 50, 95]])
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, base_ckpt, synthetic_set):
+    class Crashing:
+        """The toy family, dying in the middle of the 3rd shard."""
+
+        def __init__(self):
+            self.calls = 0
+
+        def __getattr__(self, name):
+            return getattr(family, name)
+
+        def sample(self, *args):
+            self.calls += 1
+            if self.calls == 6:
+                raise KeyboardInterrupt
+            return family.sample(*args)
+
+    conf = synthetic.SyntheticConfig(out=str(tmp_path / "resumed"), num=96, batch_size=16, shard_size=24, labels="none")
+    model = family.load(base_ckpt)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in synthetic.write(Crashing(), model, ToySampler(zeta=1.1), conf, "toy", "sha"):
+            pass
+    manifest = json.load(open(os.path.join(conf.out, "manifest.json")))
+    assert sorted(manifest["shards"]) == ["shard-00000.npz", "shard-00001.npz"]
+    assert not [n for n in os.listdir(conf.out) if n.endswith(".tmp.npz") or ".tmp" in n]
+    with pytest.raises(NeonError, match="incomplete \\(2 of 4 shards\\)"):
+        synthetic.read(conf.out)
+    progress = list(synthetic.write(family, model, ToySampler(zeta=1.1), conf, "toy", "sha"))
+    assert progress == [48, 24, 24]  # resumed with 2 shards done
+    assert _files(conf.out) == _files(synthetic_set)
+
+
+def test_other_settings_in_the_same_directory_are_refused(synthetic_set, base_ckpt):
+    conf = synthetic.SyntheticConfig(out=synthetic_set, num=96, batch_size=16, shard_size=24, labels="none")
+    with pytest.raises(NeonError, match=r"holds a synthetic set with sampler=.*zeta': 1.1"):
+        next(synthetic.write(family, family.load(base_ckpt), ToySampler(zeta=0.9), conf, "toy", "sha"))
+
+
+def test_corrupt_shard_is_detected(synthetic_set):
+    path = os.path.join(synthetic_set, "shard-00001.npz")
+    with np.load(path) as shard:
+        arrays = dict(shard)
+    arrays["samples"][0, 0] += 1
+    np.savez(path, **arrays)
+    with pytest.raises(NeonError, match="shard-00001.npz does not match the sha256"):
+        synthetic.read(synthetic_set)
+
+
+def test_missing_set_is_a_clear_error(tmp_path):
+    with pytest.raises(NeonError, match="is not a synthetic set"):
+        synthetic.read(str(tmp_path))
+
+
+def test_export_png_refuses_points(synthetic_set, tmp_path):
+    with pytest.raises(NeonError, match="holds toy samples, not images"):
+        synthetic.export_png(synthetic_set, str(tmp_path / "png"))
