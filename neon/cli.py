@@ -251,8 +251,8 @@ def _recipe(args, overrides, flags, sections) -> Recipe:
     raw = config.load_yaml(args.config) if args.config else {}
     for dest, key in flags.items():
         value = getattr(args, dest, None)
-        if value is not None:
-            config.set_dotted(raw, key, value)
+        if value is not None:  # argparse has typed these already
+            config.set_dotted(raw, key, value, parse=False)
     for key, value in overrides:
         config.set_dotted(raw, key, value)
     return build_recipe(raw, sections)

@@ -8,6 +8,7 @@ unknown keys are errors. `--section.field VALUE` flags override single fields (l
 """
 
 import dataclasses
+import re
 import types
 import typing
 
@@ -16,11 +17,32 @@ import yaml
 from neon.errors import NeonError
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 numbers: '1e-5' is a float and '0:2:0.25' stays a string (YAML 1.1
+    reads it as the base-60 number 60.25)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """YAML text (a file or one command-line value) with the project's loader."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: str) -> dict:
     """The recipe at `path` as a plain dict (empty file → {})."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = parse_yaml(f)
     except FileNotFoundError:
         raise NeonError(f"no such config file: {path}") from None
     except yaml.YAMLError as e:
@@ -32,19 +54,15 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def set_dotted(raw: dict, key: str, value) -> None:
-    """Set `raw['a']['b'] = value` for key 'a.b', creating sections as needed. String values from
-    the command line are parsed as YAML scalars ('1e-5' → 1e-05, 'true' → True, '[1, 2]' → list)."""
-    if isinstance(value, str):
+def set_dotted(raw: dict, key: str, value, parse: bool = True) -> None:
+    """Set `raw['a']['b'] = value` for key 'a.b', creating sections as needed. With parse=True a
+    string value from the command line is read as YAML ('1e-5' → 1e-05, 'true' → True, '[1, 2]' →
+    a list, '0:2:0.25' → itself)."""
+    if parse and isinstance(value, str) and value.strip():
         try:
-            value = yaml.safe_load(value) if value.strip() else value
+            value = parse_yaml(value)
         except yaml.YAMLError:
             pass
-        if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
-            try:
-                value = float(value) if value.lower() not in ("nan", "inf", "-inf", "infinity") else value
-            except ValueError:
-                pass
     *sections, field = key.split(".")
     node = raw
     for name in sections:
@@ -116,7 +134,7 @@ def _coerce(value, hint, where: str):
             return value
     elif hint in (int, float):
         number = value
-        if isinstance(value, str):  # YAML 1.1 reads '1e6' as a string
+        if isinstance(value, str):  # a CLI flag typed as text, e.g. '1e6'
             try:
                 number = float(value)
             except ValueError:

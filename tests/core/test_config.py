@@ -16,7 +16,12 @@ def test_dotted_overrides_are_parsed_as_yaml_scalars():
     config.set_dotted(raw, "finetune.lr", "3e-4")
     config.set_dotted(raw, "sampler.zeta", "1.1")
     config.set_dotted(raw, "sweep.cfg", "[1.5, 2]")
-    assert raw == {"finetune": {"lr": 3e-4}, "sampler": {"zeta": 1.1}, "sweep": {"cfg": [1.5, 2]}}
+    config.set_dotted(raw, "sweep.w", "0:2:0.25")  # YAML 1.1 would read base 60: 120.25
+    config.set_dotted(raw, "sweep.out", "1e-5", parse=False)
+    assert raw == {"finetune": {"lr": 3e-4}, "sampler": {"zeta": 1.1},
+                   "sweep": {"cfg": [1.5, 2], "w": "0:2:0.25", "out": "1e-5"}}
+    assert config.parse_yaml("a: 1e-5\nb: 0:1:0.5\nc: 12\nd: .inf\ne: 1_000") == {
+        "a": 1e-5, "b": "0:1:0.5", "c": 12, "d": float("inf"), "e": "1_000"}
 
 
 def test_build_checks_types_and_coerces_numbers():

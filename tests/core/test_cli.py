@@ -1,0 +1,75 @@
+"""The `neon` command end to end on the toy family, and its error contract."""
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from neon import checkpoint, cli
+from tests.conftest import run_neon, save_base
+
+
+def test_sample_finetune_merge_sweep_through_the_cli(tmp_path):
+    base = save_base(tmp_path / "base.pt")
+    s, r = tmp_path / "S", tmp_path / "run"
+    common = ["--family", "toy"]
+    cli.main(["sample", *common, "--ckpt", base, "--out", str(s), "--num", "64", "--batch-size", "32",
+              "--shard-size", "32", "--sampler.zeta", "1.1", "--synthetic.labels", "none"])
+    assert yaml.safe_load(open(s / "config.resolved.yaml"))["sampler"]["zeta"] == 1.1
+    cli.main(["finetune", *common, "--ckpt", base, "--data", str(s), "--out", str(r), "--images", "128",
+              "--batch-size", "32", "--lr", "1e-3", "--snapshot-every", "64", "--ema-beta", "0.5"])
+    assert sorted(os.listdir(r)) == ["config.resolved.yaml", "log.txt", "snapshot-0000000064.pt",
+                                     "snapshot-0000000128.pt", "state-latest.pt", "stats.jsonl"]
+    cli.main(["merge", "--base", base, "--self", str(r / "snapshot-0000000128.pt"), "--w", "0.5",
+              "--out", str(tmp_path / "neon.pt")])
+    a, b = checkpoint.read(base), checkpoint.read(str(r / "snapshot-0000000128.pt"))
+    merged = checkpoint.read(str(tmp_path / "neon.pt"))
+    assert merged.data.keys() == a.data.keys() and merged.weights_key == ("model",)
+    for k, v in a.weights.items():
+        assert torch.equal(merged.weights[k], 1.5 * v - 0.5 * b.data["ema"][k])
+    cli.main(["sweep", *common, "--base", base, "--self", str(r), "--w", "0:1:0.5", "--num", "32",
+              "--batch-size", "32", "--out", str(tmp_path / "sweep"), "--sweep.sampler", "{zeta: 1.0}"])
+    records = [json.loads(line) for line in open(tmp_path / "sweep" / "results.jsonl")]
+    assert len(records) == 1 + 2 * 2 and all(r["fid"] > 0 for r in records)
+
+
+def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys):
+    cli.main(["finetune", "--family", "toy", "--ckpt", "b.pt", "--out", str(tmp_path / "r"), "--images", "64",
+              "--batch-size", "32", "--finetune.lr", "2e-5", "--dry-run"])
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["finetune"]["lr"] == 2e-5 and resolved["finetune"]["total_images"] == 64
+    assert not os.path.exists(tmp_path / "r")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--family", "nope", "--ckpt", "x.pt", "--out", "o"], "unknown family 'nope' (known: toy)"),
+    (["sample", "--family", "toy", "--ckpt", "missing.pt", "--out", "o", "--num", "4"], "no such checkpoint: missing.pt"),
+    (["sample", "--family", "toy", "--ckpt", "x.pt", "--out", "o", "--num", "many"], None),
+    (["finetune", "--family", "toy", "--ckpt", "x.pt", "--images", "10", "--batch-size", "4"],
+     "finetune.total_images=10 is not a multiple of batch_size=4"),
+    (["sweep", "--family", "toy", "--base", "x.pt", "--self", "r", "--w", "1:0:1"], "bad w grid '1:0:1'"),
+    (["sample", "--family", "toy", "--sampler.zeta", "big"], "sampler.zeta: expected float, got 'big'"),
+    (["merge", "--base", "a.pt", "--self", "b.pt", "--w", "nan", "--out", "c.pt"], "w must be finite"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    if message is not None:
+        assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists("c.pt")
+
+
+def test_merge_errors_leave_no_output(tmp_path):
+    base = save_base(tmp_path / "base.pt")
+    other = save_base(tmp_path / "ar.pt", kind="ar")
+    out = tmp_path / "out.pt"
+    result = run_neon("merge", "--base", base, "--self", other, "--w", "1", "--out", out)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "missing from self-trained" in result.stderr and not out.exists()
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    result = run_neon("merge", "--base", base, "--self", tmp_path / "corrupt.pt", "--w", "1", "--out", out)
+    assert result.returncode == 2 and "cannot read checkpoint" in result.stderr and not out.exists()

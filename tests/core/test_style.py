@@ -1,0 +1,65 @@
+"""The two checks of DESIGN.md "Conventions", plus the core/family boundary."""
+
+import ast
+import os
+
+import pytest
+
+from tests.conftest import REPO
+
+FAMILY_PACKAGES = ("edm", "VAR", "xAR", "imm")
+CODE_DIRS = ("neon",) + FAMILY_PACKAGES
+
+
+def _modules(*dirs):
+    for top in dirs:
+        for root, _, files in os.walk(os.path.join(REPO, top)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(root, name)
+                    yield os.path.relpath(path, REPO), ast.parse(open(path).read(), path)
+
+
+def _calls_and_imports(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            yield f"{node.value.id}.{node.attr}"
+        elif isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+
+
+FORBIDDEN_IO = {"torch.load", "torch.save", "pickle", "os.replace", "safetensors", "safetensors.torch"}
+
+
+def test_only_checkpoint_module_does_weight_io():
+    offenders = [(path, name) for path, tree in _modules(*CODE_DIRS) if not path.endswith(os.path.join("neon", "checkpoint.py"))
+                 for name in _calls_and_imports(tree) if name in FORBIDDEN_IO]
+    assert offenders == []
+
+
+def test_family_modules_do_not_import_torch_distributed():
+    family_files = [(p, t) for p, t in _modules(*CODE_DIRS)
+                    if p.startswith(FAMILY_PACKAGES) or p.startswith(os.path.join("neon", "toy"))]
+    assert family_files
+    offenders = [(p, n) for p, t in family_files for n in _calls_and_imports(t) if n.startswith("torch.distributed")]
+    assert offenders == []
+
+
+# `neon demo` is the toy's own verb, so the CLI may import the demo module (only that).
+ALLOWED = {(os.path.join("neon", "cli.py"), "neon.toy"), (os.path.join("neon", "cli.py"), "neon.toy.demo")}
+
+
+def test_core_never_imports_a_family_package():
+    core = [(p, t) for p, t in _modules("neon") if not p.startswith(os.path.join("neon", "toy"))]
+    offenders = [(p, n) for p, t in core for n in _calls_and_imports(t) if n.split(".")[0] in FAMILY_PACKAGES
+                 or n.startswith("neon.toy")]
+    assert set(offenders) <= ALLOWED and len(core) > 10
+
+
+@pytest.mark.parametrize("bad", ["import pickle", "torch.save(x, p)", "from torch.distributed import barrier"])
+def test_the_checks_catch_violations(bad):
+    names = set(_calls_and_imports(ast.parse(bad)))
+    assert names & (FORBIDDEN_IO | {"torch.distributed", "torch.distributed.barrier"})
