@@ -93,8 +93,7 @@ def cmd_sample(args, overrides):
     conf = recipe.synthetic
     if _dry_run(args, recipe) or not _need(model=recipe.model.ckpt, out=conf.out):
         return
-    fam = family.get(recipe.family)
-    model = fam.load(recipe.model.ckpt, recipe.model.arch, distributed.device())
+    fam, model = _load(recipe)
     base_sha = distributed.broadcast_object(checkpoint.sha256(recipe.model.ckpt) if distributed.is_main() else None)
     with log.progress(total=conf.num, unit="sample", desc="sample") as bar:
         for count in synthetic.write(fam, model, recipe.sampler, conf, recipe.family, base_sha):
@@ -108,8 +107,7 @@ def cmd_finetune(args, overrides):
     conf = recipe.finetune
     if _dry_run(args, recipe) or not _need(model=recipe.model.ckpt, data=conf.data, out=conf.out):
         return
-    fam = family.get(recipe.family)
-    model = fam.load(recipe.model.ckpt, recipe.model.arch, distributed.device())
+    fam, model = _load(recipe)
     os.makedirs(conf.out, exist_ok=True)
     _save_resolved(conf.out, recipe)
     log.setup(conf.out)
@@ -144,8 +142,7 @@ def cmd_sweep(args, overrides):
     conf = recipe.sweep
     if _dry_run(args, recipe) or not _need(base=recipe.model.ckpt, self=conf.self_trained):
         return
-    fam = family.get(recipe.family)
-    model = fam.load(recipe.model.ckpt, recipe.model.arch, distributed.device())
+    fam, model = _load(recipe)
     out = sweep.output_dir(conf)
     _save_resolved(out, recipe)
     for record in sweep.run(fam, model, recipe.model.ckpt, recipe.sampler, conf):
@@ -256,6 +253,12 @@ def _recipe(args, overrides, flags, sections) -> Recipe:
     for key, value in overrides:
         config.set_dotted(raw, key, value)
     return build_recipe(raw, sections)
+
+
+def _load(recipe: Recipe):
+    """The recipe's family and its base model on this rank's device."""
+    fam = family.get(recipe.family)
+    return fam, fam.load(recipe.model.ckpt, recipe.model.arch, distributed.device())
 
 
 def _dry_run(args, recipe) -> bool:

@@ -48,6 +48,25 @@ def synthetic_set(tmp_path, base_ckpt):
     return conf.out
 
 
+class Crashing:
+    """The toy family, raising KeyboardInterrupt (a stand-in for a kill) on the n-th call of `method`."""
+
+    def __init__(self, method: str, n: int):
+        self.method, self.n, self.calls = method, n, 0
+
+    def __getattr__(self, name):
+        attr = getattr(family, name)
+        if name != self.method:
+            return attr
+
+        def counted(*args):
+            self.calls += 1
+            if self.calls == self.n:
+                raise KeyboardInterrupt
+            return attr(*args)
+        return counted
+
+
 def run_neon(*args, env=None, cwd=None):
     """`python -m neon.cli ARGS` in a subprocess; returns CompletedProcess (text)."""
     return subprocess.run([sys.executable, "-m", "neon.cli", *map(str, args)], capture_output=True, text=True,

@@ -7,6 +7,7 @@ import torch
 from neon import checkpoint, finetune
 from neon.errors import NeonError
 from neon.toy.family import family
+from tests.conftest import Crashing
 
 
 def _conf(tmp_path, data, name, **kw):
@@ -38,22 +39,9 @@ def test_snapshots_hold_weights_and_ema(tmp_path, base_ckpt, synthetic_set):
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, base_ckpt, synthetic_set):
     _drain(family.load(base_ckpt), _conf(tmp_path, synthetic_set, "full"))
 
-    class Crashing:
-        def __init__(self):
-            self.calls = 0
-
-        def __getattr__(self, name):
-            return getattr(family, name)
-
-        def loss(self, *args):
-            self.calls += 1
-            if self.calls == 5:  # after the first snapshot (3 steps), inside the second interval
-                raise KeyboardInterrupt
-            return family.loss(*args)
-
     conf = _conf(tmp_path, synthetic_set, "resumed")
     with pytest.raises(KeyboardInterrupt):
-        _drain(family.load(base_ckpt), conf, Crashing())
+        _drain(family.load(base_ckpt), conf, Crashing("loss", 5))  # inside the 2nd snapshot interval
     assert checkpoint.read_state(os.path.join(conf.out, finetune.STATE))["images_seen"] == 96
     resumed = _drain(family.load(base_ckpt), conf)
     assert resumed[0]["images_seen"] == 128  # continued, not restarted

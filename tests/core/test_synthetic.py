@@ -8,6 +8,7 @@ import torch
 from neon import synthetic
 from neon.errors import NeonError
 from neon.toy.family import ToySampler, family
+from tests.conftest import Crashing
 
 
 def _files(directory):
@@ -38,25 +39,10 @@ def test_set_layout_manifest_and_contents(synthetic_set, base_ckpt):
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, base_ckpt, synthetic_set):
-    class Crashing:
-        """The toy family, dying in the middle of the 3rd shard."""
-
-        def __init__(self):
-            self.calls = 0
-
-        def __getattr__(self, name):
-            return getattr(family, name)
-
-        def sample(self, *args):
-            self.calls += 1
-            if self.calls == 6:
-                raise KeyboardInterrupt
-            return family.sample(*args)
-
     conf = synthetic.SyntheticConfig(out=str(tmp_path / "resumed"), num=96, batch_size=16, shard_size=24, labels="none")
     model = family.load(base_ckpt)
     with pytest.raises(KeyboardInterrupt):
-        for _ in synthetic.write(Crashing(), model, ToySampler(zeta=1.1), conf, "toy", "sha"):
+        for _ in synthetic.write(Crashing("sample", 6), model, ToySampler(zeta=1.1), conf, "toy", "sha"):
             pass
     manifest = json.load(open(os.path.join(conf.out, "manifest.json")))
     assert sorted(manifest["shards"]) == ["shard-00000.npz", "shard-00001.npz"]
