@@ -101,6 +101,10 @@ class ToyFamily:
     def reference(self) -> tuple[np.ndarray, np.ndarray]:
         return np.array(models.TRUE_MEAN), np.array(models.TRUE_COV)
 
+    def real(self, num: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`num` points of the true distribution (samples, labels −1): the `toy:N` real-data source."""
+        return models.true_samples(num, seed), torch.full((num,), -1, dtype=torch.int64)
+
     @staticmethod
     def _model(kwargs: dict) -> Model:
         return Model(net=models.build(kwargs), arch=dict(kwargs))

@@ -8,8 +8,8 @@ from neon import cli
 from neon.toy import demo
 
 
-def test_quick_demo_shows_the_neon_effect(tmp_path, capsys):
-    out = str(tmp_path / "demo")
+def test_quick_demo_shows_the_neon_effect(toy_out, capsys):
+    out = toy_out
     cli.main(["demo", "--quick", "--out", out])
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split() == ["model", "sampler", "mode", "base", "best", "w", "best", "ratio"]

@@ -1,0 +1,102 @@
+"""Issue #4: the toy appendix (curves, cosines), the notebook over it, and `neon diagnose`."""
+
+import ast
+import json
+import os
+
+import nbformat
+import pytest
+import torch
+from nbclient import NotebookClient
+
+from neon import diagnose
+from tests.conftest import REPO
+
+NOTEBOOK = os.path.join(REPO, "toy_appendix.ipynb")
+
+
+def test_notebook_is_stripped_and_only_calls_neon_toy():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    imported = set()
+    for cell in code:
+        tree = ast.parse(cell.source)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                assert module.startswith("neon.toy"), module
+                imported |= {alias.asname or alias.name for alias in node.names}
+            if isinstance(node, ast.Call):
+                root = node.func
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                assert isinstance(root, ast.Name) and root.id in imported, ast.unparse(node)
+    assert len(code) <= 6 and sum(len(c.source.splitlines()) for c in code) <= 20
+
+
+@pytest.fixture(scope="module")
+def executed(toy_out):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    params = nb.cells[1]
+    assert params.source.startswith("QUICK = False")
+    params.source = f"QUICK = True\nOUT = {toy_out!r}"
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
+    curves = json.load(open(os.path.join(toy_out, "curves.json")))
+    cosines = json.load(open(os.path.join(toy_out, "cosines.json")))
+    return nb, curves, cosines
+
+
+def test_notebook_draws_both_figures(executed, toy_out):
+    nb, _, _ = executed
+    assert all(not any(o.get("output_type") == "error" for o in c.outputs) for c in nb.cells if c.cell_type == "code")
+    assert os.path.exists(os.path.join(toy_out, "curves.png")) and os.path.exists(os.path.join(toy_out, "cosines.png"))
+
+
+def test_curves_have_the_signs_of_the_appendix_and_w_shrinks_with_longer_finetunes(executed):
+    _, curves, _ = executed
+    best = {(r["model"], list(r["sampler"].values())[0], r["epochs"]): r for r in curves}
+    assert len(best) == 8
+    for (model, value, epochs), r in best.items():
+        assert r["base"] == r["metric"][r["w"].index(0.0)] and r["best"] == min(r["metric"])
+        mode_seeking = value > 1 if model == "diffusion" else value < 1
+        assert (r["best_w"] > 0) == mode_seeking and r["best_w"] != 0, r
+        assert abs(best[(model, value, 250)]["best_w"]) < abs(best[(model, value, 50)]["best_w"])
+    assert best[("diffusion", 1.1, 50)]["best"] <= 0.4 * best[("diffusion", 1.1, 50)]["base"]
+
+
+def test_cosines_are_negative_for_mode_seeking_and_positive_for_diversity_seeking(executed):
+    _, _, cosines = executed
+    checked = 0
+    for r in cosines:
+        (name, value), = r["sampler"].items()
+        assert r["low"] <= r["cos_p"] <= r["high"] or abs(r["cos_p"] - r["low"]) < 1e-9
+        if (name, value >= 1.05) == ("zeta", True) or (name == "tau" and value <= 0.9):
+            assert r["cos_p"] < 0, r
+            checked += 1
+        if (name == "zeta" and value <= 0.9) or (name == "tau" and value >= 1.1):
+            assert r["cos_p"] > 0, r
+            checked += 1
+    assert checked >= 12
+
+
+def test_adam_preconditioner_is_the_one_adam_uses():
+    grads = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    param = torch.nn.Parameter(torch.zeros(7))
+    opt = torch.optim.Adam([param], lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    for g in grads:
+        param.grad = g.clone()
+        opt.step()
+    v_hat = opt.state[param]["exp_avg_sq"].double() / (1 - 0.999 ** 5)
+    torch.testing.assert_close(diagnose.adam_preconditioner(grads), 1 / (v_hat.sqrt() + 1e-8), rtol=1e-6, atol=0)
+
+
+def test_cosine_is_the_preconditioned_cosine_of_the_mean_gradients():
+    gen = torch.Generator().manual_seed(1)
+    d, s, p = torch.randn(6, 9, generator=gen), torch.randn(4, 9, generator=gen), torch.rand(9, generator=gen) + 0.5
+    a, b = d.double().mean(0), s.double().mean(0)
+    expected = (a * p * b).sum() / ((a * p * a).sum().sqrt() * (b * p * b).sum().sqrt())
+    point, low, high = diagnose.cosine(d, s, p, bootstrap=500)
+    assert point == pytest.approx(expected.item(), abs=1e-12) and -1 <= low < high <= 1
+    same, low2, high2 = diagnose.cosine(d, d, p, bootstrap=10)
+    assert same == pytest.approx(1.0, abs=1e-12)
