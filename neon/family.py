@@ -39,6 +39,7 @@ class Model:
     image_size: output resolution in pixels, or None for non-image families (the toy).
     num_classes: number of class labels, 0 when unconditional.
     arch: JSON-able constructor kwargs of `net` (stored in checkpoints as 'arch').
+    extras: JSON-able family settings that are not constructor kwargs (e.g. EDM's augment pipe).
     """
 
     net: torch.nn.Module
@@ -46,6 +47,7 @@ class Model:
     image_size: int | None = None
     num_classes: int = 0
     arch: dict = dataclasses.field(default_factory=dict)
+    extras: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,9 @@ class FinetuneConfig:
     """Per-step EMA decay of the weights; snapshots then carry the EMA, which is θ_self_trained."""
     ema_halflife_images: int | None = None
     """EMA half-life in images (EDM's ema_halflife_kimg × 1000), instead of ema_beta."""
+    ema_rampup_ratio: float | None = None
+    """With ema_halflife_images: cap the half-life at this fraction of the images seen so far (EDM's
+    ema_rampup_ratio, 0.05 in its train.py), so the EMA starts short and grows."""
     snapshot_every_images: int | None = None
     """Snapshot interval in images (a multiple of batch_size); default: only at the end."""
     precision: str = "fp32"
@@ -78,15 +81,23 @@ class FinetuneConfig:
             raise NeonError("set finetune.ema_beta or finetune.ema_halflife_images, not both")
         if self.ema_beta is not None and not 0 <= self.ema_beta < 1:
             raise NeonError(f"finetune.ema_beta must be in [0, 1), got {self.ema_beta}")
+        if self.ema_rampup_ratio is not None and self.ema_halflife_images is None:
+            raise NeonError("finetune.ema_rampup_ratio needs finetune.ema_halflife_images")
         if self.lr < 0 or self.ramp_images < 0:
             raise NeonError("finetune.lr and finetune.ramp_images must be >= 0")
 
     @property
-    def ema_decay(self) -> float | None:
-        """The per-step EMA decay, or None when there is no EMA."""
-        if self.ema_halflife_images is not None:
-            return 0.5 ** (self.batch_size / max(self.ema_halflife_images, 1e-8))
-        return self.ema_beta
+    def has_ema(self) -> bool:
+        return self.ema_beta is not None or self.ema_halflife_images is not None
+
+    def ema_decay(self, images_seen: int) -> float:
+        """The EMA decay of the step that ends at `images_seen` images (EDM's training loop)."""
+        if self.ema_halflife_images is None:
+            return self.ema_beta
+        halflife = self.ema_halflife_images
+        if self.ema_rampup_ratio is not None:
+            halflife = min(halflife, images_seen * self.ema_rampup_ratio)
+        return 0.5 ** (self.batch_size / max(halflife, 1e-8))
 
 
 def snapshot_name(images_seen: int) -> str:
@@ -121,7 +132,7 @@ def run(family, model, conf: FinetuneConfig, family_name: str):
         raise NeonError(f"family {family_name!r}: trainable(model) must be model.net")
     device = next(net.parameters()).device
     net.train().requires_grad_(True)
-    ema = copy.deepcopy(net).eval().requires_grad_(False) if conf.ema_decay is not None else None
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if conf.has_ema else None
     opt_class = torch.optim.AdamW if conf.optimizer == "adamw" else torch.optim.Adam
     opt = opt_class(net.parameters(), lr=conf.lr, betas=tuple(conf.betas), eps=conf.eps,
                     weight_decay=conf.weight_decay)
@@ -157,9 +168,10 @@ def run(family, model, conf: FinetuneConfig, family_name: str):
         scaler.update()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
+            decay = conf.ema_decay(images_seen + conf.batch_size)
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), net.parameters()):
-                    e.lerp_(p.detach().to(e.dtype), 1.0 - conf.ema_decay)
+                    e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
                 for e, b in zip(ema.buffers(), net.buffers()):
                     e.copy_(b)
         images_seen += conf.batch_size

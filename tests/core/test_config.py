@@ -40,7 +40,11 @@ def test_post_init_rejects_bad_combinations():
         FinetuneConfig(total_images=100, batch_size=64)
     with pytest.raises(NeonError, match="ema_beta or finetune.ema_halflife_images, not both"):
         FinetuneConfig(total_images=64, batch_size=64, ema_beta=0.9, ema_halflife_images=100)
-    assert FinetuneConfig(total_images=64, batch_size=64, ema_halflife_images=64).ema_decay == 0.5
+    assert FinetuneConfig(total_images=64, batch_size=64, ema_halflife_images=64).ema_decay(64) == 0.5
+    ramped = FinetuneConfig(total_images=64, batch_size=32, ema_halflife_images=10_000, ema_rampup_ratio=0.5)
+    assert ramped.ema_decay(64) == 0.5 ** (32 / 32) and ramped.ema_decay(10**6) == 0.5 ** (32 / 10_000)
+    with pytest.raises(NeonError, match="ema_rampup_ratio needs finetune.ema_halflife_images"):
+        FinetuneConfig(total_images=64, batch_size=64, ema_beta=0.9, ema_rampup_ratio=0.05)
 
 
 def test_recipe_links_sections_and_rejects_unknown_sections():
