@@ -8,14 +8,17 @@ checkpoint, and provides `atomic`, the temp-file-then-rename pattern every other
 its outputs, so an interrupted run never leaves a partial file under a final name.
 """
 
+import collections
 import contextlib
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import secrets
 import shutil
 import struct
@@ -24,6 +27,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from neon.errors import NeonError
@@ -115,8 +119,8 @@ def read(path: str, mmap: bool = False) -> Container:
     fmt = format_of(path)
     metadata = {}
     if fmt == "pkl":
-        # TODO(#5): EDM/IMM network pickles through an allowlist unpickler.
-        raise NeonError(f"{path}: reading .pkl network pickles is not supported yet")
+        data = _read_network_pickle(path)
+        return Container(path, fmt, data, _locate(path, data), metadata)
     if fmt == "safetensors":
         parsed = _parse_safetensors(path)
         data, metadata = dict(_read_safetensors(path, parsed, list(parsed[0]))), parsed[1]
@@ -196,6 +200,19 @@ def write(obj: object, path: str) -> None:
     """`torch.save(obj)` to `path` atomically (parent directories are created)."""
     with atomic(path) as tmp:
         torch.save(obj, tmp)
+
+
+def in_memory(state_dict: Mapping[str, torch.Tensor]) -> io.BytesIO:
+    """`state_dict` serialized as `write` would write it, in a rewound in-memory file.
+
+    For libraries that insist on calling `torch.load` themselves (torch-fidelity's InceptionV3
+    takes a weights path or file object and loads it with `weights_only=False`): read the file with
+    `read` (`weights_only=True`) and hand the library these bytes, which hold plain tensors only.
+    """
+    buffer = io.BytesIO()
+    torch.save(dict(state_dict), buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def output_format(base_format: str, path: str, format: str = "same") -> str:
@@ -438,3 +455,117 @@ def download(url: str, dest_dir: str) -> str:
         reason = e.reason if type(e) is urllib.error.URLError else e  # HTTPError reads better whole
         raise NeonError(f"cannot download {url}: {_short(reason)}") from None
     return dest
+
+
+# --- EDM/IMM network pickles ------------------------------------------------------------------
+#
+# NVlabs' network pickles (`edm-*.pkl`, `Neon_EDM_*.pkl`, IMM's) store every network object as a
+# call of `torch_utils.persistence._reconstruct_persistent_obj(meta)`, where `meta` carries the
+# source code of the defining module, executed by upstream's loader. Ours never runs it: the
+# unpickler below resolves only an allowlist of globals (the arcee-ai/mergekit `lazy_unpickle`
+# pattern), turns each persistent object into a record of its class name and `__dict__`, and walks
+# those records into a state dict plus the constructor kwargs (`_init_kwargs`) our own classes take.
+
+
+class _Record:
+    """A pickled object as data: `class_name` and the `state` (its __dict__) it was pickled with."""
+
+    class_name = ""
+
+    def __init__(self, class_name: str = "", state: dict | None = None):
+        self.class_name, self.state = class_name or type(self).class_name, state if state is not None else {}
+
+    def __setstate__(self, state):  # ordinary objects (torch's ModuleDict) arrive by NEWOBJ + BUILD
+        self.state = state
+
+
+def _reconstruct_persistent_obj(meta):
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        raise pickle.UnpicklingError("malformed persistent object record")
+    return _Record(str(meta.get("class_name", "")), meta["state"])
+
+
+def _load_storage(data: bytes):
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+_NUMPY_SCALAR = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
+_PICKLE_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch.storage", "_load_from_bytes"): _load_storage,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): _NUMPY_SCALAR,
+    ("numpy._core.multiarray", "scalar"): _NUMPY_SCALAR,
+    **{("torch.nn.modules.container", name): type(name, (_Record,), {"class_name": name})
+       for name in ("ModuleDict", "ModuleList", "Sequential")},
+}
+
+
+class _NetworkUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _PICKLE_GLOBALS:
+            return _PICKLE_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(f"refused {module}.{name}: not on the allowlist of network pickles")
+
+
+def _plain(value):
+    """Record kwargs as JSON-able Python values (numpy scalars → numbers, tuples → lists)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _state_dict_of(record: _Record, prefix: str = "", out: dict | None = None) -> dict:
+    """The state dict of a recorded torch module, keys in `state_dict()` order."""
+    out = {} if out is None else out
+    state = record.state
+    for name, tensor in state.get("_parameters", {}).items():
+        if tensor is not None:
+            out[prefix + name] = tensor.detach()
+    skip = state.get("_non_persistent_buffers_set", set())
+    for name, tensor in state.get("_buffers", {}).items():
+        if tensor is not None and name not in skip:
+            out[prefix + name] = tensor
+    for name, child in state.get("_modules", {}).items():
+        if child is not None:
+            if not isinstance(child, _Record):
+                raise pickle.UnpicklingError(f"unexpected module {prefix + name} of type {type(child).__name__}")
+            _state_dict_of(child, f"{prefix}{name}.", out)
+    return out
+
+
+def _read_network_pickle(path: str) -> dict:
+    """An NVlabs network pickle as plain data: each network (e.g. `ema`) becomes its state dict, and
+    `arch` holds the class name and `_init_kwargs` of `ema` (or of the first network); other
+    persistent objects (`augment_pipe`, `loss_fn`) become their `_init_kwargs`."""
+    try:
+        with open(path, "rb") as f:
+            raw = _NetworkUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, RuntimeError) as e:
+        raise NeonError(f"cannot read network pickle {path}: {_short(e)}") from None
+    if not isinstance(raw, Mapping):
+        raise NeonError(f"cannot read network pickle {path}: top level is a {type(raw).__name__}, not a dict")
+    data, arch = {}, None
+    for key, value in raw.items():
+        if isinstance(value, _Record) and "_parameters" in value.state:
+            try:
+                data[key] = _state_dict_of(value)
+            except pickle.UnpicklingError as e:
+                raise NeonError(f"cannot read network pickle {path}: {e}") from None
+            if arch is None or key == "ema":
+                arch = {"class_name": value.class_name, **_plain(value.state.get("_init_kwargs", {}))}
+        elif isinstance(value, _Record):
+            data[key] = _plain(value.state.get("_init_kwargs", {}))
+        else:
+            data[key] = _plain(value)
+    if arch is not None:
+        data["arch"] = arch
+    return data

@@ -1,0 +1,152 @@
+"""The EDM family's adapter to the core (`neon.family.Family`).
+
+θ is the `ema` network of an EDM checkpoint. Checkpoints read: official and Neon network pickles
+(`edm-*.pkl`, `Neon_EDM_*.pkl`, through the restricted unpickler of `neon.checkpoint`, which never
+runs their embedded code), our `.pt` files (`{'ema': state_dict, 'arch': kwargs}`, fine-tune
+snapshots, merges) and plain `.safetensors` (the arch then comes from `--model.arch`). `arch` holds
+the preconditioner's class name and its constructor kwargs.
+
+Sampling is upstream's `generate.py`: per-sample torch generators seeded with the sample's seed draw
+the latents, a class index (discarded: the label comes from the synthetic set's balanced labels, but
+the draw keeps each sample's noise stream aligned with upstream's) and the per-step churn noise of
+`edm_sampler`. Images are uint8 `(x · 127.5 + 128)` clipped, as upstream saves them.
+"""
+
+import dataclasses
+import math
+
+import torch
+
+from neon import checkpoint
+from neon.errors import NeonError
+from neon.family import Model
+
+from edm import networks
+from edm.loss import AugmentPipe, EDMLoss
+from edm.sampler import StackedRandomGenerator, edm_sampler
+
+# The paper's three networks (EDM's `vp` config: DDPM++ U-Net with EDM preconditioning).
+_DDPMPP = {"class_name": "EDMPrecond", "model_type": "SongUNet", "embedding_type": "positional",
+           "encoder_type": "standard", "decoder_type": "standard", "channel_mult_noise": 1,
+           "resample_filter": [1, 1], "model_channels": 128, "augment_dim": 9, "use_fp16": False, "img_channels": 3}
+PRESETS = {
+    "cifar10-cond": {**_DDPMPP, "channel_mult": [2, 2, 2], "dropout": 0.13, "img_resolution": 32, "label_dim": 10},
+    "cifar10-uncond": {**_DDPMPP, "channel_mult": [2, 2, 2], "dropout": 0.13, "img_resolution": 32, "label_dim": 0},
+    "ffhq64": {**_DDPMPP, "channel_mult": [1, 2, 2, 2], "dropout": 0.05, "img_resolution": 64, "label_dim": 0},
+}
+TINY = {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
+        "dropout": 0.1, "img_resolution": 8, "label_dim": 10}
+# EDM's train.py augmentation (non-leaking, 9 augment labels); p is the paper's 0.12 (CIFAR-10).
+DEFAULT_AUGMENT = {"p": 0.12, "xflip": 1e8, "yflip": 1, "scale": 1, "rotate_frac": 1, "aniso": 1, "translate_frac": 1}
+_CLASSES = {"EDMPrecond": networks.EDMPrecond, "VPPrecond": networks.VPPrecond, "VEPrecond": networks.VEPrecond}
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMSampler:
+    """`edm_sampler`'s settings (EDM Algorithm 2): Heun over the Karras ρ-schedule, optional churn."""
+
+    num_steps: int = 18
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = math.inf
+    S_noise: float = 1.0
+
+    def __post_init__(self):
+        if self.num_steps < 1 or not 0 < self.sigma_min < self.sigma_max:
+            raise NeonError("sampler: need num_steps >= 1 and 0 < sigma_min < sigma_max")
+
+
+class EDMFamily:
+    name = "edm"
+    Sampler = EDMSampler
+
+    def tiny(self, seed: int) -> Model:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._model(TINY, DEFAULT_AUGMENT)
+
+    def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu") -> Model:
+        container = checkpoint.read(path)
+        if arch is not None:
+            if arch not in PRESETS:
+                raise NeonError(f"unknown EDM arch {arch!r} (known: {', '.join(PRESETS)})")
+            kwargs = PRESETS[arch]
+        elif isinstance(container.data.get("arch"), dict):
+            kwargs = container.data["arch"]
+        else:
+            raise NeonError(f"{path} does not say its arch; pass --model.arch {'|'.join(PRESETS)}")
+        augment = container.data.get("augment_pipe") if isinstance(container.data.get("augment_pipe"), dict) else None
+        model = self._model(kwargs, augment or DEFAULT_AUGMENT)
+        try:
+            model.net.load_state_dict(self.weights(container), strict=True)
+        except RuntimeError as e:
+            raise NeonError(f"{path} does not fit {kwargs.get('class_name', 'EDMPrecond')}: "
+                            f"{str(e).splitlines()[0]}") from None
+        model.net.to(device).eval().requires_grad_(False)
+        return model
+
+    def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: EDMSampler) -> torch.Tensor:
+        net = model.net
+        device = next(net.parameters()).device
+        with torch.inference_mode():
+            rnd = StackedRandomGenerator(device, seeds.tolist())
+            latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+            class_labels = None
+            if net.label_dim:
+                rnd.randint(net.label_dim, size=[len(seeds)], device=device)  # keeps upstream's stream order
+                class_labels = self._one_hot(labels, net.label_dim, device)
+            x = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, **dataclasses.asdict(sampler))
+            return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+    def trainable(self, model: Model) -> torch.nn.Module:
+        return model.net
+
+    def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+        """EDMLoss with EDM's augmentation, summed per image and averaged over the batch (EDM's
+        objective); dropout draws from the global RNG, which the fine-tune loop reseeds per step."""
+        images = samples.to(torch.float32) / 127.5 - 1
+        label_dim = model.arch.get("label_dim", 0)
+        class_labels = self._one_hot(labels, label_dim, images.device) if label_dim else None
+        pipe = AugmentPipe(**model.extras["augment_pipe"]) if model.extras.get("augment_pipe") else None
+        per_element = EDMLoss()(model.net, images, class_labels, pipe, generator=generator)
+        return per_element.sum() / images.shape[0]
+
+    def weights(self, container) -> dict[str, torch.Tensor]:
+        return container.weights
+
+    def save(self, state_dict: dict[str, torch.Tensor], path: str, like) -> None:
+        """`like` is a container to mirror, or a Model for a fresh `{'ema', 'arch'}` file."""
+        if isinstance(like, Model):
+            checkpoint.write({"ema": state_dict, "arch": like.arch, "augment_pipe": like.extras.get("augment_pipe")},
+                             path)
+        else:
+            checkpoint.write_like(like, state_dict, path)
+
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        from neon.metrics import inception
+
+        return inception.pool_features(samples)
+
+    def reference(self):
+        return None
+
+    @staticmethod
+    def _one_hot(labels: torch.Tensor, label_dim: int, device) -> torch.Tensor:
+        if (labels < 0).any() or (labels >= label_dim).any():
+            raise NeonError(f"class labels must be in [0, {label_dim}) for this conditional model")
+        return torch.eye(label_dim, device=device)[labels.to(device)]
+
+    @staticmethod
+    def _model(arch: dict, augment: dict | None) -> Model:
+        kwargs = dict(arch)
+        cls = _CLASSES[kwargs.pop("class_name", "EDMPrecond")]
+        net = cls(**kwargs)
+        return Model(net=net, image_size=net.img_resolution, num_classes=net.label_dim, arch=dict(arch),
+                     extras={"augment_pipe": dict(augment) if augment else None})
+
+
+family = EDMFamily()
