@@ -36,7 +36,7 @@ class FinetuneConfig:
     out: str | None = None
     """Run directory for snapshots and the training state."""
     total_images: int = 0
-    """Length of the fine-tune in images (a multiple of batch_size)."""
+    """Length of the fine-tune in images: it stops at the first step that reaches it (EDM's duration)."""
     batch_size: int = 64
     """Global batch size: split evenly over the processes."""
     lr: float = 1e-5
@@ -51,7 +51,8 @@ class FinetuneConfig:
     """With ema_halflife_images: cap the half-life at this fraction of the images seen so far (EDM's
     ema_rampup_ratio, 0.05 in its train.py), so the EMA starts short and grows."""
     snapshot_every_images: int | None = None
-    """Snapshot interval in images (a multiple of batch_size); default: only at the end."""
+    """Snapshot at the first step that crosses each multiple of this many images (EDM's snapshot
+    ticks), and at the end; default: only at the end. Files are named by the images actually seen."""
     precision: str = "fp32"
     """fp32, bf16 (autocast) or fp16 (autocast with a gradient scaler)."""
     optimizer: str = "adam"
@@ -67,11 +68,7 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.total_images <= 0 or self.batch_size <= 0:
             raise NeonError("finetune.total_images and finetune.batch_size must be positive")
-        every = self.snapshot_every_images
-        for name, value in (("total_images", self.total_images), ("snapshot_every_images", every)):
-            if value is not None and value % self.batch_size:
-                raise NeonError(f"finetune.{name}={value} is not a multiple of batch_size={self.batch_size}")
-        if every is not None and every <= 0:
+        if self.snapshot_every_images is not None and self.snapshot_every_images <= 0:
             raise NeonError("finetune.snapshot_every_images must be positive")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise NeonError(f"finetune.precision must be fp32, bf16 or fp16, got {self.precision!r}")
@@ -176,7 +173,7 @@ def run(family, model, conf: FinetuneConfig, family_name: str):
                     e.copy_(b)
         images_seen += conf.batch_size
         snapshot = None
-        if images_seen % every == 0 or images_seen == conf.total_images:
+        if images_seen // every > (images_seen - conf.batch_size) // every or images_seen >= conf.total_images:
             snapshot = _save(conf.out, family_name, model, net, ema, opt, scaler, images_seen, identity, loss)
         yield {"images_seen": images_seen, "loss": loss.item(), "lr": lr, "snapshot": snapshot}
     net.eval().requires_grad_(False)

@@ -36,8 +36,8 @@ def test_build_checks_types_and_coerces_numbers():
 
 
 def test_post_init_rejects_bad_combinations():
-    with pytest.raises(NeonError, match="not a multiple of batch_size"):
-        FinetuneConfig(total_images=100, batch_size=64)
+    with pytest.raises(NeonError, match="snapshot_every_images must be positive"):
+        FinetuneConfig(total_images=100, batch_size=64, snapshot_every_images=0)
     with pytest.raises(NeonError, match="ema_beta or finetune.ema_halflife_images, not both"):
         FinetuneConfig(total_images=64, batch_size=64, ema_beta=0.9, ema_halflife_images=100)
     assert FinetuneConfig(total_images=64, batch_size=64, ema_halflife_images=64).ema_decay(64) == 0.5

@@ -62,6 +62,16 @@ def test_longer_run_extends_and_other_settings_are_refused(tmp_path, base_ckpt, 
         _drain(family.load(base_ckpt), _conf(tmp_path, synthetic_set, "run", total_images=384, lr=1e-4))
 
 
+def test_lengths_need_not_divide_the_batch(tmp_path, base_ckpt, synthetic_set):
+    """EDM's ticks: stop at the first step reaching total_images, snapshot at each crossing."""
+    conf = _conf(tmp_path, synthetic_set, "ticks", total_images=150, snapshot_every_images=50)
+    steps = _drain(family.load(base_ckpt), conf)
+    assert [s["images_seen"] for s in steps] == [32, 64, 96, 128, 160]
+    assert [s["images_seen"] for s in steps if s["snapshot"]] == [64, 128, 160]
+    assert [os.path.basename(p) for p in finetune.snapshots(conf.out)] == [
+        "snapshot-0000000064.pt", "snapshot-0000000128.pt", "snapshot-0000000160.pt"]
+
+
 def test_lr_ramp_is_linear_in_images(tmp_path, base_ckpt, synthetic_set):
     conf = _conf(tmp_path, synthetic_set, "ramp", total_images=192, ramp_images=128)
     lrs = [s["lr"] for s in _drain(family.load(base_ckpt), conf)]
