@@ -58,6 +58,8 @@ class ModelConfig:
     """Path of the base checkpoint θ (any container `neon.checkpoint.read` understands)."""
     arch: str | None = None
     """A named architecture preset of the family, for checkpoints that do not carry their kwargs."""
+    codec: str | None = None
+    """Checkpoint of the frozen tokenizer/VAE, for families that keep it in a file of its own (VAR)."""
 
 
 class Family(Protocol):
@@ -67,8 +69,9 @@ class Family(Protocol):
     def tiny(self, seed: int) -> Model:
         """A model of at most ~1M parameters that runs every code path of the real one."""
 
-    def load(self, path: str, arch: str | None, device: torch.device) -> Model:
-        """The full generator (net + frozen codec) from a checkpoint, in eval mode, strict load."""
+    def load(self, path: str, arch: str | None, device: torch.device, codec: str | None = None) -> Model:
+        """The full generator (net + frozen codec, read from `codec` where the family keeps it
+        apart) from a checkpoint, in eval mode, strict load."""
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler) -> torch.Tensor:
         """Draw one sample per seed. labels: int64 [B] (−1 = unconditional); seeds: int64 [B].

@@ -52,7 +52,8 @@ class ToyFamily:
             torch.manual_seed(seed)
             return self._model(PRESETS[kind])
 
-    def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu") -> Model:
+    def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
+             codec: str | None = None) -> Model:
         container = checkpoint.read(path)
         if arch is not None:
             if arch not in PRESETS:
