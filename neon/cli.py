@@ -1,4 +1,4 @@
-"""The `neon` command: sample | finetune | merge | sweep | demo.
+"""The `neon` command: sample | finetune | merge | sweep | fid-stats | fid | demo.
 
 Each verb parses its flags, builds the recipe (YAML from --config, then the verb's flags, then
 dotted `--section.field VALUE` overrides), calls one library function, drains it under a rank-0
@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
 
-from neon import checkpoint, config, distributed, family, finetune, log, merge, sweep, synthetic
-from neon.errors import NeonError
+import torch
 
-SECTIONS = ("family", "model", "sampler", "synthetic", "finetune", "sweep")
+from neon import checkpoint, config, diagnose, distributed, family, finetune, log, merge, sweep, synthetic
+from neon.errors import NeonError
+from neon.metrics import fid, inception
+
+SECTIONS = ("family", "model", "sampler", "synthetic", "finetune", "sweep", "fid")
 
 # flag -> recipe key, per verb (flag names as in the README so recipes and docs agree)
 SAMPLE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "out": "synthetic.out", "num": "synthetic.num",
@@ -31,7 +35,9 @@ FINETUNE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "data": "finetune.da
                   "snapshot_every": "finetune.snapshot_every_images", "precision": "finetune.precision"}
 SWEEP_FLAGS = {"family": "family", "base": "model.ckpt", "self_trained": "sweep.self_trained", "w": "sweep.w",
                "cfg": "sweep.cfg", "num": "sweep.num", "final_num": "sweep.final_num", "out": "sweep.out",
-               "ref": "sweep.ref", "batch_size": "sweep.batch_size"}
+               "ref": "sweep.ref", "batch_size": "sweep.batch_size", "inception_weights": "fid.inception_weights"}
+# fid-stats and fid read only the recipe's `fid` section (they need no family)
+FID_FLAGS = {"inception_weights": "fid.inception_weights", "batch_size": "fid.batch_size"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Recipe:
     synthetic: synthetic.SyntheticConfig | None = None
     finetune: finetune.FinetuneConfig | None = None
     sweep: sweep.SweepConfig | None = None
+    fid: inception.FidConfig | None = None
 
 
 def build_recipe(raw: dict, sections=SECTIONS) -> Recipe:
@@ -63,7 +70,7 @@ def build_recipe(raw: dict, sections=SECTIONS) -> Recipe:
         sw["self_trained"] = ft["out"]
     built = {"family": raw["family"], "model": config.build(family.ModelConfig, raw.get("model"), "model")}
     types = {"sampler": fam.Sampler, "synthetic": synthetic.SyntheticConfig,
-             "finetune": finetune.FinetuneConfig, "sweep": sweep.SweepConfig}
+             "finetune": finetune.FinetuneConfig, "sweep": sweep.SweepConfig, "fid": inception.FidConfig}
     for name in sections:
         if name in types:
             built[name] = config.build(types[name], raw.get(name), name)
@@ -138,10 +145,11 @@ def cmd_merge(args, overrides):
 
 
 def cmd_sweep(args, overrides):
-    recipe = _recipe(args, overrides, SWEEP_FLAGS, ("sampler", "sweep"))
+    recipe = _recipe(args, overrides, SWEEP_FLAGS, ("sampler", "sweep", "fid"))
     conf = recipe.sweep
     if _dry_run(args, recipe) or not _need(base=recipe.model.ckpt, self=conf.self_trained):
         return
+    inception.configure(recipe.fid)  # for image families, whose `features` are Inception's
     fam, model = _load(recipe)
     out = sweep.output_dir(conf)
     _save_resolved(out, recipe)
@@ -157,6 +165,66 @@ def cmd_sweep(args, overrides):
         summary["final_base_fid"] = finals.get(sweep.BASE + "0.0")
         summary["final_best_fid"] = finals.get(best["snapshot"] + str(best["w"]))
     _say(json.dumps(summary))
+
+
+def cmd_fid_stats(args, overrides):
+    conf = _fid_config(args, overrides)
+    if args.dry_run:
+        print(json.dumps({"images": args.images, "out": args.out, "fid": dataclasses.asdict(conf)}))
+        return
+    _need(images=args.images, out=args.out)
+    result = _drain(fid.reference_statistics(args.images, args.out, conf), "fid-stats")
+    _say(f"wrote {args.out}: mu and sigma of the Inception features of {result['num']} images")
+
+
+def cmd_fid(args, overrides):
+    conf = _fid_config(args, overrides)
+    if args.dry_run:
+        print(json.dumps({"images": args.images, "ref": args.ref, "is": args.inception_score, "pr": args.pr,
+                          "fid": dataclasses.asdict(conf)}))
+        return
+    _need(images=args.images, ref=args.ref)
+    _say(json.dumps(_drain(fid.evaluate(args.images, args.ref, conf, args.inception_score, args.pr), "fid")))
+
+
+def cmd_diagnose(args, overrides):
+    recipe = _recipe(args, overrides, {"family": "family", "ckpt": "model.ckpt"}, ())
+    conf = diagnose.DiagnoseConfig(batches=args.batches, repeats=args.repeats, preconditioner=args.preconditioner,
+                                   seed=args.seed)
+    if args.dry_run:
+        print(json.dumps({"family": recipe.family, "ckpt": recipe.model.ckpt, "real": args.real,
+                          "synthetic": args.synthetic, **dataclasses.asdict(conf)}))
+        return
+    _need(ckpt=recipe.model.ckpt, real=args.real, synthetic=args.synthetic)
+    if distributed.world() > 1:
+        raise NeonError("neon diagnose runs in one process; launch it without torchrun")
+    fam, model = _load(recipe)
+    data = synthetic.read(args.synthetic)
+    result = diagnose.run(fam, model, _real_data(fam, args.real, args.seed), (data.samples, data.labels), conf)
+    lo, hi = result["low"], result["high"]
+    _say(f"cos_P = {result['cos_p']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}] "
+         f"({'negative' if result['cos_p'] < 0 else 'positive'}): {diagnose.ADVICE[result['advice']]}")
+    _say(json.dumps(result))
+
+
+def _real_data(fam, spec: str, seed: int):
+    """Real samples and labels: `<family>:N` (families that can draw their true distribution, the
+    toy), a synthetic-set directory, or an image source of `neon fid` (labels unknown: −1)."""
+    if spec.startswith(fam.name + ":"):
+        if not hasattr(fam, "real"):
+            raise NeonError(f"family {fam.name!r} cannot draw real data; pass images with --real")
+        try:
+            return fam.real(int(spec.split(":", 1)[1]), seed)
+        except ValueError:
+            raise NeonError(f"--real {spec}: expected {fam.name}:N with N a number of points") from None
+    if os.path.exists(os.path.join(spec, synthetic.MANIFEST)):
+        data = synthetic.read(spec)
+        return data.samples, data.labels
+    from neon.metrics import images
+
+    src = images.source(spec)
+    samples = src.read(range(len(src)))
+    return samples, torch.full((len(samples),), -1, dtype=torch.int64)
 
 
 def cmd_demo(args, overrides):
@@ -210,6 +278,28 @@ def _parser() -> argparse.ArgumentParser:
            num=(int, "samples per evaluation"), final_num=(int, "samples of the final report"),
            out="directory of results.jsonl", ref="reference statistics .npz",
            batch_size=(int, "samples per call and process"))
+    p.add_argument("--inception-weights", help="InceptionV3 weights for image families (fid.inception_weights)")
+    p = verb("fid-stats", cmd_fid_stats, "write reference statistics (mu, sigma of Inception features) of images")
+    _flags(p, images="a folder of PNG/JPEG, an .npz of uint8 [N,H,W,3] images or a synthetic set",
+           out="output .npz", inception_weights="InceptionV3 weights file (default: checkpoints/ or download)",
+           batch_size=(int, "images per Inception forward and process"))
+    p = verb("fid", cmd_fid, "FID of images against reference statistics (and IS, precision/recall); one JSON line")
+    _flags(p, images="a folder of PNG/JPEG, an .npz of uint8 [N,H,W,3] images or a synthetic set",
+           ref="reference statistics .npz (mu, sigma)",
+           inception_weights="InceptionV3 weights file (default: checkpoints/ or download)",
+           batch_size=(int, "images per Inception forward and process"))
+    p.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception score (10 splits)")
+    p.add_argument("--pr", "--precision-recall", dest="pr", metavar="REAL_SRC",
+                   help="also precision/recall (k=5) against these real images (spell it --precision-recall "
+                        "under torchrun)")
+    p = verb("diagnose", cmd_diagnose, "will Neon help, and with which sign of w? cos_P of real vs synthetic gradients")
+    _flags(p, family="registry name", ckpt="base checkpoint",
+           real="real data: toy:N, a synthetic set, or an image folder/.npz", synthetic="synthetic set directory")
+    p.add_argument("--batches", type=int, default=16, help="batches per side (bootstrap units)")
+    p.add_argument("--repeats", type=int, default=1, help="loss draws per batch (16 for the toy diffusion model)")
+    p.add_argument("--preconditioner", choices=("pooled", "real", "synthetic"), default="pooled",
+                   help="batches Adam's second moment is estimated on")
+    p.add_argument("--seed", type=int, default=0)
     p = verb("demo", cmd_demo, "Neon on the 2-D toy models: a table, a plot and results.json")
     p.add_argument("--quick", action="store_true", help="smaller run (under a minute on 2 cores)")
     p.add_argument("--out", default=os.path.join("outputs", "demo"), help="output directory")
@@ -258,7 +348,30 @@ def _recipe(args, overrides, flags, sections) -> Recipe:
 def _load(recipe: Recipe):
     """The recipe's family and its base model on this rank's device."""
     fam = family.get(recipe.family)
-    return fam, fam.load(recipe.model.ckpt, recipe.model.arch, distributed.device())
+    return fam, fam.load(recipe.model.ckpt, recipe.model.arch, distributed.device(), codec=recipe.model.codec)
+
+
+def _fid_config(args, overrides) -> inception.FidConfig:
+    """The `fid` section of --config, then the verb's flags, then --fid.* overrides."""
+    raw = config.load_yaml(args.config) if args.config else {}
+    raw = {"fid": dict(raw.get("fid") or {})}
+    for dest, key in FID_FLAGS.items():
+        if getattr(args, dest, None) is not None:
+            config.set_dotted(raw, key, getattr(args, dest), parse=False)
+    for key, value in overrides:
+        if not key.startswith("fid."):
+            raise NeonError(f"neon {args.verb} takes only --fid.* recipe overrides (got --{key})")
+        config.set_dotted(raw, key, value)
+    return config.build(inception.FidConfig, raw["fid"], "fid")
+
+
+def _drain(steps, desc: str) -> dict:
+    """Run a metric computation under a rank-0 progress bar; its result (the last step's)."""
+    first = next(steps)  # every step carries the total, so the bar starts with it
+    with log.progress(total=first.total, unit="img", desc=desc) as bar:
+        for step in itertools.chain([first], steps):
+            bar.update(step.images)
+    return step.result
 
 
 def _dry_run(args, recipe) -> bool:

@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
-from neon import synthetic
+from neon import checkpoint, synthetic
+from neon.metrics import inception
 from neon.toy.family import ToySampler, family
+from tests.golden.fill import fill_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,3 +73,29 @@ def run_neon(*args, env=None, cwd=None):
     """`python -m neon.cli ARGS` in a subprocess; returns CompletedProcess (text)."""
     return subprocess.run([sys.executable, "-m", "neon.cli", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd or REPO)
+
+
+def smooth(n: int, seed: int) -> torch.Tensor:
+    """uint8 [n,3,32,32]: random 4×4 colour fields, upsampled (photo-like, low frequency)."""
+    low = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return (torch.nn.functional.interpolate(low, size=32, mode="bilinear") * 255).round().to(torch.uint8)
+
+
+def noise(n: int, seed: int) -> torch.Tensor:
+    """uint8 [n,3,32,32] of uniform noise."""
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def inception_weights(tmp_path_factory) -> str:
+    """A random-weight InceptionV3 state dict, built once per session (tests/dist uses it too)."""
+    path = tmp_path_factory.getbasetemp() / "inception-random.pth"
+    if not path.exists():
+        net = fill_(inception.untrained(), seed=0)
+        inception.calibrate_(net, torch.cat([smooth(2, 100), noise(2, 101)]))
+        checkpoint.write(net.state_dict(), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory) -> str:
+    return inception_weights(tmp_path_factory)

@@ -1,11 +1,28 @@
-"""Feature statistics and the Fréchet distance between them.
+"""The paper's metrics on Inception features: FID, Inception score and precision/recall.
 
 Statistics are float64 mean and unbiased covariance (as torch-fidelity and the ADM/EDM reference
-files use); the distance itself is torch-fidelity's `fid_statistics_to_metric`, not a copy of it.
+files use). The metrics themselves are torch-fidelity's functions, not copies of them:
+`fid_statistics_to_metric`, `isc_features_to_metric` (10 splits) and `prc_features_to_metric`
+(k = 5 nearest neighbours, on the same 2048-d Inception features as FID, as the paper reports).
+
+`reference_statistics` and `evaluate` are the collective drivers behind `neon fid-stats` and
+`neon fid`: every rank extracts the features of its share of the images (`inception.extract`),
+the features are gathered in order, and every rank computes the same numbers from them.
 """
+
+from typing import Iterator
 
 import numpy as np
 import torch
+
+from neon import distributed
+from neon.errors import NeonError
+from neon.metrics import images as image_sources
+from neon.metrics import inception, stats
+from neon.metrics.inception import FidConfig, Step
+
+IS_SPLITS = 10  # the Inception score is the mean (and std) over 10 splits (Salimans et al. 2016)
+PR_NEIGHBOURS = 5  # precision/recall with k = 5 (Kynkäänniemi et al. 2019; ADM's evaluator)
 
 
 def statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -15,11 +32,116 @@ def statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def frechet_distance(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.ndarray, np.ndarray]) -> float:
-    """‖mu_a − mu_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) (Heusel et al. 2017, Eq. 6)."""
+    """‖mu_a − mu_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) (Heusel et al. 2017, Eq. 6), by torch-fidelity.
+
+    When Σ_a + Σ_b is singular (fewer than D + 1 images on both sides, as in tests and in
+    self-checks), the trace is taken on its span: outside it both covariances are zero and add
+    exactly nothing, but torch-fidelity's square roots of the rounding noise there (~1e-8 ‖Σ‖ per
+    direction) add up to ~1e-3 over 2048 directions, and the FID of a set against its own
+    statistics would not be 0. When either side is full rank (any 50k reference) the statistics go
+    to torch-fidelity unchanged.
+    """
+    import scipy.linalg
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
-    def as_dict(stats):
-        mu, sigma = stats
-        return {"mu": np.asarray(mu, np.float64), "sigma": np.atleast_2d(np.asarray(sigma, np.float64))}
+    (mu_a, sigma_a), (mu_b, sigma_b) = [(np.asarray(mu, np.float64), np.atleast_2d(np.asarray(sigma, np.float64)))
+                                        for mu, sigma in (stats_a, stats_b)]
+    both = sigma_a + sigma_b
+    # At least numpy's matrix_rank threshold: eigenvalues below it are rounding noise of zero.
+    tolerance = np.linalg.norm(both) * len(both) * np.finfo(np.float64).eps
+    outside = 0.0
+    try:
+        np.linalg.cholesky(both - tolerance * np.eye(len(both)))  # succeeds iff every eigenvalue exceeds it
+    except np.linalg.LinAlgError:
+        _, span = scipy.linalg.eigh(both, subset_by_value=(tolerance, np.inf), driver="evr")
+        diff = mu_a - mu_b
+        outside = float(diff @ diff - np.sum((span.T @ diff) ** 2))  # the mean difference off the span
+        if span.shape[1] == 0:
+            return outside
+        mu_a, mu_b = span.T @ mu_a, span.T @ mu_b
+        sigma_a, sigma_b = span.T @ sigma_a @ span, span.T @ sigma_b @ span
+    metric = fid_statistics_to_metric({"mu": mu_a, "sigma": sigma_a}, {"mu": mu_b, "sigma": sigma_b}, verbose=False)
+    return float(metric[KEY_METRIC_FID]) + outside
 
-    return float(fid_statistics_to_metric(as_dict(stats_a), as_dict(stats_b), verbose=False)[KEY_METRIC_FID])
+
+def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS) -> tuple[float, float]:
+    """(mean, std) of the Inception score over `splits` splits of unbiased logits [N, 1008], N >=
+    splits. The images are shuffled with torch-fidelity's fixed seed, as it does."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    if len(logits) < splits:
+        raise NeonError(f"the Inception score needs at least {splits} images ({splits} splits), got {len(logits)}")
+    out = isc_features_to_metric(logits.float().cpu(), splits=splits)
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+
+
+def precision_recall(features: torch.Tensor, real: torch.Tensor, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
+    """(precision, recall) of generated features [N, D] against real features [M, D]: the share of
+    generated samples inside the real manifold (k-NN balls) and of real samples inside the
+    generated one. N and M must exceed k."""
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    if min(len(features), len(real)) <= k:
+        raise NeonError(f"precision/recall with k = {k} needs more than {k} images in each set, "
+                        f"got {len(features)} and {len(real)}")
+    out = prc_features_to_metric(features.float().cpu(), real.float().cpu(), prc_neighborhood=k, verbose=False)
+    return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
+
+
+def reference_statistics(source: str, out: str, conf: FidConfig) -> Iterator[Step]:
+    """Collective: write the statistics of the pool features of image source `source` to `out`
+    (`.npz` with mu, sigma; rank 0 writes). Yields `inception.extract`'s steps; the last one's
+    `result` is {'num': N}."""
+    inception.weights_path(conf.inception_weights)  # a missing weights file fails every rank at once
+    images = image_sources.source(source)
+    if len(images) < 2:
+        raise NeonError(f"{source}: statistics need at least 2 images, got {len(images)}")
+    features = yield from _features(images, conf, len(images))
+    if distributed.is_main():
+        stats.save(out, *statistics(features["pool"]))
+    distributed.barrier()
+    yield Step(0, len(images), {"num": len(images)})
+
+
+def evaluate(source: str, ref: str, conf: FidConfig, with_is: bool = False,
+             real: str | None = None) -> Iterator[Step]:
+    """Collective: FID of image source `source` against reference statistics `ref`; `with_is` adds
+    its Inception score, `real` (an image source) its precision and recall against those images.
+    Yields `inception.extract`'s steps (both sources); the last one's `result` is {'images', 'num',
+    'ref', 'fid'[, 'is', 'is_std'][, 'real', 'num_real', 'precision', 'recall']}, the same on every
+    rank."""
+    inception.weights_path(conf.inception_weights)  # a missing weights file fails every rank at once
+    images = image_sources.source(source)
+    real_images = image_sources.source(real) if real is not None else None
+    mu, sigma = stats.load(ref)
+    if mu.shape != (2048,):
+        raise NeonError(f"{ref} holds {mu.shape[0]}-d statistics; Inception pool features are 2048-d")
+    if len(images) < 2:
+        raise NeonError(f"{source}: FID needs at least 2 images, got {len(images)}")
+    if with_is and len(images) < IS_SPLITS:
+        raise NeonError(f"{source}: the Inception score needs at least {IS_SPLITS} images, got {len(images)}")
+    if real_images is not None and min(len(images), len(real_images)) <= PR_NEIGHBOURS:
+        raise NeonError(f"precision/recall with k = {PR_NEIGHBOURS} needs more than {PR_NEIGHBOURS} images in "
+                        f"each set, got {len(images)} and {len(real_images)}")
+    total = len(images) + (len(real_images) if real_images is not None else 0)
+    features = yield from _features(images, conf, total)
+    result = {"images": source, "num": len(images), "ref": ref,
+              "fid": frechet_distance(statistics(features["pool"]), (mu, sigma))}
+    if with_is:
+        result["is"], result["is_std"] = inception_score(features["logits"])
+    if real_images is not None:
+        real_features = yield from _features(real_images, conf, total)
+        result["real"], result["num_real"] = real, len(real_images)
+        result["precision"], result["recall"] = precision_recall(features["pool"], real_features["pool"])
+    yield Step(0, total, result)
+
+
+def _features(images, conf: FidConfig, total: int):
+    """Collective: yields the progress steps of `inception.extract` (counted against `total`, the
+    images of the whole computation) and returns its features."""
+    with distributed.main_first():  # rank 0 downloads the weights first when there is no local file
+        extractor = inception.shared(conf)
+    for step in inception.extract(extractor, images, conf.batch_size):
+        if step.result is not None:
+            return step.result
+        yield Step(step.images, total)
