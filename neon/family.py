@@ -27,6 +27,8 @@ from neon.errors import NeonError
 # name -> "module:attribute" of the family object. A family joins by adding one line.
 REGISTRY = {
     "toy": "neon.toy.family:family",
+    "edm": "edm.family:family",
+    "var": "VAR.family:family",
 }
 
 

@@ -44,7 +44,7 @@ def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["sample", "--family", "nope", "--ckpt", "x.pt", "--out", "o"], "unknown family 'nope' (known: toy)"),
+    (["sample", "--family", "nope", "--ckpt", "x.pt", "--out", "o"], "unknown family 'nope' (known: edm, toy, var)"),
     (["sample", "--family", "toy", "--ckpt", "missing.pt", "--out", "o", "--num", "4"], "no such checkpoint: missing.pt"),
     (["sample", "--family", "toy", "--ckpt", "x.pt", "--out", "o", "--num", "many"], None),
     (["finetune", "--family", "toy", "--ckpt", "x.pt", "--images", "0", "--batch-size", "4"],

@@ -1,0 +1,61 @@
+"""FID of a VAR model with the paper's flags: a thin shim over `neon.sweep.score`.
+
+    torchrun --standalone --nproc_per_node=8 -m VAR.calculate_fid --var_ckpt checkpoints/Neon_VARd16_imagenet256.pth \
+        --vae_ckpt checkpoints/vae_ch160v4096z32.pth --num_images 50000 --cfg 2.8 --top_k 900 --top_p 0.95 \
+        --img_size 256 --fid_stats fid_stats/adm_in256_stats.npz --seed 0
+
+`--var_ckpt` takes a flat, `{'var_wo_ddp'}` or `{'trainer'}` checkpoint, a merge or a fine-tune snapshot;
+the depth and resolution are read from the weights. Images are generated and scored in memory, sharded
+over the processes: sample i has seed `--seed + i` and its own generator, labels are balanced over the
+1000 classes. Prints one JSON line.
+"""
+
+import argparse
+import json
+import sys
+
+from neon import checkpoint, distributed, log, sweep
+from neon.errors import NeonError
+from neon.metrics import inception, stats
+
+from VAR.family import family
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--var_ckpt", required=True)
+    parser.add_argument("--vae_ckpt", default=None, help="VQ-VAE weights (default checkpoints/vae_ch160v4096z32.pth)")
+    parser.add_argument("--num_images", "--N", dest="num_images", type=int, default=50000)
+    parser.add_argument("--batch_size", type=int, default=64, help="images per sampler call and process")
+    parser.add_argument("--cfg", type=float, default=1.5)
+    parser.add_argument("--top_k", type=int, default=900)
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--img_size", type=int, choices=(256, 512), default=None, help="checked against the model")
+    parser.add_argument("--fid_stats", required=True, help="reference statistics .npz (path or URL)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
+    args = parser.parse_args(argv)
+    try:
+        log.setup()
+        distributed.init()
+        with distributed.main_first():
+            ref_path = checkpoint.download(args.fid_stats, "fid_stats")
+        reference = stats.load(ref_path)
+        inception.configure(inception.FidConfig(inception_weights=args.inception_weights))
+        model = family.load(args.var_ckpt, None, distributed.device(), codec=args.vae_ckpt)
+        if args.img_size is not None and args.img_size != model.image_size:
+            raise NeonError(f"--img_size {args.img_size}, but {args.var_ckpt} makes {model.image_size} px images")
+        sampler = family.Sampler(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+        value = sweep.score(family, model, sampler, (args.seed, args.num_images), args.batch_size, reference)
+        if distributed.is_main():
+            print(json.dumps({"var_ckpt": args.var_ckpt, "cfg": args.cfg, "num_images": args.num_images,
+                              "seeds": [args.seed, args.num_images], "fid": value}))
+    except NeonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
