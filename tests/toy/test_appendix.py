@@ -100,3 +100,24 @@ def test_cosine_is_the_preconditioned_cosine_of_the_mean_gradients():
     assert point == pytest.approx(expected.item(), abs=1e-12) and -1 <= low < high <= 1
     same, low2, high2 = diagnose.cosine(d, d, p, bootstrap=10)
     assert same == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind, field, value, sign", [
+    ("diffusion", "zeta", 1.1, -1), ("diffusion", "zeta", 0.9, +1), ("ar", "tau", 0.5, -1), ("ar", "tau", 1.6, +1)])
+def test_diagnose_cli_gives_the_signs_with_2000_real_points(toy_out, tmp_path, capsys, kind, field, value, sign):
+    from neon import cli
+    from neon.toy import appendix
+
+    base = appendix.base(toy_out, kind, quick=True)
+    synthetic_dir = str(tmp_path / "S")
+    cli.main(["sample", "--family", "toy", "--ckpt", base, "--out", synthetic_dir, "--num", "2000",
+              "--batch-size", "2000", "--shard-size", "2000", f"--sampler.{field}", str(value),
+              "--synthetic.labels", "none"])
+    capsys.readouterr()
+    cli.main(["diagnose", "--family", "toy", "--ckpt", base, "--real", "toy:2000", "--synthetic", synthetic_dir,
+              "--repeats", "16" if kind == "diffusion" else "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert set(result) == {"cos_p", "low", "high", "advice"} and lines[0].startswith("cos_P = ")
+    assert result["cos_p"] * sign > 0 and result["low"] <= result["high"], result
+    assert result["advice"] in ("inconclusive", "extrapolate" if sign < 0 else "interpolate")
