@@ -12,9 +12,9 @@ over the processes: sample i has seed `--seed + i` and its own generator, labels
 
 import argparse
 import json
-import sys
 
-from neon import checkpoint, distributed, log, sweep
+from neon import distributed, sweep
+from neon.cli import run_command
 from neon.errors import NeonError
 from neon.metrics import inception, stats
 
@@ -35,26 +35,20 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
     parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
     args = parser.parse_args(argv)
-    try:
-        log.setup()
-        distributed.init()
-        with distributed.main_first():
-            ref_path = checkpoint.download(args.fid_stats, "fid_stats")
-        reference = stats.load(ref_path)
-        inception.configure(inception.FidConfig(inception_weights=args.inception_weights))
-        model = family.load(args.var_ckpt, None, distributed.device(), codec=args.vae_ckpt)
-        if args.img_size is not None and args.img_size != model.image_size:
-            raise NeonError(f"--img_size {args.img_size}, but {args.var_ckpt} makes {model.image_size} px images")
-        sampler = family.Sampler(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-        value = sweep.score(family, model, sampler, (args.seed, args.num_images), args.batch_size, reference)
-        if distributed.is_main():
-            print(json.dumps({"var_ckpt": args.var_ckpt, "cfg": args.cfg, "num_images": args.num_images,
-                              "seeds": [args.seed, args.num_images], "fid": value}))
-    except NeonError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        distributed.shutdown()
+    run_command(lambda: _run(args))
+
+
+def _run(args) -> None:
+    reference = stats.fetch(args.fid_stats)
+    inception.configure(inception.FidConfig(inception_weights=args.inception_weights))
+    model = family.load(args.var_ckpt, None, distributed.device(), codec=args.vae_ckpt)
+    if args.img_size is not None and args.img_size != model.image_size:
+        raise NeonError(f"--img_size {args.img_size}, but {args.var_ckpt} makes {model.image_size} px images")
+    sampler = family.Sampler(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    value = sweep.score(family, model, sampler, (args.seed, args.num_images), args.batch_size, reference)
+    if distributed.is_main():
+        print(json.dumps({"var_ckpt": args.var_ckpt, "cfg": args.cfg, "num_images": args.num_images,
+                          "seeds": [args.seed, args.num_images], "fid": value}))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from PIL import Image
 
 from neon import checkpoint
 from neon.errors import NeonError
-from neon.family import Model
+from neon.family import Model, arch_kwargs
 
 from VAR.loss import teacher_forcing_loss, uint8_to_pm1
 from VAR.models import build_vae_var
@@ -69,14 +69,7 @@ class VARFamily:
              codec: str | None = None) -> Model:
         container = checkpoint.read(path)
         weights = self.weights(container)
-        if arch is not None:
-            if arch not in PRESETS:
-                raise NeonError(f"unknown VAR arch {arch!r} (known: {', '.join(PRESETS)})")
-            kwargs = PRESETS[arch]
-        elif isinstance(container.data.get("arch"), dict):
-            kwargs = container.data["arch"]
-        else:
-            kwargs = infer_arch(weights, path)
+        kwargs = arch_kwargs(container, arch, PRESETS, "VAR") or infer_arch(weights, path)
         codec = codec or DEFAULT_CODEC
         if not os.path.exists(codec):
             raise NeonError(f"no VQ-VAE checkpoint at {codec}; pass --model.codec PATH (vae_ch160v4096z32.pth)")

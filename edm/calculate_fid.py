@@ -11,9 +11,9 @@ are balanced over the classes and shuffled by the first seed. Prints one JSON li
 
 import argparse
 import json
-import sys
 
-from neon import checkpoint, distributed, log, sweep
+from neon import distributed, sweep
+from neon.cli import run_command
 from neon.errors import NeonError
 from neon.metrics import inception, stats
 
@@ -41,25 +41,19 @@ def main(argv=None) -> None:
     parser.add_argument("--arch", choices=sorted(PRESETS), help="architecture of a .safetensors file")
     parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
     args = parser.parse_args(argv)
-    try:
-        log.setup()
-        distributed.init()
-        seeds = parse_seeds(args.seeds)
-        with distributed.main_first():
-            ref_path = checkpoint.download(args.ref, "fid_stats")
-        reference = stats.load(ref_path)
-        inception.configure(inception.FidConfig(inception_weights=args.inception_weights))
-        model = family.load(args.network, args.arch, distributed.device())
-        value = sweep.score(family, model, family.Sampler(num_steps=args.num_steps), seeds, args.max_batch_size,
-                            reference)
-        if distributed.is_main():
-            print(json.dumps({"network": args.network, "ref": args.ref, "seeds": list(seeds), "num_steps": args.num_steps,
-                              "fid": value}))
-    except NeonError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        distributed.shutdown()
+    run_command(lambda: _run(args))
+
+
+def _run(args) -> None:
+    seeds = parse_seeds(args.seeds)
+    reference = stats.fetch(args.ref)
+    inception.configure(inception.FidConfig(inception_weights=args.inception_weights))
+    model = family.load(args.network, args.arch, distributed.device())
+    value = sweep.score(family, model, family.Sampler(num_steps=args.num_steps), seeds, args.max_batch_size,
+                        reference)
+    if distributed.is_main():
+        print(json.dumps({"network": args.network, "ref": args.ref, "seeds": list(seeds), "num_steps": args.num_steps,
+                          "fid": value}))
 
 
 if __name__ == "__main__":

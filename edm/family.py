@@ -19,7 +19,7 @@ import torch
 
 from neon import checkpoint
 from neon.errors import NeonError
-from neon.family import Model
+from neon.family import Model, arch_kwargs
 
 from edm import networks
 from edm.loss import AugmentPipe, EDMLoss
@@ -71,13 +71,8 @@ class EDMFamily:
     def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
              codec: str | None = None) -> Model:
         container = checkpoint.read(path)
-        if arch is not None:
-            if arch not in PRESETS:
-                raise NeonError(f"unknown EDM arch {arch!r} (known: {', '.join(PRESETS)})")
-            kwargs = PRESETS[arch]
-        elif isinstance(container.data.get("arch"), dict):
-            kwargs = container.data["arch"]
-        else:
+        kwargs = arch_kwargs(container, arch, PRESETS, "EDM")
+        if kwargs is None:
             raise NeonError(f"{path} does not say its arch; pass --model.arch {'|'.join(PRESETS)}")
         augment = container.data.get("augment_pipe") if isinstance(container.data.get("augment_pipe"), dict) else None
         model = self._model(kwargs, augment or DEFAULT_AUGMENT)

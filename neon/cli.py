@@ -84,10 +84,16 @@ def build_recipe(raw: dict, sections=SECTIONS) -> Recipe:
 def main(argv=None) -> None:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    run_command(lambda: args.run(args, _dotted(extra, parser)))
+
+
+def run_command(body) -> None:
+    """Run `body()` as a command (the verbs here, the families' calculate_fid.py): logging, the
+    process group under torchrun, and a NeonError printed as one line `error: …` with exit code 2."""
     try:
         log.setup()
         distributed.init()
-        args.run(args, _dotted(extra, parser))
+        body()
     except NeonError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

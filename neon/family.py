@@ -107,3 +107,15 @@ def get(name: str) -> Any:
         raise NeonError(f"unknown family {name!r} (known: {', '.join(sorted(REGISTRY))})")
     module, attr = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def arch_kwargs(container, arch: str | None, presets: dict, family_name: str) -> dict | None:
+    """Constructor kwargs for a checkpoint: the named preset, else the `arch` the file carries, else
+    None (the family may infer them or ask for --model.arch)."""
+    if arch is not None:
+        if arch not in presets:
+            raise NeonError(f"unknown {family_name} arch {arch!r} (known: {', '.join(presets)})")
+        return presets[arch]
+    if isinstance(container.data.get("arch"), dict):
+        return container.data["arch"]
+    return None

@@ -52,7 +52,8 @@ class SweepConfig:
     out: str | None = None
     """Directory of results.jsonl (default: <directory of the snapshots>/sweep)."""
     ref: str | None = None
-    """Reference statistics `.npz` (default: the family's built-in reference, e.g. the toy's truth)."""
+    """Reference statistics `.npz`, a path or a URL (default: the family's built-in reference, e.g. the
+    toy's truth)."""
     sampler: dict = dataclasses.field(default_factory=dict)
     """Sampler fields to change for evaluation only (the toy appendix scores ζ = 1, τ = 1 samplers)."""
 
@@ -191,7 +192,7 @@ def _key(record: dict) -> tuple:
 
 def _reference(family, conf: SweepConfig):
     if conf.ref:
-        return stats.load(conf.ref)
+        return stats.fetch(conf.ref)
     reference = family.reference()
     if reference is None:
         raise NeonError("sweep.ref (--ref) is required: this family has no built-in reference statistics")

@@ -24,6 +24,16 @@ def _deterministic():
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: the tiny networks are faster so, and on a loaded 2-core
+    machine two threads of a process can wait on each other for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def toy():
     return family
 

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from neon import checkpoint
+from neon import checkpoint, distributed
 from neon.errors import NeonError
 
 
@@ -30,3 +30,13 @@ def save(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Write (mu, sigma) as float64 to `path` atomically."""
     with checkpoint.atomic(path) as tmp:
         np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+
+
+def fetch(spec: str, cache_dir: str = "fid_stats") -> tuple[np.ndarray, np.ndarray]:
+    """Collective: (mu, sigma) from a path or a URL; a URL is downloaded once into `cache_dir`, rank 0
+    first (EDM's `--ref https://…/cifar10-32x32.npz`)."""
+    if "://" not in spec:
+        return load(spec)
+    with distributed.main_first():
+        path = checkpoint.download(spec, cache_dir)
+    return load(path)

@@ -13,7 +13,7 @@ import torch
 
 from neon import checkpoint
 from neon.errors import NeonError
-from neon.family import Model
+from neon.family import Model, arch_kwargs
 from neon.toy import models
 
 
@@ -55,13 +55,8 @@ class ToyFamily:
     def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
              codec: str | None = None) -> Model:
         container = checkpoint.read(path)
-        if arch is not None:
-            if arch not in PRESETS:
-                raise NeonError(f"unknown toy arch {arch!r} (known: {', '.join(PRESETS)})")
-            kwargs = PRESETS[arch]
-        elif isinstance(container.data.get("arch"), dict):
-            kwargs = container.data["arch"]
-        else:
+        kwargs = arch_kwargs(container, arch, PRESETS, "toy")
+        if kwargs is None:
             raise NeonError(f"{path} does not say its arch; pass --model.arch diffusion|ar")
         model = self._model(kwargs)
         try:

@@ -11,12 +11,7 @@ from VAR import calculate_fid as var_fid
 from tests.families.test_image_loops import _tiny_files
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(name, base, codec, tmp_path, inception_file, sampler):

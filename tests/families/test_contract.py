@@ -11,13 +11,10 @@ from neon.metrics import inception
 
 
 @pytest.fixture(params=sorted(registry.REGISTRY))
-def fam(request, inception_file):
+def fam(request, inception_file, one_thread):
     # image families score with Inception features: a random-weight network the tests build
     inception.configure(inception.FidConfig(inception_weights=inception_file, batch_size=8))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny networks run faster on one thread than two
     yield registry.get(request.param)
-    torch.set_num_threads(threads)
     inception.configure(inception.FidConfig())
 
 

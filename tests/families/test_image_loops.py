@@ -14,12 +14,7 @@ from tests.dist.test_world_size import TORCHRUN, _shards, _torchrun
 SAMPLERS = {"edm": ["--sampler.num_steps", "3"], "var": ["--sampler.top_k", "20"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_files(name, tmp_path):

@@ -9,12 +9,7 @@ from VAR.family import PRESETS, TINY, augment, family, infer_arch
 from VAR.models import build_vae_var
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["d16", "d36"])
