@@ -18,7 +18,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from neon import checkpoint

@@ -13,7 +13,6 @@ rotation and translation); the integer rotation/translation and colour transform
 heritage are not ported and raise if enabled.
 """
 
-import math
 
 import numpy as np
 import torch

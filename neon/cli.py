@@ -165,11 +165,11 @@ def cmd_sweep(args, overrides):
     best = sweep.best_point(records, conf)
     summary = {"best_snapshot": best["snapshot"], "best_w": best["w"], "best_cfg": best["cfg"],
                "best_fid": best["fid"], "results": os.path.join(out, sweep.RESULTS)}
-    finals = {r["snapshot"] + str(r["w"]): r["fid"] for r in records if r["seeds"][0] == conf.final_seed_base
+    finals = {(r["snapshot"], r["w"]): r["fid"] for r in records if r["seeds"][0] == conf.final_seed_base
               and r["num"] == conf.final_num and r["cfg"] == best["cfg"]}
     if conf.final_num:
-        summary["final_base_fid"] = finals.get(sweep.BASE + "0.0")
-        summary["final_best_fid"] = finals.get(best["snapshot"] + str(best["w"]))
+        summary["final_base_fid"] = finals.get((sweep.BASE, 0.0))
+        summary["final_best_fid"] = finals.get((best["snapshot"], best["w"]))
     _say(json.dumps(summary))
 
 

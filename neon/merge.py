@@ -59,7 +59,7 @@ def merge_files(base_path: str, self_path: str, w: float, out_path: str, format:
     w = _check_w(w)
     base_format = checkpoint.format_of(base_path)
     self_format = checkpoint.format_of(self_path)
-    out_format = checkpoint.output_format(base_format, out_path, format)
+    checkpoint.output_format(base_format, out_path, format)  # refuses a bad format or suffix before any work
     if os.path.realpath(out_path) in (os.path.realpath(base_path), os.path.realpath(self_path)):
         raise NeonError(f"{out_path}: the output must not overwrite an input")
 

@@ -11,7 +11,7 @@ from neon import checkpoint, cli
 from tests.conftest import run_neon, save_base
 
 
-def test_sample_finetune_merge_sweep_through_the_cli(tmp_path):
+def test_sample_finetune_merge_sweep_through_the_cli(tmp_path, capsys):
     base = save_base(tmp_path / "base.pt")
     s, r = tmp_path / "S", tmp_path / "run"
     common = ["--family", "toy"]
@@ -33,6 +33,14 @@ def test_sample_finetune_merge_sweep_through_the_cli(tmp_path):
               "--batch-size", "32", "--out", str(tmp_path / "sweep"), "--sweep.sampler", "{zeta: 1.0}"])
     records = [json.loads(line) for line in open(tmp_path / "sweep" / "results.jsonl")]
     assert len(records) == 1 + 2 * 2 and all(r["fid"] > 0 for r in records)
+    capsys.readouterr()
+    cli.main(["sweep", *common, "--base", base, "--self", str(r), "--w", "0:1:0.5", "--num", "32",
+              "--batch-size", "32", "--out", str(tmp_path / "sweep"), "--final-num", "16"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    finals = {(x["snapshot"], x["w"]): x["fid"] for x in map(json.loads, open(tmp_path / "sweep" / "results.jsonl"))
+              if x["num"] == 16}
+    assert summary["final_base_fid"] == finals[("base", 0.0)]
+    assert summary["final_best_fid"] == finals[(summary["best_snapshot"], summary["best_w"])]
 
 
 def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys):

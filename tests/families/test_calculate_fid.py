@@ -3,10 +3,9 @@
 import json
 
 import pytest
-import torch
 
 from edm import calculate_fid as edm_fid
-from neon import checkpoint, cli
+from neon import cli
 from VAR import calculate_fid as var_fid
 from tests.families.test_image_loops import _tiny_files
 
