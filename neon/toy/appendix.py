@@ -8,8 +8,10 @@
 
 Everything goes through the core (`synthetic.write`, `finetune.run`, `sweep.run`), and reruns
 resume from what `out` already holds. Mirrors the experiments of
-`SinaAlemohammad/Neon:toy_appendix.ipynb`, with its sampler fixed: that notebook's "η = 1" DDIM is
-deterministic, and scores w with a 20-step schedule that does not match the network's time input.
+`SinaAlemohammad/Neon:toy_appendix.ipynb`. `method` picks the diffusion sampler: 'notebook' (the
+default) is that notebook's own deterministic sampler, which made the paper's figures; 'ddim' is a
+correct DDIM (see `neon.toy.models.EpsMLP.sample_notebook` for how the two differ). The AR sampler
+is the same under both.
 """
 
 import contextlib
@@ -32,6 +34,7 @@ SETTINGS = [
     {"model": "ar", "sampler": {"tau": 1.6}, "mode": "diversity-seeking"},
 ]
 NEUTRAL = {"diffusion": {"zeta": 1.0}, "ar": {"tau": 1.0}}
+METHODS = ("notebook", "ddim")
 FT_LR = {"diffusion": 1e-5, "ar": 1e-4}
 NUM_SYNTHETIC = 1000
 # Quick runs: a shorter diffusion base (2k steps at lr 1e-3 lands on a similarly underdispersed
@@ -44,7 +47,8 @@ COSINE_RANGE = {"diffusion": ("zeta", 0.8, 1.2), "ar": ("tau", 0.6, 1.4)}
 
 
 def base(out: str, kind: str, quick: bool = False) -> str:
-    """Path of the toy base of `kind` in `out`, trained first if it is not there."""
+    """Path of the toy base of `kind` in `out`, trained first if it is not there (the base does not
+    depend on the sampler)."""
     path = os.path.join(out, f"{kind}-base.pt")
     _claim(out, quick)
     if not os.path.exists(path):
@@ -58,15 +62,16 @@ def base(out: str, kind: str, quick: bool = False) -> str:
 
 
 def run_setting(out: str, setting: dict, epochs: tuple[int, ...], w_grid: str, eval_num: int,
-                quick: bool = False) -> list[dict]:
+                quick: bool = False, method: str = "ddim") -> list[dict]:
     """Neon for one toy model and sampler: S, a fine-tune with a snapshot after each of `epochs`,
     and a sweep of `w_grid` per snapshot. One row per snapshot: model, sampler, mode, epochs, base,
-    best_w, best, and the curve as w and metric."""
+    best_w, best, and the curve as w and metric. `method` is the diffusion sampler's (METHODS)."""
     kind = setting["model"]
     base_path = base(out, kind, quick)
     name, value = next(iter(setting["sampler"].items()))
-    folder = os.path.join(out, f"{kind}-{name}{value}")
-    sampler = ToySampler(**setting["sampler"])
+    sampler = _sampler(kind, method, **setting["sampler"])
+    suffix = "-notebook" if kind == "diffusion" and method == "notebook" else ""
+    folder = os.path.join(out, f"{kind}-{name}{value}{suffix}")
     model = family.load(base_path)
     syn = synthetic.SyntheticConfig(out=os.path.join(folder, "synthetic"), num=NUM_SYNTHETIC,
                                     batch_size=NUM_SYNTHETIC, shard_size=NUM_SYNTHETIC, labels="none")
@@ -86,21 +91,23 @@ def run_setting(out: str, setting: dict, epochs: tuple[int, ...], w_grid: str, e
             pass
         ws, fids = sweep.curve(sweep.load_results(sw.out), sw, snapshot)
         best = min(range(len(ws)), key=fids.__getitem__)
-        rows.append({"model": kind, "sampler": setting["sampler"], "mode": setting["mode"], "epochs": epoch,
+        rows.append({"model": kind, "sampler": setting["sampler"], "method": sampler.method if kind == "diffusion" else None,
+                     "mode": setting["mode"], "epochs": epoch,
                      "base": fids[ws.index(0.0)], "best_w": ws[best], "best": fids[best], "w": ws, "metric": fids})
     return rows
 
 
-def run_curves(out: str = "outputs/appendix", quick: bool = False) -> list[dict]:
+def run_curves(out: str = "outputs/appendix", quick: bool = False, method: str = "notebook") -> list[dict]:
     """The appendix's FID-vs-w curves after 50 and 250 fine-tune epochs, for every setting."""
     with one_thread():
         rows = [row for setting in SETTINGS
-                for row in run_setting(out, setting, (50, 250), W_GRID[quick][setting["model"]], EVAL_NUM[quick], quick)]
+                for row in run_setting(out, setting, (50, 250), W_GRID[quick][setting["model"]], EVAL_NUM[quick],
+                                       quick, method)]
     checkpoint.write_json(os.path.join(out, "curves.json"), rows)
     return rows
 
 
-def run_cosines(out: str = "outputs/appendix", quick: bool = False) -> list[dict]:
+def run_cosines(out: str = "outputs/appendix", quick: bool = False, method: str = "notebook") -> list[dict]:
     """cos_P (with its bootstrap interval) of real points against synthetic sets drawn with ζ over
     [0.8, 1.2] (diffusion) and τ over [0.6, 1.4] (AR). One row per (model, value)."""
     plan = COSINE[quick]
@@ -112,7 +119,7 @@ def run_cosines(out: str = "outputs/appendix", quick: bool = False) -> list[dict
             real = (models.true_samples(plan["points"], seed=0), torch.full((plan["points"],), -1))
             for value in np.linspace(low, high, plan["values"]).round(4).tolist():
                 seeds = torch.arange(plan["points"]) + 10_000_000
-                syn = family.sample(model, real[1], seeds, ToySampler(**{name: value}))
+                syn = family.sample(model, real[1], seeds, _sampler(kind, method, **{name: value}))
                 result = diagnose.run(family, model, real, (syn, real[1]), conf)
                 rows.append({"model": kind, "sampler": {name: value}, **result})
     checkpoint.write_json(os.path.join(out, "cosines.json"), rows)
@@ -130,7 +137,9 @@ def plot_curves(rows: list[dict], path: str | None = None):
             ax.plot(r["w"], r["metric"], label=label)
             ax.plot([r["best_w"]], [r["best"]], "k.")
         ax.axvline(0.0, color="k", linestyle=":", linewidth=1)
-        ax.set(yscale="log", title=f"{kind}, {epochs} epochs", xlabel="w", ylabel="FID to N(0, Σ)")
+        methods = {r.get("method") for r in rows if r["model"] == kind} - {None}
+        title = f"{kind} ({', '.join(sorted(methods))} sampler)" if methods else kind
+        ax.set(yscale="log", title=f"{title}, {epochs} epochs", xlabel="w", ylabel="FID to N(0, Σ)")
         ax.legend(fontsize=7)
     return _finish(fig, path)
 
@@ -161,6 +170,12 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _sampler(kind: str, method: str, **fields) -> ToySampler:
+    if method not in METHODS:
+        raise NeonError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    return ToySampler(method=method, **fields) if kind == "diffusion" else ToySampler(**fields)
 
 
 def _claim(out: str, quick: bool) -> None:

@@ -27,16 +27,19 @@ class ToySampler:
     """Diffusion: DDIM steps."""
     eta: float = 0.0
     """Diffusion: DDIM stochasticity (0 deterministic, 1 DDPM posterior variance)."""
+    method: str = "ddim"
+    """Diffusion: 'ddim' (correct DDIM) or 'notebook' (the appendix notebook's deterministic sampler,
+    `EpsMLP.sample_notebook`; needs steps >= 2 and eta = 0)."""
     tau: float = 1.0
     """AR: temperature multiplying both standard deviations; < 1 mode-seeking."""
 
     def __post_init__(self):
         if self.steps < 1 or self.zeta <= 0 or self.tau <= 0 or self.eta < 0:
             raise NeonError("sampler: need steps >= 1, zeta > 0, tau > 0 and eta >= 0")
-
-    def describe(self, kind: str) -> dict:
-        """The fields that matter for a model kind ('diffusion' or 'ar')."""
-        return {"zeta": self.zeta} if kind == "diffusion" else {"tau": self.tau}
+        if self.method not in ("ddim", "notebook"):
+            raise NeonError(f"sampler.method: expected 'ddim' or 'notebook', got {self.method!r}")
+        if self.method == "notebook" and (self.eta != 0 or self.steps < 2):
+            raise NeonError("sampler: the notebook method is deterministic with steps >= 2; set eta 0")
 
 
 PRESETS = {"diffusion": {"model": "diffusion", "hidden": 32, "depth": 4, "timesteps": 1000},
@@ -68,6 +71,8 @@ class ToyFamily:
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: ToySampler) -> torch.Tensor:
         with torch.inference_mode():
+            if model.arch["model"] == "diffusion" and sampler.method == "notebook":
+                return model.net.sample_notebook(seeds, zeta=sampler.zeta, steps=sampler.steps)
             if model.arch["model"] == "diffusion":
                 return model.net.sample(seeds, zeta=sampler.zeta, steps=sampler.steps, eta=sampler.eta)
             return model.net.sample(seeds, tau=sampler.tau)

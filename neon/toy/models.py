@@ -1,8 +1,9 @@
 """The two toy generators, their samplers and losses.
 
 Mirrors the networks of `SinaAlemohammad/Neon:toy_appendix.ipynb` (architectures and training
-settings of the paper's appendix); the samplers are written here, with a correct stochastic DDIM
-(η as a parameter) next to the deterministic one.
+settings of the paper's appendix); the samplers are written here: a correct DDIM with η as a parameter (η = 0
+deterministic, η = 1 stochastic) and, next to it, the notebook's own deterministic sampler
+(`EpsMLP.sample_notebook`), which produced the appendix's figures.
 
 Diffusion: `EpsMLP` predicts ε from (x1, x2, t/T); cosine schedule (s = 0.008, T = 1000); the DDIM
 sampler scales the predicted score by ζ (ζ > 1 mode-seeking, ζ < 1 diversity-seeking).
@@ -40,7 +41,8 @@ def cosine_alpha_bar(timesteps: int, s: float = 0.008) -> torch.Tensor:
 
 class EpsMLP(nn.Module):
     """ε-prediction network: Linear 3→hidden, `depth` × (Linear hidden→hidden + ReLU), Linear
-    hidden→2. Input x float32 [B, 2] and t int64 [B] in [0, timesteps)."""
+    hidden→2. Input x float32 [B, 2] and t [B] in [0, timesteps) (int64 in training; the notebook
+    sampler also passes fractional times)."""
 
     def __init__(self, hidden: int = 32, depth: int = 4, timesteps: int = 1000):
         super().__init__()
@@ -76,6 +78,24 @@ class EpsMLP(nn.Module):
                 x = x + sigma * rng.normal(seeds, (2,), stream=1 + i, dtype=torch.float64)
             x = x.float()
         return x
+
+    def sample_notebook(self, seeds: torch.Tensor, zeta: float = 1.0, steps: int = 20) -> torch.Tensor:
+        """The sampler of the appendix notebook (`sample_diffusion`), kept for its figures. It differs
+        from DDIM in three ways: it builds a fresh `steps`-step cosine schedule ᾱ'_k (k = 0 … steps−1)
+        while feeding the network the time k/(steps−1) of the T-step schedule it was trained on; ζ
+        scales ε only where x0 is predicted, not in the direction term; and its "η = 1" variance is
+        1 − ᾱ'_k/ᾱ'_{k−1}/ᾱ'_k < 0, clipped to 0, so it is deterministic. The k = 0 step is the identity
+        (ᾱ'_0 = 1). Returns float32 [B, 2]."""
+        if steps < 2:
+            raise ValueError("the notebook sampler needs steps >= 2")
+        a_bar = cosine_alpha_bar(steps)
+        x = rng.normal(seeds, (2,), stream=0, dtype=torch.float64)
+        for k in range(steps - 1, 0, -1):
+            time = torch.full((x.shape[0],), k * self.timesteps / (steps - 1), dtype=torch.float32)
+            eps = self(x.float(), time).double()
+            x0 = (x - zeta * (1 - a_bar[k]).sqrt() * eps) / a_bar[k].sqrt()
+            x = a_bar[k - 1].sqrt() * x0 + (1 - a_bar[k - 1]).sqrt() * eps
+        return x.float()
 
 
 class GaussianAR(nn.Module):

@@ -28,7 +28,7 @@ def test_balanced_labels_counts_and_determinism():
 def test_set_layout_manifest_and_contents(synthetic_set, base_ckpt):
     manifest = json.load(open(os.path.join(synthetic_set, "manifest.json")))
     assert manifest["num"] == 96 and manifest["sample_shape"] == [2] and len(manifest["shards"]) == 4
-    assert manifest["sampler"] == {"zeta": 1.1, "steps": 20, "eta": 0.0, "tau": 1.0}
+    assert manifest["sampler"] == {"zeta": 1.1, "steps": 20, "eta": 0.0, "method": "ddim", "tau": 1.0}
     data = synthetic.read(synthetic_set)
     assert data.samples.shape == (96, 2) and data.samples.dtype == torch.float32
     assert torch.equal(data.seeds, torch.arange(96)) and torch.equal(data.labels, torch.full((96,), -1))
