@@ -35,7 +35,8 @@ FINETUNE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "data": "finetune.da
                   "snapshot_every": "finetune.snapshot_every_images", "precision": "finetune.precision"}
 SWEEP_FLAGS = {"family": "family", "base": "model.ckpt", "self_trained": "sweep.self_trained", "w": "sweep.w",
                "cfg": "sweep.cfg", "num": "sweep.num", "final_num": "sweep.final_num", "out": "sweep.out",
-               "ref": "sweep.ref", "batch_size": "sweep.batch_size", "inception_weights": "fid.inception_weights"}
+               "ref": "sweep.ref", "batch_size": "sweep.batch_size", "inception_weights": "fid.inception_weights",
+               "inception_score": "sweep.inception_score", "pr": "sweep.precision_recall"}
 # fid-stats and fid read only the recipe's `fid` section (they need no family)
 FID_FLAGS = {"inception_weights": "fid.inception_weights", "batch_size": "fid.batch_size"}
 
@@ -165,11 +166,14 @@ def cmd_sweep(args, overrides):
     best = sweep.best_point(records, conf)
     summary = {"best_snapshot": best["snapshot"], "best_w": best["w"], "best_cfg": best["cfg"],
                "best_fid": best["fid"], "results": os.path.join(out, sweep.RESULTS)}
-    finals = {(r["snapshot"], r["w"]): r["fid"] for r in records if r["seeds"][0] == conf.final_seed_base
+    finals = {(r["snapshot"], r["w"]): r for r in records if r["seeds"][0] == conf.final_seed_base
               and r["num"] == conf.final_num and r["cfg"] == best["cfg"]}
     if conf.final_num:
-        summary["final_base_fid"] = finals.get((sweep.BASE, 0.0))
-        summary["final_best_fid"] = finals.get((best["snapshot"], best["w"]))
+        for name, point in (("base", (sweep.BASE, 0.0)), ("best", (best["snapshot"], best["w"]))):
+            final = finals.get(point, {})
+            for metric in ("fid", "is", "is_std", "precision", "recall"):
+                if metric == "fid" or metric in final:
+                    summary[f"final_{name}_{metric}"] = final.get(metric)
     _say(json.dumps(summary))
 
 
@@ -186,11 +190,11 @@ def cmd_fid_stats(args, overrides):
 def cmd_fid(args, overrides):
     conf = _fid_config(args, overrides)
     if args.dry_run:
-        print(json.dumps({"images": args.images, "ref": args.ref, "is": args.inception_score, "pr": args.pr,
+        print(json.dumps({"images": args.images, "ref": args.ref, "is": bool(args.inception_score), "pr": args.pr,
                           "fid": dataclasses.asdict(conf)}))
         return
     _need(images=args.images, ref=args.ref)
-    _say(json.dumps(_drain(fid.evaluate(args.images, args.ref, conf, args.inception_score, args.pr), "fid")))
+    _say(json.dumps(_drain(fid.evaluate(args.images, args.ref, conf, bool(args.inception_score), args.pr), "fid")))
 
 
 def cmd_diagnose(args, overrides):
@@ -285,6 +289,7 @@ def _parser() -> argparse.ArgumentParser:
            out="directory of results.jsonl", ref="reference statistics .npz",
            batch_size=(int, "samples per call and process"))
     p.add_argument("--inception-weights", help="InceptionV3 weights for image families (fid.inception_weights)")
+    _metric_flags(p, "of the final report's two points (sweep.inception_score, sweep.precision_recall)")
     p = verb("fid-stats", cmd_fid_stats, "write reference statistics (mu, sigma of Inception features) of images")
     _flags(p, images="a folder of PNG/JPEG, an .npz of uint8 [N,H,W,3] images or a synthetic set",
            out="output .npz", inception_weights="InceptionV3 weights file (default: checkpoints/ or download)",
@@ -294,10 +299,7 @@ def _parser() -> argparse.ArgumentParser:
            ref="reference statistics .npz (mu, sigma)",
            inception_weights="InceptionV3 weights file (default: checkpoints/ or download)",
            batch_size=(int, "images per Inception forward and process"))
-    p.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception score (10 splits)")
-    p.add_argument("--pr", "--precision-recall", dest="pr", metavar="REAL_SRC",
-                   help="also precision/recall (k=5) against these real images (spell it --precision-recall "
-                        "under torchrun)")
+    _metric_flags(p, "of the images")
     p = verb("diagnose", cmd_diagnose, "will Neon help, and with which sign of w? cos_P of real vs synthetic gradients")
     _flags(p, family="registry name", ckpt="base checkpoint",
            real="real data: toy:N, a synthetic set, or an image folder/.npz", synthetic="synthetic set directory")
@@ -317,6 +319,15 @@ def _flags(parser, **specs):
     for dest, spec in specs.items():
         kind, text, name, nargs = (str, spec, None, None) if isinstance(spec, str) else (tuple(spec) + (None, None))[:4]
         parser.add_argument(name or "--" + dest.replace("_", "-"), dest=dest, type=kind, help=text, nargs=nargs)
+
+
+def _metric_flags(parser, of: str) -> None:
+    """--is and --pr/--precision-recall (None when not given, so a recipe's value stands)."""
+    parser.add_argument("--is", dest="inception_score", action="store_true", default=None,
+                        help=f"also the Inception score (10 splits) {of}")
+    parser.add_argument("--pr", "--precision-recall", dest="pr", metavar="REAL_SRC",
+                        help=f"also precision/recall (k=5) {of} against these real images (spell it "
+                             f"--precision-recall under torchrun)")
 
 
 def _dotted(extra: list[str], parser) -> list[tuple[str, str]]:

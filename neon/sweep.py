@@ -5,7 +5,8 @@ for every grid point, so differences between points are not sampling noise — a
 the Fréchet distance between the family's features and reference statistics. Each evaluation is
 one line of `results.jsonl`; a line already there is not computed again, so an interrupted sweep
 resumes. The final report re-evaluates the best point (and the base) on the disjoint seed range
-[final_seed_base, final_seed_base + final_num).
+[final_seed_base, final_seed_base + final_num), where asked with the Inception score and
+precision/recall as well (image families: those points take all their features from Inception).
 
 Merged weights are built in memory (no files); `neon merge` writes the chosen one to disk.
 """
@@ -21,7 +22,8 @@ import torch
 
 from neon import checkpoint, distributed, finetune, merge, synthetic
 from neon.errors import NeonError
-from neon.metrics import fid, stats
+from neon.metrics import fid, inception, stats
+from neon.metrics import images as image_sources
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,11 @@ class SweepConfig:
     toy's truth)."""
     sampler: dict = dataclasses.field(default_factory=dict)
     """Sampler fields to change for evaluation only (the toy appendix scores ζ = 1, τ = 1 samplers)."""
+    inception_score: bool = False
+    """Also the Inception score (10 splits) of the final report's two points (image families)."""
+    precision_recall: str | None = None
+    """An image source of real images: also precision/recall (k = 5) of the final report's two points
+    against them (image families)."""
 
     def __post_init__(self):
         if self.num < 2 or self.final_num < 0 or self.batch_size <= 0:
@@ -63,6 +70,13 @@ class SweepConfig:
         if self.final_num and not (self.final_seed_base >= self.seed_base + self.num
                                    or self.final_seed_base + self.final_num <= self.seed_base):
             raise NeonError("sweep: the final seed range overlaps the selection seed range")
+        if (self.inception_score or self.precision_recall) and not self.final_num:
+            raise NeonError("sweep.inception_score and sweep.precision_recall score the final report: "
+                            "set sweep.final_num")
+        if self.inception_score and self.final_num < fid.IS_SPLITS:
+            raise NeonError(f"sweep.inception_score needs sweep.final_num >= {fid.IS_SPLITS}")
+        if self.precision_recall and self.final_num <= fid.PR_NEIGHBOURS:
+            raise NeonError(f"sweep.precision_recall needs sweep.final_num > {fid.PR_NEIGHBOURS}")
         grid(self.w)
 
 
@@ -109,12 +123,18 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig):
             continue
         yield _evaluate(family, model, net, base_sd, snapshot, w, c, sampler, conf, selection, reference, out)
     if conf.final_num:
-        best = best_point(load_results(out), conf, paths)
+        records = load_results(out)
+        best = best_point(records, conf, paths)
         final = (conf.final_seed_base, conf.final_num)
-        for snapshot, w in {(BASE, 0.0), (best["snapshot"], best["w"])}:
+        asked = _asked(conf)
+        done = {_key(r) for r in records if asked <= set(r)}  # a final point lacking an asked metric is redone
+        extras = {"with_is": conf.inception_score, "real": None}
+        for snapshot, w in sorted({(BASE, 0.0), (best["snapshot"], best["w"])}):
             if _key({"snapshot": snapshot, "w": w, "cfg": best["cfg"], "seeds": list(final)}) not in done:
+                if conf.precision_recall and extras["real"] is None:
+                    extras["real"] = real_features(conf.precision_recall, conf.batch_size)
                 yield _evaluate(family, model, net, base_sd, snapshot, w, best["cfg"], sampler, conf, final,
-                                reference, out)
+                                reference, out, **extras)
     net.load_state_dict(base_sd)
 
 
@@ -153,19 +173,46 @@ def curve(records: list[dict], conf: SweepConfig, snapshot: str, cfg_value=None)
     return ws, [points[w] for w in ws]
 
 
-def score(family, model, sampler, seeds: tuple[int, int], batch_size: int, reference) -> float:
-    """Collective: FID of `num` samples with seeds [start, start + num) against `reference`."""
+def score(family, model, sampler, seeds: tuple[int, int], batch_size: int, reference,
+          with_is: bool = False, real: torch.Tensor | None = None) -> dict:
+    """Collective: {'fid'} of `num` samples with seeds [start, start + num) against `reference`, the
+    same on every rank. `with_is` adds 'is' and 'is_std'; `real` (pool features [M, 2048]) adds
+    'precision' and 'recall'. With either, the samples must be uint8 images and every feature is
+    Inception's (pool features for FID and precision/recall, logits for IS); otherwise the features
+    are `family.features`."""
     start, num = seeds
     labels = synthetic.balanced_labels(num, model.num_classes, start)
     mine = distributed.shard(synthetic.batches(0, num, batch_size))
-    feats = [(idx.start, family.features(synthetic.draw(family, model, sampler, idx, labels, start)))
-             for idx in mine]
+    inception_only = with_is or real is not None
+    feats = []
+    for idx in mine:
+        samples = synthetic.draw(family, model, sampler, idx, labels, start)
+        feats.append((idx.start, inception.pool_and_logits(samples) if inception_only else (family.features(samples),)))
     gathered = sorted((item for part in distributed.gather_objects(feats) for item in part), key=lambda t: t[0])
-    features = torch.cat([f for _, f in gathered])
-    return fid.frechet_distance(fid.statistics(features), reference)
+    pool = torch.cat([f[0] for _, f in gathered])
+    result = {"fid": fid.frechet_distance(fid.statistics(pool), reference)}
+    if with_is:
+        result["is"], result["is_std"] = fid.inception_score(torch.cat([f[1] for _, f in gathered]))
+    if real is not None:
+        result["precision"], result["recall"] = fid.precision_recall(pool, real)
+    return result
 
 
-def _evaluate(family, model, net, base_sd, snapshot, w, c, sampler, conf, seeds, reference, out) -> dict:
+def real_features(source: str, batch_size: int) -> torch.Tensor:
+    """Collective: Inception pool features float32 [M, 2048] of the images of `source` (any image
+    source of `neon.metrics.images`), the same on every rank."""
+    images = image_sources.source(source)
+    if len(images) <= fid.PR_NEIGHBOURS:
+        raise NeonError(f"{source}: precision/recall needs more than {fid.PR_NEIGHBOURS} real images, got {len(images)}")
+    with distributed.main_first():  # rank 0 downloads the weights first when there is no local file
+        extractor = inception.shared()
+    for step in inception.extract(extractor, images, batch_size):
+        if step.result is not None:
+            return step.result["pool"]
+
+
+def _evaluate(family, model, net, base_sd, snapshot, w, c, sampler, conf, seeds, reference, out,
+              with_is: bool = False, real: torch.Tensor | None = None) -> dict:
     started = time.time()
     if snapshot == BASE:
         net.load_state_dict(base_sd)
@@ -175,15 +222,23 @@ def _evaluate(family, model, net, base_sd, snapshot, w, c, sampler, conf, seeds,
     fields = dict(conf.sampler)
     if c is not None:
         fields["cfg"] = c
-    value = score(family, model, dataclasses.replace(sampler, **fields), seeds, conf.batch_size, reference)
-    record = {"snapshot": snapshot, "w": w, "cfg": c, "num": seeds[1], "seeds": list(seeds), "fid": value,
+    metrics = score(family, model, dataclasses.replace(sampler, **fields), seeds, conf.batch_size, reference,
+                    with_is, real)
+    record = {"snapshot": snapshot, "w": w, "cfg": c, "num": seeds[1], "seeds": list(seeds), **metrics,
               "seconds": round(time.time() - started, 3)}
+    if real is not None:
+        record["real"] = conf.precision_recall
     if distributed.is_main():
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, RESULTS), "a") as f:
             f.write(json.dumps(record) + "\n")
     distributed.barrier()
     return record
+
+
+def _asked(conf: SweepConfig) -> set[str]:
+    """The metric keys a final record must hold."""
+    return ({"is"} if conf.inception_score else set()) | ({"precision"} if conf.precision_recall else set())
 
 
 def _key(record: dict) -> tuple:

@@ -179,5 +179,12 @@ def shared(conf: FidConfig | None = None) -> torch.nn.Module:
 def pool_features(images: torch.Tensor) -> torch.Tensor:
     """Family hook for the sweep: float64 [B,2048] pool features of uint8 [B,3,H,W] `images`, from
     the configured extractor in batches of the configured size. A family's `features` returns this."""
+    return pool_and_logits(images)[0]
+
+
+def pool_and_logits(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool float64 [B,2048], logits float32 [B,1008]) of uint8 [B,3,H,W] `images`, from the
+    configured extractor in batches of the configured size."""
     extractor = shared()
-    return torch.cat([forward(extractor, part)[0] for part in check(images).split(_settings.batch_size)]).double()
+    parts = [forward(extractor, part) for part in check(images).split(_settings.batch_size)]
+    return torch.cat([p[0] for p in parts]).double(), torch.cat([p[1] for p in parts])

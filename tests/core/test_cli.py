@@ -58,6 +58,10 @@ def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys)
     (["finetune", "--family", "toy", "--ckpt", "x.pt", "--images", "0", "--batch-size", "4"],
      "finetune.total_images and finetune.batch_size must be positive"),
     (["sweep", "--family", "toy", "--base", "x.pt", "--self", "r", "--w", "1:0:1"], "bad w grid '1:0:1'"),
+    (["sweep", "--family", "toy", "--base", "x.pt", "--self", "r", "--is"],
+     "sweep.inception_score and sweep.precision_recall score the final report: set sweep.final_num"),
+    (["sweep", "--family", "toy", "--base", "x.pt", "--self", "r", "--final-num", "8", "--is"],
+     "sweep.inception_score needs sweep.final_num >= 10"),
     (["sample", "--family", "toy", "--sampler.zeta", "big"], "sampler.zeta: expected float, got 'big'"),
     (["merge", "--base", "a.pt", "--self", "b.pt", "--w", "nan", "--out", "c.pt"], "w must be finite"),
 ])

@@ -277,7 +277,7 @@ def test_sweep_scores_an_image_family_with_shared_inception_features(weights):
     reference = (np.zeros(2048), np.zeros((2048, 2048)))
     inception.configure(inception.FidConfig(inception_weights=weights, batch_size=1))
     try:
-        value = sweep.score(stub, model, {}, (40, 2), 1, reference)  # seeds 40 and 41, one per batch
+        value = sweep.score(stub, model, {}, (40, 2), 1, reference)["fid"]  # seeds 40 and 41, one per batch
     finally:
         inception.configure(inception.FidConfig())
     extractor = inception.shared(inception.FidConfig(inception_weights=weights))

@@ -4,10 +4,11 @@ of their synthetic sets."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from neon import checkpoint, cli
+from neon import checkpoint, cli, synthetic
 from neon import family as registry
 from tests.dist.test_world_size import TORCHRUN, _shards, _torchrun
 
@@ -69,3 +70,41 @@ def test_two_processes_write_the_same_synthetic_set(name, tmp_path):
     cli.main(args + ["--out", str(tmp_path / "one")])
     _torchrun(*args, "--out", tmp_path / "two")
     assert _shards(tmp_path / "one") == _shards(tmp_path / "two") and len(_shards(tmp_path / "one")) == 4
+
+
+def test_sweep_final_report_with_is_and_precision_recall_matches_neon_fid(tmp_path, capsys, inception_file):
+    """The sweep's final points carry IS and precision/recall when asked, and the base's numbers are
+    those `neon fid` gives for the same images (the base sampled on the final seed range)."""
+    base, _ = _tiny_files("edm", tmp_path)
+    common = ["--family", "edm", *SAMPLERS["edm"]]
+    fid_flags = ["--inception-weights", inception_file, "--batch-size", "12"]
+    S, run, real, ref = (str(tmp_path / name) for name in ("S", "run", "real.npz", "ref.npz"))
+    S_final = str(tmp_path / "S_final")  # what the sweep's final report draws from the base
+    cli.main(["sample", *common, "--ckpt", base, "--out", S_final, "--num", "12", "--batch-size", "12",
+              "--shard-size", "12", "--synthetic.seed_base", "2000000"])
+    # the "real" images: half of those samples, half noise
+    drawn = synthetic.read(S_final).samples[:6]
+    np.savez(real, arr_0=torch.cat([drawn, torch.randint(0, 256, drawn.shape, dtype=torch.uint8)]).permute(0, 2, 3, 1).numpy())
+    cli.main(["sample", *common, "--ckpt", base, "--out", S, "--num", "8", "--batch-size", "8", "--shard-size", "8"])
+    cli.main(["finetune", "--family", "edm", "--ckpt", base, "--data", S, "--out", run, "--images", "8",
+              "--batch-size", "8", "--lr", "1e-3"])
+    cli.main(["fid-stats", "--images", real, "--out", ref, *fid_flags])
+    sweep_dir = str(tmp_path / "sweep")
+    sweep = ["sweep", *common, "--base", base, "--self", run, "--w", "1", "--num", "4", "--final-num", "12",
+             "--ref", ref, "--out", sweep_dir, *fid_flags]
+    cli.main(sweep)  # selection and final report without the extra metrics
+    capsys.readouterr()
+    cli.main([*sweep, "--is", "--precision-recall", real])  # the final points are redone with them
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = [json.loads(line) for line in open(os.path.join(sweep_dir, "results.jsonl"))]
+    finals = {(r["snapshot"], r["w"]): r for r in records if r["num"] == 12}  # the newest record of each point
+    assert len(records) == 2 + 2 * len(finals)
+    assert all({"is", "is_std", "precision", "recall"} <= set(r) and r["real"] == real for r in finals.values())
+    base_final = finals[("base", 0.0)]
+    for metric in ("fid", "is", "is_std", "precision", "recall"):
+        assert summary[f"final_base_{metric}"] == base_final[metric]
+    capsys.readouterr()
+    cli.main(["fid", "--images", S_final, "--ref", ref, "--is", "--precision-recall", real, *fid_flags])
+    direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for metric in ("fid", "is", "is_std", "precision", "recall"):
+        assert base_final[metric] == pytest.approx(direct[metric], rel=1e-6, abs=1e-9), metric
