@@ -133,7 +133,8 @@ class EDMFamily:
     @staticmethod
     def _one_hot(labels: torch.Tensor, label_dim: int, device) -> torch.Tensor:
         if (labels < 0).any() or (labels >= label_dim).any():
-            raise NeonError(f"class labels must be in [0, {label_dim}) for this conditional model")
+            raise NeonError(f"class labels must be in [0, {label_dim}) for this conditional model "
+                            f"(unlabelled images carry -1)")
         return torch.eye(label_dim, device=device)[labels.to(device)]
 
     @staticmethod

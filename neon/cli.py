@@ -219,7 +219,8 @@ def cmd_diagnose(args, overrides):
 
 def _real_data(fam, spec: str, seed: int):
     """Real samples and labels: `<family>:N` (families that can draw their true distribution, the
-    toy), a synthetic-set directory, or an image source of `neon fid` (labels unknown: −1)."""
+    toy), a synthetic-set directory, or an image source of `neon fid` (its labels where an `.npz`
+    has them; otherwise unknown: −1)."""
     if spec.startswith(fam.name + ":"):
         if not hasattr(fam, "real"):
             raise NeonError(f"family {fam.name!r} cannot draw real data; pass images with --real")
@@ -234,7 +235,8 @@ def _real_data(fam, spec: str, seed: int):
 
     src = images.source(spec)
     samples = src.read(range(len(src)))
-    return samples, torch.full((len(samples),), -1, dtype=torch.int64)
+    found = images.labels(spec, len(samples))
+    return samples, found if found is not None else torch.full((len(samples),), -1, dtype=torch.int64)
 
 
 def cmd_demo(args, overrides):
@@ -302,7 +304,8 @@ def _parser() -> argparse.ArgumentParser:
     _metric_flags(p, "of the images")
     p = verb("diagnose", cmd_diagnose, "will Neon help, and with which sign of w? cos_P of real vs synthetic gradients")
     _flags(p, family="registry name", ckpt="base checkpoint",
-           real="real data: toy:N, a synthetic set, or an image folder/.npz", synthetic="synthetic set directory")
+           real="real data: toy:N, a synthetic set, or an image folder/.npz (class-conditional models need "
+                "labels: an .npz with a `labels` array)", synthetic="synthetic set directory")
     p.add_argument("--batches", type=int, default=16, help="batches per side (bootstrap units)")
     p.add_argument("--repeats", type=int, default=1, help="loss draws per batch (16 for the toy diffusion model)")
     p.add_argument("--preconditioner", choices=("pooled", "real", "synthetic"), default="pooled",

@@ -11,6 +11,9 @@ is never held whole by any process:
   memory-mapped, compressed ones (np.savez_compressed) are read whole.
 * a synthetic set (a directory with `manifest.json`, DESIGN.md "Synthetic set"): the `samples`
   of its shards in order. It must be complete and hold images, not the toy's points.
+
+`labels` gives the class labels of an `.npz` that has them (`neon diagnose` needs them for
+class-conditional models).
 """
 
 import json
@@ -26,6 +29,7 @@ from neon.errors import NeonError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 NPZ_KEYS = ("samples", "arr_0")  # in order of preference
+LABELS_KEY = "labels"  # as our synthetic shards name them
 MANIFEST = "manifest.json"  # as neon.synthetic writes it
 
 # PIL modes that convert to 8-bit RGB without losing information, as torch-fidelity's
@@ -80,6 +84,22 @@ def source(path: str) -> Images:
     if not os.path.exists(path):
         raise NeonError(f"no such image source: {path}")
     raise NeonError(f"{path}: images must be a folder of PNG/JPEG files, an .npz of uint8 images or a synthetic set")
+
+
+def labels(path: str, num: int) -> torch.Tensor | None:
+    """int64 [num]: the `labels` array of an `.npz` source with `num` images (1-D, integer, ≥ 0),
+    as `np.savez(path, arr_0=images, labels=classes)` writes it; None for sources without labels."""
+    path = os.fspath(path)
+    if not (os.path.isfile(path) and path.lower().endswith(".npz")):
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        if LABELS_KEY not in data.files:
+            return None
+        found = data[LABELS_KEY]
+    if found.ndim != 1 or len(found) != num or not np.issubdtype(found.dtype, np.integer) or (found < 0).any():
+        raise NeonError(f"{path}[{LABELS_KEY!r}] must be {num} class labels (integers >= 0), "
+                        f"got {found.dtype} of shape {list(found.shape)}")
+    return torch.from_numpy(found.astype(np.int64))
 
 
 def _folder(path: str) -> Images:
