@@ -9,6 +9,12 @@ runs each merge in a fresh process and reads its peak RSS (`ru_maxrss`):
 
 Ratios are against the checkpoint size and against the naive merge measured in the same run.
 
+Then the same for two `.pt` files (`{'ema': state_dict}`), where `merge_files` loads the base and
+memory-maps the self-trained file. Its pages count in RSS but are file-backed (the kernel drops
+them under pressure), so this part polls /proc/self/status and reports the peaks of anonymous
+(RssAnon) and file-backed (RssFile) memory above an idle process, against a naive merge that
+`torch.load`s both files.
+
     python benchmarks/merge_memory.py                          # 8 × 32Mi float32: two 1 GiB files
     python benchmarks/merge_memory.py --tensors 4 --numel 8388608
 """
@@ -40,6 +46,39 @@ STREAMED = """
 from neon.merge import merge_files
 merge_files(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4])
 """
+
+
+POLLED = """
+import threading, time
+peaks = {{"RssAnon": 0, "RssFile": 0}}
+def poll():
+    while True:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in peaks:
+                    peaks[key] = max(peaks[key], int(line.split()[1]) * 1024)
+        time.sleep(0.002)
+threading.Thread(target=poll, daemon=True).start()
+{body}
+time.sleep(0.05)
+print(peaks["RssAnon"], peaks["RssFile"])
+"""
+NAIVE_PT = """
+import torch
+from neon import checkpoint, merge
+base, self_sd = checkpoint.read(sys.argv[1]), checkpoint.read(sys.argv[2])
+checkpoint.write({"ema": merge.extrapolate(base.weights, self_sd.weights, float(sys.argv[3]))}, sys.argv[4])
+"""
+
+
+def peak_anon_file(body: str, *args) -> tuple[int, int]:
+    """(peak anonymous, peak file-backed resident bytes) of `body` in a fresh Python process."""
+    script = "import sys\n" + POLLED.format(body=body)
+    result = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO,
+                            env=os.environ | {"PYTHONPATH": REPO}, capture_output=True, text=True, check=True)
+    anon, file = result.stdout.split()[-2:]
+    return int(anon), int(file)
 
 
 def peak_rss(body: str, *args) -> tuple[int, float]:
@@ -90,6 +129,23 @@ def main():
           f"above idle: {(streamed - idle) / tensor_bytes:.1f} tensors streamed vs "
           f"{(naive - idle) / tensor_bytes:.1f} naive")
     print(f"outputs equal, tensor by tensor: {same}")
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        base, self_path = os.path.join(tmp, "base.pt"), os.path.join(tmp, "self.pt")
+        for path, seed in ((base, 0), (self_path, 1)):
+            g = torch.Generator().manual_seed(seed)
+            checkpoint.write({"ema": {f"block{i}.weight": torch.randn(args.numel, generator=g)
+                                      for i in range(args.tensors)}}, path)
+        size = os.path.getsize(base)
+        idle_anon, idle_file = peak_anon_file(IDLE)
+        naive_anon, naive_file = peak_anon_file(NAIVE_PT, base, self_path, 0.5, os.path.join(tmp, "naive.pt"))
+        ours_anon, ours_file = peak_anon_file(STREAMED, base, self_path, 0.5, os.path.join(tmp, "neon.pt"))
+        same = all(torch.equal(a, b) for a, b in zip(checkpoint.read(os.path.join(tmp, "naive.pt")).weights.values(),
+                                                      checkpoint.read(os.path.join(tmp, "neon.pt")).weights.values()))
+    print(f".pt: {size / gib:.2f} GiB per file; peaks above an idle process, in checkpoints")
+    print(f"naive        anonymous {(naive_anon - idle_anon) / size:5.2f}x  file-backed {(naive_file - idle_file) / size:5.2f}x")
+    print(f"merge_files  anonymous {(ours_anon - idle_anon) / size:5.2f}x  file-backed {(ours_file - idle_file) / size:5.2f}x")
+    print(f"merge_files / naive anonymous: {(ours_anon - idle_anon) / (naive_anon - idle_anon):.2f}x; outputs equal: {same}")
 
 
 if __name__ == "__main__":
