@@ -45,7 +45,7 @@ def _run(args) -> None:
     if args.img_size is not None and args.img_size != model.image_size:
         raise NeonError(f"--img_size {args.img_size}, but {args.var_ckpt} makes {model.image_size} px images")
     sampler = family.Sampler(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-    value = sweep.score(family, model, sampler, (args.seed, args.num_images), args.batch_size, reference)
+    value = sweep.score(family, model, sampler, (args.seed, args.num_images), args.batch_size, reference)["fid"]
     if distributed.is_main():
         print(json.dumps({"var_ckpt": args.var_ckpt, "cfg": args.cfg, "num_images": args.num_images,
                           "seeds": [args.seed, args.num_images], "fid": value}))

@@ -50,7 +50,7 @@ def _run(args) -> None:
     inception.configure(inception.FidConfig(inception_weights=args.inception_weights))
     model = family.load(args.network, args.arch, distributed.device())
     value = sweep.score(family, model, family.Sampler(num_steps=args.num_steps), seeds, args.max_batch_size,
-                        reference)
+                        reference)["fid"]
     if distributed.is_main():
         print(json.dumps({"network": args.network, "ref": args.ref, "seeds": list(seeds), "num_steps": args.num_steps,
                           "fid": value}))
