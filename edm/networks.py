@@ -482,7 +482,32 @@ def _inputs(net, x, sigma, class_labels, force_fp32):
     return x, sigma, class_labels, torch.float16 if use_fp16 else torch.float32
 
 
-class VPPrecond(nn.Module):
+class _Precond(nn.Module):
+    """What the three preconditioners share: the U-Net under `model` (the state-dict prefix upstream
+    uses) and D(x; σ) = c_skip·x + c_out·F(c_in·x; c_noise), with the coefficients of each subclass's
+    `coefficients(sigma)` (sigma float32 [N or 1, 1, 1, 1])."""
+
+    def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.model = _UNETS[model_type](img_resolution=img_resolution, in_channels=img_channels,
+                                        out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        x, sigma, class_labels, dtype = _inputs(self, x, sigma, class_labels, force_fp32)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        assert F_x.dtype == dtype
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+
+class VPPrecond(_Precond):
     """Variance-preserving preconditioning (Song et al. 2021; EDM Table 1, "VP" column):
     c_skip = 1, c_out = -σ, c_in = 1/√(σ²+1), c_noise = (M-1)·t(σ) with the VP schedule
     σ(t) = √(exp(β_d t²/2 + β_min t) - 1).
@@ -503,11 +528,7 @@ class VPPrecond(nn.Module):
         model_type      = 'SongUNet',   # 'SongUNet' or 'DhariwalUNet'.
         **model_kwargs,                 # Passed on to the U-Net.
     ):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
         self.beta_d = beta_d
         self.beta_min = beta_min
         self.M = M
@@ -515,18 +536,9 @@ class VPPrecond(nn.Module):
         # Computed in float32 as upstream does; the sampler clamps its σ range to these values.
         self.sigma_min = float(self.sigma(epsilon_t))
         self.sigma_max = float(self.sigma(1))
-        self.model = _UNETS[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                                        out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = _inputs(self, x, sigma, class_labels, force_fp32)
-        c_skip = 1
-        c_out = -sigma
-        c_in = 1 / (sigma ** 2 + 1).sqrt()
-        c_noise = (self.M - 1) * self.sigma_inv(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
-        return c_skip * x + c_out * F_x.to(torch.float32)
+    def coefficients(self, sigma):
+        return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
 
     def sigma(self, t):
         """σ(t) of the VP schedule (a float32 tensor for Python-number input)."""
@@ -538,11 +550,8 @@ class VPPrecond(nn.Module):
         sigma = torch.as_tensor(sigma)
         return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
 
-
-class VEPrecond(nn.Module):
+class VEPrecond(_Precond):
     """Variance-exploding preconditioning (Song et al. 2021; EDM Table 1, "VE" column):
     c_skip = 1, c_out = σ, c_in = 1, c_noise = log(σ/2). Same call contract as `VPPrecond`."""
 
@@ -556,31 +565,15 @@ class VEPrecond(nn.Module):
         model_type      = 'SongUNet',   # 'SongUNet' or 'DhariwalUNet'.
         **model_kwargs,                 # Passed on to the U-Net.
     ):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
-        self.model = _UNETS[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                                        out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = _inputs(self, x, sigma, class_labels, force_fp32)
-        c_skip = 1
-        c_out = sigma
-        c_in = 1
-        c_noise = (0.5 * sigma).log()
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
-        return c_skip * x + c_out * F_x.to(torch.float32)
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
+    def coefficients(self, sigma):
+        return 1, sigma, 1, (0.5 * sigma).log()
 
 
-class EDMPrecond(nn.Module):
+class EDMPrecond(_Precond):
     """EDM preconditioning (Karras et al. 2022, Table 1 and Eq. 7): with σ_d = sigma_data,
     c_skip = σ_d²/(σ²+σ_d²), c_out = σ·σ_d/√(σ²+σ_d²), c_in = 1/√(σ²+σ_d²), c_noise = ln(σ)/4.
 
@@ -600,27 +593,14 @@ class EDMPrecond(nn.Module):
         model_type      = 'DhariwalUNet',   # 'SongUNet' or 'DhariwalUNet'.
         **model_kwargs,                     # Passed on to the U-Net.
     ):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
-        self.model = _UNETS[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                                        out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = _inputs(self, x, sigma, class_labels, force_fp32)
+    def coefficients(self, sigma):
         sd = self.sigma_data
         c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
         c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
-        c_noise = sigma.log() / 4
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        assert F_x.dtype == dtype
-        return c_skip * x + c_out * F_x.to(torch.float32)
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
+        return c_skip, c_out, c_in, sigma.log() / 4
