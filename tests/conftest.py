@@ -9,6 +9,7 @@ import torch
 
 from neon import checkpoint, synthetic
 from neon.metrics import inception
+from neon.toy import appendix
 from neon.toy.family import ToySampler, family
 from tests.golden.fill import fill_
 
@@ -27,10 +28,8 @@ def _deterministic():
 def one_thread():
     """Run a test on one intra-op thread: the tiny networks are faster so, and on a loaded 2-core
     machine two threads of a process can wait on each other for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with appendix.one_thread():
+        yield
 
 
 @pytest.fixture

@@ -33,14 +33,9 @@ def _cases(kind):
     return [pytest.param(case, id=case['name']) for case in CASES if case['kind'] == kind]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # The nets are tiny: one thread is as fast on an idle machine and many times faster when the two
-    # cores are shared with other jobs. Only the ADM cases depend on the thread count (by < 4e-6).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The nets are tiny: one thread is as fast on an idle machine and many times faster when the two
+# cores are shared with other jobs. Only the ADM cases depend on the thread count (by < 4e-6).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _golden(case):

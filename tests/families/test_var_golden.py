@@ -27,14 +27,9 @@ CASES = json.load(open(os.path.join(GOLDEN, 'cases.json')))['cases']
 README_TOLERANCE = {'fhat_*': 'atol 1e-5'}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # The tiny models' ops are too small to gain from intra-op threads; on a busy 2-core machine a second
-    # thread makes them several times slower. The goldens hold for 1 and 2 threads (README §3).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tiny models' ops are too small to gain from intra-op threads; on a busy 2-core machine a second
+# thread makes them several times slower. The goldens hold for 1 and 2 threads (README §3).
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def cases(kind):
