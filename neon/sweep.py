@@ -128,13 +128,13 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig):
         final = (conf.final_seed_base, conf.final_num)
         asked = _asked(conf)
         done = {_key(r) for r in records if asked <= set(r)}  # a final point lacking an asked metric is redone
-        extras = {"with_is": conf.inception_score, "real": None}
+        real = None  # read once, and only when a final point needs it
         for snapshot, w in sorted({(BASE, 0.0), (best["snapshot"], best["w"])}):
             if _key({"snapshot": snapshot, "w": w, "cfg": best["cfg"], "seeds": list(final)}) not in done:
-                if conf.precision_recall and extras["real"] is None:
-                    extras["real"] = real_features(conf.precision_recall, conf.batch_size)
+                if conf.precision_recall and real is None:
+                    real = real_features(conf.precision_recall, conf.batch_size)
                 yield _evaluate(family, model, net, base_sd, snapshot, w, best["cfg"], sampler, conf, final,
-                                reference, out, **extras)
+                                reference, out, conf.inception_score, real)
     net.load_state_dict(base_sd)
 
 

@@ -24,7 +24,7 @@ import torch
 from neon import checkpoint, diagnose, finetune, log, sweep, synthetic
 from neon.errors import NeonError
 from neon.toy import models
-from neon.toy.family import ToySampler, family
+from neon.toy.family import METHODS, ToySampler, family
 from neon.toy.train import STEPS, train_base
 
 SETTINGS = [
@@ -34,7 +34,6 @@ SETTINGS = [
     {"model": "ar", "sampler": {"tau": 1.6}, "mode": "diversity-seeking"},
 ]
 NEUTRAL = {"diffusion": {"zeta": 1.0}, "ar": {"tau": 1.0}}
-METHODS = ("notebook", "ddim")
 FT_LR = {"diffusion": 1e-5, "ar": 1e-4}
 NUM_SYNTHETIC = 1000
 # Quick runs: a shorter diffusion base (2k steps at lr 1e-3 lands on a similarly underdispersed

@@ -17,6 +17,9 @@ from neon.family import Model, arch_kwargs
 from neon.toy import models
 
 
+METHODS = ("ddim", "notebook")  # the diffusion samplers: a correct DDIM, the appendix notebook's
+
+
 @dataclasses.dataclass(frozen=True)
 class ToySampler:
     """Sampler settings of both toy models (each reads its own fields)."""
@@ -36,8 +39,8 @@ class ToySampler:
     def __post_init__(self):
         if self.steps < 1 or self.zeta <= 0 or self.tau <= 0 or self.eta < 0:
             raise NeonError("sampler: need steps >= 1, zeta > 0, tau > 0 and eta >= 0")
-        if self.method not in ("ddim", "notebook"):
-            raise NeonError(f"sampler.method: expected 'ddim' or 'notebook', got {self.method!r}")
+        if self.method not in METHODS:
+            raise NeonError(f"sampler.method: expected {' or '.join(map(repr, METHODS))}, got {self.method!r}")
         if self.method == "notebook" and (self.eta != 0 or self.steps < 2):
             raise NeonError("sampler: the notebook method is deterministic with steps >= 2; set eta 0")
 
