@@ -83,8 +83,9 @@ class EpsMLP(nn.Module):
         """The sampler of the appendix notebook (`sample_diffusion`), kept for its figures. It differs
         from DDIM in three ways: it builds a fresh `steps`-step cosine schedule ᾱ'_k (k = 0 … steps−1)
         while feeding the network the time k/(steps−1) of the T-step schedule it was trained on; ζ
-        scales ε only where x0 is predicted, not in the direction term; and its "η = 1" variance is
-        1 − ᾱ'_k/ᾱ'_{k−1}/ᾱ'_k < 0, clipped to 0, so it is deterministic. The k = 0 step is the identity
+        scales ε only where x0 is predicted, not in the direction term; and its "η = 1" variance has
+        the factor 1 − α'_k/ᾱ'_k = 1 − 1/ᾱ'_{k−1} < 0 (α'_k = ᾱ'_k/ᾱ'_{k−1}), clipped to 0, so it is
+        deterministic. The k = 0 step is the identity
         (ᾱ'_0 = 1). Returns float32 [B, 2]."""
         if steps < 2:
             raise ValueError("the notebook sampler needs steps >= 2")
