@@ -1,10 +1,10 @@
 """EDM training losses and EDM's non-leaking geometric augmentation.
 
 `EDMLoss` (Karras et al. 2022, Eq. 2 with the Table 1 choices: ln σ ~ N(P_mean, P_std²), weight
-λ(σ) = (σ² + σ_d²)/(σ·σ_d)²) and `VPLoss` mirror `NVlabs/edm:training/loss.py`; `AugmentPipe` mirrors
-`NVlabs/edm:training/augment.py` (both @ 008a4e5, code licensed CC BY-NC-SA 4.0 by NVIDIA). Written
-anew with upstream's class names, arguments, formulas and order of random draws, so a loss call after
-`torch.manual_seed(s)` reproduces upstream's numbers for the same s.
+λ(σ) = (σ² + σ_d²)/(σ·σ_d)²) and `VPLoss` are compatible with `NVlabs/edm:training/loss.py`,
+`AugmentPipe` with `NVlabs/edm:training/augment.py` (both @ 008a4e5, code licensed CC BY-NC-SA 4.0
+by NVIDIA): same class names, arguments, formulas and order of random draws, so a loss call after
+`torch.manual_seed(s)` reproduces upstream's numbers for the same s. The code is written here.
 
 Additions: every random draw can come from an explicit `generator`, and the losses accept `sigma`,
 `noise` and `augment_labels` to run without drawing at all. The augmentation pipe implements the
@@ -14,7 +14,8 @@ heritage are not ported and raise if enabled.
 """
 
 
-import numpy as np
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -86,51 +87,177 @@ class VPLoss:
         return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
 
 
-# Low-pass filter of the Symlet-6 wavelet, used to upsample 2x before the geometric warp and to
-# downsample afterwards (values as in PyWavelets / upstream).
-_SYM6 = np.asarray([
+# Low-pass decomposition filter of the Symlet-6 wavelet (PyWavelets' 'sym6'): the anti-aliasing filter
+# of the 2x up- and down-sampling around the geometric warp.
+_SYM6 = (
     0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
     0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
     -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148,
-], dtype=np.float32)
+)
+_MARGIN = len(_SYM6) // 4  # extra border (in pixels) the filters need on each side
 
 
-def _matrix(*rows, device=None):
-    """A float32 matrix [R, C] from rows of numbers, or a batch [..., R, C] when some entries are
-    tensors (numbers are broadcast to the tensors' shape)."""
-    entries = [e for row in rows for e in row]
-    ref = next((e for e in entries if isinstance(e, torch.Tensor)), None)
-    if ref is None:
-        return torch.as_tensor(np.asarray(rows), dtype=torch.float32, device=device)
-    entries = [e if isinstance(e, torch.Tensor) else torch.full(ref.shape, e, dtype=torch.float32, device=ref.device)
-               for e in entries]
-    return torch.stack(entries, dim=-1).reshape(ref.shape + (len(rows), -1))
+class _Draws:
+    """`torch.rand` / `randn` / `randint` of the given shapes on one device, from one generator
+    (None = torch's global generator), float32 / int64."""
+
+    def __init__(self, device, generator):
+        self.device = device
+        self.generator = generator
+
+    def rand(self, *shape):
+        return torch.rand(shape, device=self.device, generator=self.generator)
+
+    def randn(self, *shape):
+        return torch.randn(shape, device=self.device, generator=self.generator)
+
+    def randint(self, high, *shape):
+        return torch.randint(high, shape, device=self.device, generator=self.generator)
+
+    def gate(self, values, prob, shape=None):
+        """values where a fresh uniform draw (of `shape`, default values.shape) is below prob, else 0."""
+        chosen = self.rand(*(values.shape if shape is None else shape)) < prob
+        return torch.where(chosen, values, torch.zeros_like(values))
 
 
-def _translate(tx, ty, **kwargs):
-    return _matrix([1, 0, tx], [0, 1, ty], [0, 0, 1], **kwargs)
+# Affine maps of the plane as 3x3 matrices acting on column vectors (x, y, 1).
+
+def _affine(a, b, tx, c, d, ty):
+    """[N, 3, 3] float32 matrices [[a, b, tx], [c, d, ty], [0, 0, 1]] from [N] tensors and numbers."""
+    ref = next(v for v in (a, b, tx, c, d, ty) if isinstance(v, torch.Tensor))
+    m = torch.zeros([ref.shape[0], 3, 3], device=ref.device)
+    m[:, 0, 0], m[:, 0, 1], m[:, 0, 2] = a, b, tx
+    m[:, 1, 0], m[:, 1, 1], m[:, 1, 2] = c, d, ty
+    m[:, 2, 2] = 1
+    return m
 
 
-def _scale(sx, sy, **kwargs):
-    return _matrix([sx, 0, 0], [0, sy, 0], [0, 0, 1], **kwargs)
+def _fixed_scaling(sx, sy, device):
+    """One [3, 3] float32 scaling matrix from Python numbers (each rounded to float32 once)."""
+    return torch.tensor([[sx, 0.0, 0.0], [0.0, sy, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float32, device=device)
 
 
-def _rotate(theta, **kwargs):
-    return _matrix([torch.cos(theta), torch.sin(-theta), 0], [torch.sin(theta), torch.cos(theta), 0], [0, 0, 1],
-                   **kwargs)
+def _fixed_shift(tx, ty, device):
+    """One [3, 3] float32 translation matrix from Python numbers."""
+    return torch.tensor([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]], dtype=torch.float32, device=device)
 
 
-# The inverse maps, spelled as upstream computes them (1/(1/s) is not always s in float32).
-def _translate_inv(tx, ty, **kwargs):
-    return _translate(-tx, -ty, **kwargs)
+def _rotation(theta):
+    """Counter-clockwise rotation by theta [N] (radians)."""
+    return _affine(theta.cos(), (-theta).sin(), 0, theta.sin(), theta.cos(), 0)
 
 
-def _scale_inv(sx, sy, **kwargs):
-    return _scale(1 / sx, 1 / sy, **kwargs)
+def _scaling(sx, sy):
+    return _affine(sx, 0, 0, 0, sy, 0)
 
 
-def _rotate_inv(theta, **kwargs):
-    return _rotate(-theta, **kwargs)
+def _shift(tx, ty):
+    return _affine(1, 0, tx, 0, 1, ty)
+
+
+# The random geometric transformations. Each draws its parameters (in the order the golden cases
+# replay), and returns the factors of its inverse map, output -> input pixel coordinates (centred
+# on the image), and its augment-label columns [N]. A parameter is zeroed (the identity) unless a
+# second uniform draw is below `prob`.
+
+def _isotropic_scaling(draw, n, prob, log2_std):
+    w = draw.gate(draw.randn(n), prob)
+    s = torch.exp2(w * log2_std)
+    return [_scaling(1 / s, 1 / s)], [w]
+
+
+def _fractional_rotation(draw, n, prob, max_turns):
+    angle = draw.gate((draw.rand(n) * 2 - 1) * (math.pi * max_turns), prob)
+    return [_rotation(angle)], [angle.cos() - 1, angle.sin()]
+
+
+def _anisotropic_scaling(draw, n, prob, log2_std, rotate_prob):
+    """Scale x by 1/s and y by s, s = 2^(w·log2_std), in a frame rotated by angle (with rotate_prob)."""
+    w = draw.randn(n)
+    angle = (draw.rand(n) * 2 - 1) * math.pi
+    w = draw.gate(w, prob)
+    angle = draw.gate(angle, rotate_prob)
+    inv = 1 / torch.exp2(w * log2_std)
+    # 1 / inv rather than s: the same float32 rounding as inverting the scaling matrix entrywise.
+    factors = [_rotation(-angle), _scaling(inv, 1 / inv), _rotation(angle)]
+    return factors, [w * angle.cos(), w * angle.sin()]
+
+
+def _fractional_translation(draw, n, prob, std, height, width):
+    w = draw.gate(draw.randn(2, n), prob, shape=(1, n))
+    return [_shift(-(w[0] * (width * std)), -(w[1] * (height * std)))], [w[0], w[1]]
+
+
+def _padding(G_inv, height, width):
+    """Reflect padding [left, right, top, bottom] (ints) that covers where the output corners land in
+    the input under G_inv [N, 3, 3], plus the filter margin; at most the image size minus one."""
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], device=G_inv.device)
+    xy = (G_inv @ corners.T)[:, :2]  # [N, (x, y), corner]
+    reach = torch.cat([(-xy).amax(dim=(0, 2)), xy.amax(dim=(0, 2))])  # -x_min, -y_min, x_max, y_max
+    extra = torch.tensor([2 * _MARGIN - cx, 2 * _MARGIN - cy] * 2, device=G_inv.device)
+    most = torch.tensor([width - 1, height - 1] * 2, dtype=torch.float32, device=G_inv.device)
+    x0, y0, x1, y1 = (reach + extra).clamp(min=torch.zeros_like(most), max=most).ceil().tolist()
+    return [int(x0), int(x1), int(y0), int(y1)]
+
+
+def _fir(images, taps, axis, stride=1, padding=0):
+    """Depthwise 1-D convolution of images [N, C, H, W] along `axis` (2 or 3) with taps [K]."""
+    if axis == 2:
+        kernel, stride, padding = taps.reshape(1, -1, 1), [stride, 1], [padding, 0]
+    else:
+        kernel, stride, padding = taps.reshape(1, 1, -1), [1, stride], [0, padding]
+    C = images.shape[1]
+    kernel = kernel.to(images.dtype).tile([C, 1, 1, 1])
+    return F.conv2d(images, kernel, stride=stride, padding=padding, groups=C)
+
+
+def _upsample2x(images, taps):
+    """[N, C, H, W] -> [N, C, 2H, 2W]: zeros between the pixels, then the flipped taps along W, then H."""
+    for axis in (3, 2):
+        shape = list(images.shape)
+        shape[axis] = 2 * shape[axis] - 1
+        stuffed = images.new_zeros(shape)
+        stuffed[(slice(None),) * axis + (slice(None, None, 2),)] = images
+        images = _fir(stuffed, taps.flip(0), axis, padding=(len(taps) + 1) // 2)
+    return images
+
+
+def _downsample2x(images, taps):
+    """[N, C, 2H + 4m, 2W + 4m] -> [N, C, H, W] (m = _MARGIN): filter and subsample along W, then H,
+    cropping the filter margin."""
+    m = _MARGIN
+    images = _fir(images, taps, 3, stride=2, padding=(len(taps) - 1) // 2)[:, :, :, m:-m]
+    return _fir(images, taps, 2, stride=2, padding=(len(taps) - 1) // 2)[:, :, m:-m, :]
+
+
+def _warp(images, G_inv):
+    """Resample images [N, C, H, W] float32 at G_inv [N, 3, 3] · (output pixel position), in pixel
+    units from the image centre, without aliasing: reflect-pad, upsample 2x, bilinear `grid_sample`
+    into a 2x grid with a filter margin, downsample 2x. Returns [N, C, H, W]."""
+    N, C, H, W = images.shape
+    device = images.device
+    taps = torch.tensor(_SYM6, dtype=torch.float32, device=device)
+    pad = _padding(G_inv, H, W)
+    images = _upsample2x(F.pad(images, pad, mode='reflect'), taps)
+    out_shape = [N, C, 2 * (H + 2 * _MARGIN), 2 * (W + 2 * _MARGIN)]
+
+    # Re-express G_inv for the grid: centred on the padded image, in pixels of the 2x upsampled image
+    # (whose pixel centres sit half a pixel off), then in grid_sample's [-1, 1] coordinates of the
+    # input (on the left) and of the output grid (on the right).
+    G = _fixed_shift((pad[0] - pad[1]) / 2, (pad[2] - pad[3]) / 2, device) @ G_inv
+    up_h, up_w = images.shape[2:]
+    out_h, out_w = out_shape[2:]
+    for left, right in [
+        (_fixed_scaling(2, 2, device), _fixed_scaling(1 / 2, 1 / 2, device)),
+        (_fixed_shift(-0.5, -0.5, device), _fixed_shift(0.5, 0.5, device)),
+        # The right factor inverts the scaling (2/out_w, 2/out_h) entrywise, in double precision.
+        (_fixed_scaling(2 / up_w, 2 / up_h, device), _fixed_scaling(1 / (2 / out_w), 1 / (2 / out_h), device)),
+    ]:
+        G = left @ G @ right
+    grid = F.affine_grid(G[:, :2, :], out_shape, align_corners=False)
+    images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+    return _downsample2x(images, taps)
 
 
 class AugmentPipe:
@@ -159,112 +286,50 @@ class AugmentPipe:
         enabled = sorted(name for name, value in unported.items() if value > 0)
         if enabled:
             raise NotImplementedError(f'AugmentPipe: {", ".join(enabled)} not ported (EDM training does not use them)')
+        # Each multiplier times p is the probability of its transformation.
         self.p = float(p)
-        self.xflip = float(xflip)
-        self.yflip = float(yflip)
+        self.xflip, self.yflip = float(xflip), float(yflip)
         self.scale = float(scale)
+        self.scale_std = float(scale_std)                    # log2 std of the scale factor
         self.rotate_frac = float(rotate_frac)
+        self.rotate_frac_max = float(rotate_frac_max)        # largest rotation, in full turns
         self.aniso = float(aniso)
-        self.translate_frac = float(translate_frac)
-        self.scale_std = float(scale_std)                    # log2 std of isotropic scaling
-        self.rotate_frac_max = float(rotate_frac_max)        # rotation range, 1 = full circle
-        self.aniso_std = float(aniso_std)                    # log2 std of anisotropic scaling
+        self.aniso_std = float(aniso_std)                    # log2 std of the anisotropy
         self.aniso_rotate_prob = float(aniso_rotate_prob)    # chance the anisotropy axes are rotated
+        self.translate_frac = float(translate_frac)
         self.translate_frac_std = float(translate_frac_std)  # translation std, in image sizes
 
     def __call__(self, images, generator=None):
         N, C, H, W = images.shape
-        device = images.device
-        rand = lambda *shape: torch.rand(shape, device=device, generator=generator)
-        randn = lambda *shape: torch.randn(shape, device=device, generator=generator)
-        labels = [torch.zeros([N, 0], device=device)]
+        draw = _Draws(images.device, generator)
+        columns = []
 
-        # Flips: each image is flipped with probability p·multiplier / 2.
-        for multiplier, axis in ((self.xflip, 3), (self.yflip, 2)):
+        # Flips are exact pixel permutations, applied first: each image with probability min(1, p·multiplier)/2.
+        for axis, multiplier in ((3, self.xflip), (2, self.yflip)):
             if multiplier > 0:
-                w = torch.randint(2, [N, 1, 1, 1], device=device, generator=generator)
-                w = torch.where(rand(N, 1, 1, 1) < multiplier * self.p, w, torch.zeros_like(w))
-                images = torch.where(w == 1, images.flip(axis), images)
-                labels.append(w)
+                flip = draw.gate(draw.randint(2, N, 1, 1, 1), multiplier * self.p)
+                images = torch.where(flip == 1, images.flip(axis), images)
+                columns.append(flip.flatten())
 
-        # G_inv maps output pixel coordinates to input ones; built up by right-multiplication.
-        identity = torch.eye(3, device=device)
-        G_inv = identity
+        transforms = []
         if self.scale > 0:
-            w = randn(N)
-            w = torch.where(rand(N) < self.scale * self.p, w, torch.zeros_like(w))
-            s = w.mul(self.scale_std).exp2()
-            G_inv = G_inv @ _scale_inv(s, s)
-            labels.append(w)
+            transforms.append(_isotropic_scaling(draw, N, self.scale * self.p, self.scale_std))
         if self.rotate_frac > 0:
-            w = (rand(N) * 2 - 1) * (np.pi * self.rotate_frac_max)
-            w = torch.where(rand(N) < self.rotate_frac * self.p, w, torch.zeros_like(w))
-            G_inv = G_inv @ _rotate_inv(-w)
-            labels += [w.cos() - 1, w.sin()]
+            transforms.append(_fractional_rotation(draw, N, self.rotate_frac * self.p, self.rotate_frac_max))
         if self.aniso > 0:
-            w = randn(N)
-            r = (rand(N) * 2 - 1) * np.pi
-            w = torch.where(rand(N) < self.aniso * self.p, w, torch.zeros_like(w))
-            r = torch.where(rand(N) < self.aniso_rotate_prob, r, torch.zeros_like(r))
-            s = w.mul(self.aniso_std).exp2()
-            G_inv = G_inv @ _rotate_inv(r) @ _scale_inv(s, 1 / s) @ _rotate_inv(-r)
-            labels += [w * r.cos(), w * r.sin()]
+            transforms.append(_anisotropic_scaling(draw, N, self.aniso * self.p, self.aniso_std, self.aniso_rotate_prob))
         if self.translate_frac > 0:
-            w = randn(2, N)
-            w = torch.where(rand(1, N) < self.translate_frac * self.p, w, torch.zeros_like(w))
-            G_inv = G_inv @ _translate_inv(w[0].mul(W * self.translate_frac_std), w[1].mul(H * self.translate_frac_std))
-            labels += [w[0], w[1]]
+            transforms.append(_fractional_translation(draw, N, self.translate_frac * self.p, self.translate_frac_std, H, W))
 
-        if G_inv is not identity:
-            images = self._warp(images, G_inv)
+        if transforms:
+            # One warp for the whole chain; the product is taken left to right, starting at the identity.
+            G_inv = torch.eye(3, device=images.device)
+            for factors, labels in transforms:
+                for factor in factors:
+                    G_inv = G_inv @ factor
+                columns += labels
+            images = _warp(images, G_inv)
 
-        labels = torch.cat([x.to(torch.float32).reshape(N, -1) for x in labels], dim=1)
-        return images, labels
-
-    @staticmethod
-    def _warp(images, G_inv):
-        """Resample images [N, C, H, W] through G_inv [N, 3, 3] without aliasing: reflect-pad enough
-        to cover the warped corners, upsample 2x with the sym6 filter, bilinear `grid_sample`, then
-        filter and downsample 2x back to [N, C, H, W]."""
-        N, C, H, W = images.shape
-        device = images.device
-        Hz = _SYM6
-        Hz_pad = len(Hz) // 4
-
-        # Padding: how far the image corners travel (plus the filter support), clipped to the size.
-        cx = (W - 1) / 2
-        cy = (H - 1) / 2
-        corners = _matrix([-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1], device=device)  # [4, xyz]
-        corners = G_inv @ corners.t()  # [N, xyz, 4]
-        margin = corners[:, :2, :].permute(1, 0, 2).flatten(1)  # [xy, N*4]
-        margin = torch.cat([-margin, margin]).max(dim=1).values  # [x0, y0, x1, y1]
-        margin = margin + torch.as_tensor([Hz_pad * 2 - cx, Hz_pad * 2 - cy] * 2, dtype=torch.float32, device=device)
-        margin = margin.max(torch.zeros(4, device=device))
-        margin = margin.min(torch.as_tensor([W - 1, H - 1] * 2, dtype=torch.float32, device=device))
-        mx0, my0, mx1, my1 = margin.ceil().to(torch.int32)
-        images = F.pad(images, [int(mx0), int(mx1), int(my0), int(my1)], mode='reflect')
-        G_inv = _translate((mx0 - mx1) / 2, (my0 - my1) / 2) @ G_inv
-
-        # 2x upsampling: interleave zeros, then filter rows and columns with the flipped sym6 taps.
-        taps = torch.as_tensor(Hz[::-1].copy(), dtype=images.dtype, device=device)[None, None].tile([C, 1, 1])
-        pad = (len(Hz) + 1) // 2
-        images = torch.stack([images, torch.zeros_like(images)], dim=4).reshape(N, C, images.shape[2], -1)[:, :, :, :-1]
-        images = F.conv2d(images, taps.unsqueeze(2), groups=C, padding=[0, pad])
-        images = torch.stack([images, torch.zeros_like(images)], dim=3).reshape(N, C, -1, images.shape[3])[:, :, :-1, :]
-        images = F.conv2d(images, taps.unsqueeze(3), groups=C, padding=[pad, 0])
-        G_inv = _scale(2, 2, device=device) @ G_inv @ _scale_inv(2, 2, device=device)
-        G_inv = _translate(-0.5, -0.5, device=device) @ G_inv @ _translate_inv(-0.5, -0.5, device=device)
-
-        # Warp in normalised [-1, 1] coordinates.
-        shape = [N, C, (H + Hz_pad * 2) * 2, (W + Hz_pad * 2) * 2]
-        G_inv = (_scale(2 / images.shape[3], 2 / images.shape[2], device=device) @ G_inv
-                 @ _scale_inv(2 / shape[3], 2 / shape[2], device=device))
-        grid = F.affine_grid(theta=G_inv[:, :2, :], size=shape, align_corners=False)
-        images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-
-        # 2x downsampling with the sym6 taps, cropping the filter margin.
-        taps = torch.as_tensor(Hz, dtype=images.dtype, device=device)[None, None].tile([C, 1, 1])
-        pad = (len(Hz) - 1) // 2
-        images = F.conv2d(images, taps.unsqueeze(2), groups=C, stride=[1, 2], padding=[0, pad])[:, :, :, Hz_pad:-Hz_pad]
-        images = F.conv2d(images, taps.unsqueeze(3), groups=C, stride=[2, 1], padding=[pad, 0])[:, :, Hz_pad:-Hz_pad, :]
-        return images
+        if not columns:
+            return images, torch.zeros([N, 0], device=images.device)
+        return images, torch.stack([c.to(torch.float32) for c in columns], dim=1)

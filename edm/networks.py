@@ -2,10 +2,11 @@
 they are built from, and the preconditioners (`EDMPrecond`, `VPPrecond`, `VEPrecond`) that turn a
 U-Net F into a denoiser D(x; σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x; c_noise(σ)).
 
-Mirrors `NVlabs/edm:training/networks.py` @ 008a4e5 (Karras et al. 2022; code licensed CC BY-NC-SA
-4.0 by NVIDIA). Class names, constructor keyword arguments, submodule names (hence state-dict keys
-and their order), initialisation and numerics follow upstream, so the `ema` state dict of an official
-pickle loads strictly into a network built from that pickle's init kwargs. The code is written anew.
+Compatible with `NVlabs/edm:training/networks.py` @ 008a4e5 (Karras et al. 2022; code licensed CC
+BY-NC-SA 4.0 by NVIDIA): class names, constructor keyword arguments, submodule names (hence state-dict
+keys and their order), initialisation and numerics follow upstream, so the `ema` state dict of an
+official pickle loads strictly into a network built from that pickle's init kwargs. The code is
+written here; the U-Net forward passes walk the `enc`/`dec` module dicts by each entry's role.
 Differences: no `persistence` decorator (we never pickle source code); attention calls
 `torch.nn.functional.scaled_dot_product_attention` instead of a custom autograd function (same
 softmax(QᵀK/√c)·V, within float32 rounding); `model_type` is looked up in a fixed table rather than
@@ -65,8 +66,8 @@ class Conv2d(nn.Module):
 
     def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
                  resample_filter=(1, 1), fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0):
-        assert not (up and down)
         super().__init__()
+        assert not (up and down)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.up = up
@@ -226,6 +227,74 @@ class FourierEmbedding(nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
+def _role(name):
+    """What an `enc`/`dec` entry does, from the key the constructor gave it: '16x16_aux_down' -> 'aux_down'."""
+    return name.split('_', 1)[1]
+
+
+def _label_dropout(labels, p, n, training):
+    """Classifier-free-guidance dropout: in training, each of the n rows of labels [n or 1, label_dim]
+    is zeroed with probability p (one `rand([n, 1])` draw from torch's global generator)."""
+    if not (training and p):
+        return labels
+    keep = torch.rand([n, 1], device=labels.device) >= p
+    return labels * keep.to(labels.dtype)
+
+
+def _encode(enc, x, emb):
+    """Run a U-Net encoder (`enc` ModuleDict, in order) on x [N, C, R, R] with the embedding emb.
+    Returns the bottleneck features and `skips`, one tensor per decoder 'block*' entry, consumed last first.
+
+    Roles: 'conv' (first convolution), 'down' and 'block*' (UNetBlocks); each adds a skip. SongUNet's
+    skip/residual encoders also carry the input image down the levels: 'aux_down' downsamples it,
+    'aux_skip' adds its projection to the features, 'aux_residual' adds it and rescales by 1/√2 (the
+    result is also the next level's image); both replace the level's last skip instead of adding one.
+    """
+    skips = []
+    image = x
+    for name, module in enc.items():
+        role = _role(name)
+        if role == 'aux_down':
+            image = module(image)
+        elif role in ('aux_skip', 'aux_residual'):
+            x = x + module(image)
+            if role == 'aux_residual':
+                x = image = x / math.sqrt(2)
+            skips[-1] = x
+        else:
+            x = module(x) if role == 'conv' else module(x, emb)
+            skips.append(x)
+    return x, skips
+
+
+def _decode(dec, x, emb, skips):
+    """Run a U-Net decoder (`dec` ModuleDict, in order) from the bottleneck x, popping `skips`.
+    Returns (features, image): the last block's output and the sum of SongUNet's output heads (None
+    when the decoder has none).
+
+    Roles: 'in0', 'in1' and 'up' (UNetBlocks on the features), 'block*' (UNetBlocks on the features
+    concatenated with the next skip along channels), and the output heads: 'aux_norm' then
+    'aux_conv' (GroupNorm, SiLU, conv) turn the features into an image that is added to the image so
+    far; 'aux_up' upsamples that image on entering a finer level (skip decoder).
+    """
+    image = None
+    head = None
+    for name, module in dec.items():
+        role = _role(name)
+        if role == 'aux_up':
+            image = module(image)
+        elif role == 'aux_norm':
+            head = module(x)
+        elif role == 'aux_conv':
+            head = module(F.silu(head))
+            image = head if image is None else image + head
+        else:
+            if role.startswith('block'):
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = module(x, emb)
+    return x, image
+
+
 class SongUNet(nn.Module):
     """The DDPM++ / NCSN++ U-Net of Song et al. 2021 ("Score-Based Generative Modeling through SDEs")
     as reimplemented by EDM. DDPM++: embedding_type='positional', channel_mult_noise=1,
@@ -326,47 +395,19 @@ class SongUNet(nn.Module):
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
-        emb = self.map_noise(noise_labels)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [cos, sin] -> [sin, cos]
+        cos, sin = self.map_noise(noise_labels).chunk(2, dim=1)
+        emb = torch.cat([sin, cos], dim=1)  # DDPM++ feeds the sine half first
         if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
+            labels = _label_dropout(class_labels, self.label_dropout, x.shape[0], self.training)
             emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = F.silu(self.map_layer0(emb))
-        emb = F.silu(self.map_layer1(emb))
+        for layer in (self.map_layer0, self.map_layer1):
+            emb = F.silu(layer(emb))
 
-        skips = []
-        aux = x
-        for name, block in self.enc.items():
-            if name.endswith('_aux_down'):
-                aux = block(aux)
-            elif name.endswith('_aux_skip'):
-                x = skips[-1] = x + block(aux)
-            elif name.endswith('_aux_residual'):
-                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
-            else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-                skips.append(x)
-
-        aux = None
-        tmp = None
-        for name, block in self.dec.items():
-            if name.endswith('_aux_up'):
-                aux = block(aux)
-            elif name.endswith('_aux_norm'):
-                tmp = block(x)
-            elif name.endswith('_aux_conv'):
-                tmp = block(F.silu(tmp))
-                aux = tmp if aux is None else tmp + aux
-            else:
-                if x.shape[1] != block.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
-        return aux
+        features, skips = _encode(self.enc, x, emb)
+        _, image = _decode(self.dec, features, emb, skips)
+        return image
 
 
 class DhariwalUNet(nn.Module):
@@ -442,25 +483,14 @@ class DhariwalUNet(nn.Module):
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = F.silu(self.map_layer0(emb))
-        emb = self.map_layer1(emb)
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
-            emb = emb + self.map_label(labels)
+            emb = emb + self.map_label(_label_dropout(class_labels, self.label_dropout, x.shape[0], self.training))
         emb = F.silu(emb)
 
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
-        for block in self.dec.values():
-            if x.shape[1] != block.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        features, skips = _encode(self.enc, x, emb)
+        features, _ = _decode(self.dec, features, emb, skips)
+        return self.out_conv(F.silu(self.out_norm(features)))
 
 
 _UNETS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
