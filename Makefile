@@ -1,12 +1,13 @@
 # make demo: Neon on the 2-D toy models (quick: DEMO_FLAGS=--quick).  make test: the test suite.
-# Both create .venv in the repo root when missing and install the project into it.
+# make test-portability: the kernel-sensitive tests (-m numerics) again under another kernel choice.
+# All create .venv in the repo root when missing and install the project into it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_FLAGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test test-portability install clean
 
 install: $(STAMP)
 
@@ -21,6 +22,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Another CPU's kernels, simulated: ATen's vector kernels one level below this CPU's best (AVX-512
+# -> AVX2, AVX2 -> the scalar "default"), MKL and oneDNN capped likewise, and one thread per process.
+# A test that holds only on this machine's kernels fails here too (README, "Determinism").
+test-portability: $(STAMP)
+	cap=$$($(BIN)/python -c "import torch; print(torch.backends.cpu.get_cpu_capability())"); \
+	case "$$cap" in AVX512*) aten=avx2; mkl=AVX2; dnn=AVX2;; *) aten=default; mkl=SSE4_2; dnn=SSE41;; esac; \
+	echo "portability pass: native $$cap -> ATEN_CPU_CAPABILITY=$$aten MKL_ENABLE_INSTRUCTIONS=$$mkl ONEDNN_MAX_CPU_ISA=$$dnn OMP_NUM_THREADS=1"; \
+	ATEN_CPU_CAPABILITY=$$aten MKL_ENABLE_INSTRUCTIONS=$$mkl ONEDNN_MAX_CPU_ISA=$$dnn OMP_NUM_THREADS=1 \
+		$(BIN)/python -m pytest -q -m numerics -p no:cacheprovider
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -3,7 +3,7 @@
 runs it (no_grad, float64 state, Heun with churn bookkeeping per step), on the same tiny network and
 seeds, measured in the same run.
 
-    python benchmarks/edm_sampler.py [--batch 64] [--steps 18] [--repeats 3]
+    python benchmarks/edm_sampler.py [--batch 64] [--steps 18] [--repeats 3] [--device cuda]
 """
 
 import argparse
@@ -17,19 +17,20 @@ from edm.family import family
 
 def upstream_style(net, seeds, labels, steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """Heun sampling as generate.py does it, for comparison only."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    device = next(net.parameters()).device
+    gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
     with torch.no_grad():
-        latents = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        latents = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
         for g in gens:
-            torch.randint(net.label_dim, size=[1], generator=g)
-        class_labels = torch.eye(net.label_dim)[labels]
+            torch.randint(net.label_dim, size=[1], generator=g, device=device)
+        class_labels = torch.eye(net.label_dim, device=device)[labels.to(device)]
         i = torch.arange(steps, dtype=torch.float64)
         t = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-        t = torch.cat([torch.as_tensor(net.round_sigma(t)), torch.zeros_like(t[:1])])
+        t = torch.cat([torch.as_tensor(net.round_sigma(t)), torch.zeros_like(t[:1])]).to(device)
         x = latents.to(torch.float64) * t[0]
         for k in range(steps):
-            noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in gens])
+            noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float64, device=device) for g in gens])
             x_hat = x + 0 * noise  # S_churn = 0: gamma = 0, the draw is kept for the stream
             d = (x_hat - net(x_hat, t[k], class_labels).to(torch.float64)) / t[k]
             x = x_hat + (t[k + 1] - t[k]) * d
@@ -44,8 +45,10 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=18)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     model = family.tiny(0)
+    model.net.to(args.device)
     seeds, labels = torch.arange(args.batch), torch.arange(args.batch) % 10
     sampler = family.Sampler(num_steps=args.steps)
     ours = family.sample(model, labels, seeds, sampler)
@@ -57,10 +60,13 @@ def main():
                           ("ours", lambda: family.sample(model, labels, seeds, sampler))):
             start = time.perf_counter()
             run()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
             timings[name].append(time.perf_counter() - start)
     rate = {name: args.batch / float(np.median(t)) for name, t in timings.items()}
     for name, r in rate.items():
         print(f"{name:>15}: {r:8.1f} images/s (median of {args.repeats})")
+    print(f"device {args.device}, batch {args.batch}, {args.steps} steps")
     print(f"ratio ours / upstream-style: {rate['ours'] / rate['upstream-style']:.2f}")
 
 

@@ -44,6 +44,20 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def deterministic() -> None:
+    """Ask for bitwise reruns on GPU (`--deterministic`): deterministic algorithms only, cuDNN's
+    autotuner off, and the cuBLAS workspace setting that deterministic GEMMs need. Call it before the
+    first CUDA kernel. It costs speed (cuDNN keeps slower fixed algorithms; some ops lose their fast
+    atomics) and raises on the few ops that have no deterministic form. Without it, the same command
+    on the same device and thread count is already bitwise reproducible on CPU (README, "Determinism")."""
+    # The one environment variable a module sets: cuBLAS reads it when its handle is created, which a
+    # launcher cannot do later for a flag the recipe turns on. An explicit user setting wins.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def device() -> torch.device:
     """This rank's device: its local GPU under CUDA, else the CPU."""
     if torch.cuda.is_available():

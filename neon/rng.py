@@ -37,9 +37,9 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(seeds: torch.Tensor, count: int, stream: int = 0) -> torch.Tensor:
-    """float64 [B, count] uniform in (0, 1); row i depends only on (seeds[i], stream)."""
+    """float64 [B, count] uniform in (0, 1) on the seeds' device; row i depends only on (seeds[i], stream)."""
     seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1, 1)
-    index = torch.arange(count, dtype=torch.int64).reshape(1, -1)
+    index = torch.arange(count, dtype=torch.int64, device=seeds.device).reshape(1, -1)
     state = _splitmix64(_splitmix64(seeds * _GOLDEN + stream) + index)
     mantissa = _shr(state, 11).to(torch.float64)  # 53 random bits
     return (mantissa + 0.5) / float(1 << 53)

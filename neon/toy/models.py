@@ -67,10 +67,10 @@ class EpsMLP(nn.Module):
         x = rng.normal(seeds, (2,), stream=0)
         for i, t in enumerate(t_seq):
             a_t = a_bar[t]
-            a_prev = a_bar[t_seq[i + 1]] if i + 1 < len(t_seq) else torch.tensor(1.0, dtype=torch.float64)
-            eps = zeta * self(x, torch.full((x.shape[0],), t, dtype=torch.int64)).double()
+            a_prev = a_bar[t_seq[i + 1]] if i + 1 < len(t_seq) else a_bar.new_ones(())
+            eps = zeta * self(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)).double()
             x0 = (x.double() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-            sigma = torch.zeros((), dtype=torch.float64)
+            sigma = a_bar.new_zeros(())
             if eta > 0 and t > 0:
                 sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
@@ -89,10 +89,10 @@ class EpsMLP(nn.Module):
         (ᾱ'_0 = 1). Returns float32 [B, 2]."""
         if steps < 2:
             raise ValueError("the notebook sampler needs steps >= 2")
-        a_bar = cosine_alpha_bar(steps)
         x = rng.normal(seeds, (2,), stream=0, dtype=torch.float64)
+        a_bar = cosine_alpha_bar(steps).to(x.device)
         for k in range(steps - 1, 0, -1):
-            time = torch.full((x.shape[0],), k * self.timesteps / (steps - 1), dtype=torch.float32)
+            time = torch.full((x.shape[0],), k * self.timesteps / (steps - 1), dtype=torch.float32, device=x.device)
             eps = self(x.float(), time).double()
             x0 = (x - zeta * (1 - a_bar[k]).sqrt() * eps) / a_bar[k].sqrt()
             x = a_bar[k - 1].sqrt() * x0 + (1 - a_bar[k - 1]).sqrt() * eps
@@ -136,10 +136,12 @@ ARCHS = {"diffusion": EpsMLP, "ar": GaussianAR}
 def diffusion_loss(net: nn.Module, x0: torch.Tensor, generator: torch.Generator,
                    timesteps: int = 1000) -> torch.Tensor:
     """The DDPM ε-prediction loss (mean squared error) of `net` (an EpsMLP, possibly DDP-wrapped:
-    it is only called) on clean points x0 [B, 2]; t and ε drawn from `generator`."""
+    it is only called) on clean points x0 [B, 2]; t and ε drawn from `generator` (a CPU generator:
+    the draws are made on the CPU, then moved to x0's device)."""
     t = torch.randint(0, timesteps, (x0.shape[0],), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    a = cosine_alpha_bar(timesteps).float()[t][:, None]
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    a = cosine_alpha_bar(timesteps).float()[t][:, None].to(x0.device)
+    t = t.to(x0.device)
     return (net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t) - eps).square().mean()
 
 

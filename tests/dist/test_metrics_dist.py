@@ -19,7 +19,7 @@ from tests.conftest import REPO
 from tests.core.test_metrics import inception_weights, noise, smooth, write_npz
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+pytestmark = [pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found"), pytest.mark.numerics]
 
 
 def test_two_processes_give_the_statistics_of_one(tmp_path, tmp_path_factory):

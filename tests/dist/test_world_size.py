@@ -16,7 +16,10 @@ from neon import cli
 from tests.conftest import REPO, save_base
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+# Both sides run one thread per process (torchrun's OMP_NUM_THREADS=1, the one_thread fixture in this
+# process): bitwise equality holds for the same work split on the same threads (DESIGN.md, Determinism).
+pytestmark = [pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found"), pytest.mark.numerics,
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _torchrun(*args):

@@ -35,7 +35,7 @@ def _cases(kind):
 
 # The nets are tiny: one thread is as fast on an idle machine and many times faster when the two
 # cores are shared with other jobs. Only the ADM cases depend on the thread count (by < 4e-6).
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.numerics]
 
 
 def _golden(case):

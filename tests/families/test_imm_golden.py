@@ -36,7 +36,7 @@ LOSS_TOL = {
 GRAD_TOL = dict(atol=1e-6, rtol=1e-3)
 STATE_TOL = dict(atol=1e-4, rtol=0)
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.numerics]
 
 
 def _cases(kind):

@@ -26,7 +26,7 @@ from xAR.sampler import em_step, per_sample_randn, sample_tokens, time_grid, to_
 GOLDEN = os.path.join(REPO, 'tests', 'golden', 'xar')
 CASES = json.load(open(os.path.join(GOLDEN, 'cases.json')))['cases']
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.numerics]
 
 
 def case_of(kind):

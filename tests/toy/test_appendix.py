@@ -12,6 +12,8 @@ from nbclient import NotebookClient
 from neon import diagnose
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.numerics
+
 NOTEBOOK = os.path.join(REPO, "toy_appendix.ipynb")
 
 
@@ -63,9 +65,17 @@ def test_curves_have_the_signs_of_the_appendix_and_w_shrinks_with_longer_finetun
         mode_seeking = value > 1 if model == "diffusion" else value < 1
         assert (r["best_w"] > 0) == mode_seeking and r["best_w"] != 0, r
         assert abs(best[(model, value, 250)]["best_w"]) < abs(best[(model, value, 50)]["best_w"])
-    for epochs in (50, 250):
-        r = best[("diffusion", 1.1, epochs)]
-        assert 0.1 <= r["base"] <= 0.2 and r["best"] <= 0.4 * r["base"], r
+    # Bounds on measured figures of a trained network, from their spread over kernel choices (what
+    # differs between machines for this fixed seed): `python benchmarks/appendix_spread.py --kernels`
+    # here (native AVX2, ATen scalar, MKL_CBWR=COMPATIBLE, both) and the AVX-512 machine's reading,
+    # five runs: base 0.194-0.212, mean 0.2035, sd 0.0065; log(best/base) after 50 epochs mean -1.34,
+    # sd 0.31 (0.16-0.34); after 250 epochs mean -1.81, sd 0.43 (0.08-0.22). Each bound is mean ± 3 sd.
+    # (Over base seeds the spread is far wider, base 0.09-0.29: a kernel change perturbs training
+    # much less than a new seed.)
+    r = best[("diffusion", 1.1, 50)]
+    assert 0.18 <= r["base"] <= 0.23 and r["best"] <= 0.67 * r["base"], r
+    r = best[("diffusion", 1.1, 250)]
+    assert r["best"] <= 0.59 * r["base"], r
 
 
 def test_cosines_are_negative_for_mode_seeking_and_positive_for_diversity_seeking(executed):

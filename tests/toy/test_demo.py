@@ -4,8 +4,12 @@ diversity-seeking ones with w < 0."""
 import json
 import os
 
+import pytest
+
 from neon import cli
 from neon.toy import demo
+
+pytestmark = pytest.mark.numerics
 
 
 def test_quick_demo_shows_the_neon_effect(toy_out, capsys):
@@ -19,6 +23,8 @@ def test_quick_demo_shows_the_neon_effect(toy_out, capsys):
     for r in rows:
         assert r["base"] == r["metric"][r["w"].index(0.0)] and r["best"] == min(r["metric"])
         if r["mode"] == "mode-seeking":
+            # Measured best/base over kernel choices (native AVX2 and ATen's scalar kernels): diffusion
+            # 0.42-0.49, AR 0.68-0.69; 0.8 sits more than 10 sd of that spread above the AR's ratio.
             assert r["best_w"] > 0 and r["best"] <= 0.8 * r["base"], r
         else:
             assert r["best_w"] < 0, r
