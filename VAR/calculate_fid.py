@@ -1,4 +1,5 @@
-"""FID of a VAR model with the paper's flags: a thin shim over `neon.sweep.score`.
+"""FID of a VAR model with the paper's flags: a thin shim over `neon.metrics.score`, the
+project's one scoring path.
 
     torchrun --standalone --nproc_per_node=8 -m VAR.calculate_fid --var_ckpt checkpoints/Neon_VARd16_imagenet256.pth \
         --vae_ckpt checkpoints/vae_ch160v4096z32.pth --num_images 50000 --cfg 2.8 --top_k 900 --top_p 0.95 \
@@ -13,10 +14,9 @@ over the processes: sample i has seed `--seed + i` and its own generator, labels
 import argparse
 import json
 
-from neon import distributed, sweep
-from neon.cli import run_command
-from neon.errors import NeonError
-from neon.metrics import inception, stats
+from neon import distributed
+from neon.errors import NeonError, run_command
+from neon.metrics import inception, score, stats
 
 from VAR.family import family
 
@@ -40,12 +40,13 @@ def main(argv=None) -> None:
 
 def _run(args) -> None:
     reference = stats.fetch(args.fid_stats)
-    inception.configure(inception.FidConfig(inception_weights=args.inception_weights))
+    fid_conf = inception.FidConfig(inception_weights=args.inception_weights)
     model = family.load(args.var_ckpt, None, distributed.device(), codec=args.vae_ckpt)
     if args.img_size is not None and args.img_size != model.image_size:
         raise NeonError(f"--img_size {args.img_size}, but {args.var_ckpt} makes {model.image_size} px images")
     sampler = family.Sampler(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-    value = sweep.score(family, model, sampler, (args.seed, args.num_images), args.batch_size, reference)["fid"]
+    value = score.generate_and_score(family, model, sampler, (args.seed, args.num_images), args.batch_size,
+                                     fid_conf, reference)["fid"]
     if distributed.is_main():
         print(json.dumps({"var_ckpt": args.var_ckpt, "cfg": args.cfg, "num_images": args.num_images,
                           "seeds": [args.seed, args.num_images], "fid": value}))

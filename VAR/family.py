@@ -16,15 +16,13 @@ cross-entropy over all tokens.
 import dataclasses
 import os
 
-import numpy as np
 import torch
-from PIL import Image
 
 from neon import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs
+from neon.family import Model, arch_kwargs, load_weights, read_checkpoint
 
-from VAR.loss import teacher_forcing_loss, uint8_to_pm1
+from VAR.loss import training_loss
 from VAR.models import build_vae_var
 
 DEFAULT_CODEC = os.path.join("checkpoints", "vae_ch160v4096z32.pth")
@@ -36,8 +34,6 @@ PRESETS = {
 }
 TINY = {"V": 64, "Cvae": 8, "ch": 32, "share_quant_resi": 4, "num_classes": 10, "attn_l2_norm": True, "depth": 2,
         "shared_aln": False, "patch_nums": [1, 2, 4]}
-# Upstream's training pipeline: shorter side to round(1.125 · res) with Lanczos, then a random crop.
-RESIZE_RATIO = 1.125
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +50,15 @@ class VARSampler:
             raise NeonError("sampler: need top_k >= 0 and 0 <= top_p <= 1")
 
 
+# Transformer files: flat (var_d16.pth, Neon_VARd*.pth), the trainer's wrappings, our snapshots and
+# those of the first core ({'model', 'ema'}).
+FORMAT = checkpoint.Format(weight_keys=((), ("var_wo_ddp",), ("trainer", "var_wo_ddp"), ("ema",), ("model",)))
+
+
 class VARFamily:
     name = "var"
     Sampler = VARSampler
+    format = FORMAT
 
     def tiny(self, seed: int) -> Model:
         with torch.random.fork_rng(devices=[]):
@@ -66,18 +68,15 @@ class VARFamily:
 
     def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
              codec: str | None = None) -> Model:
-        container = checkpoint.read(path)
-        weights = self.weights(container)
+        container = read_checkpoint(self, path)
+        weights = container.weights
         kwargs = arch_kwargs(container, arch, PRESETS, "VAR") or infer_arch(weights, path)
         codec = codec or DEFAULT_CODEC
         if not os.path.exists(codec):
             raise NeonError(f"no VQ-VAE checkpoint at {codec}; pass --model.codec PATH (vae_ch160v4096z32.pth)")
         vae, var = build_vae_var("meta", **kwargs)
-        try:
-            vae.load_state_dict(checkpoint.read(codec).weights, strict=True, assign=True)
-            var.load_state_dict(weights, strict=True, assign=True)
-        except RuntimeError as e:
-            raise NeonError(f"{path} / {codec} do not fit VAR {kwargs.get('depth')}: {str(e).splitlines()[0]}") from None
+        load_weights(vae, checkpoint.read(codec).weights, codec, "the VQ-VAE", assign=True)
+        load_weights(var, weights, path, f"VAR d{kwargs.get('depth')}", assign=True)
         return self._model(vae.to(device), var.to(device), kwargs)
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: VARSampler) -> torch.Tensor:
@@ -91,33 +90,14 @@ class VARFamily:
         # Upstream Neon's conversion (truncation, not rounding).
         return (images.float().clamp(0, 1) * 255).to(torch.uint8)
 
-    def trainable(self, model: Model) -> torch.nn.Module:
-        return model.net
-
     def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
         """Teacher-forced cross-entropy on the augmented batch; label drop and drop-path draw from the
         global RNG, which the fine-tune loop reseeds at every step."""
-        images = uint8_to_pm1(augment(samples.cpu(), generator)).to(samples.device)
-        return teacher_forcing_loss(model.net, model.codec, images, labels)
+        return training_loss(model.net, model.codec, samples, labels, generator)
 
-    def weights(self, container) -> dict[str, torch.Tensor]:
-        return container.weights
-
-    def save(self, state_dict: dict[str, torch.Tensor], path: str, like) -> None:
-        """`like` is a container to mirror, or a Model for a fresh `{'arch', 'var_wo_ddp'}` file."""
-        if isinstance(like, Model):
-            checkpoint.write({"arch": like.arch, "var_wo_ddp": state_dict}, path)
-        else:
-            checkpoint.write_like(like, state_dict, path)
-
-    def features(self, samples: torch.Tensor) -> torch.Tensor:
-        from neon.metrics import inception
-
-        return inception.pool_features(samples)
-
-    def reference(self):
-        return None
+    def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:
+        return {"arch": model.arch, "var_wo_ddp": state_dict}
 
     @staticmethod
     def _model(vae, var, arch: dict) -> Model:
@@ -140,21 +120,6 @@ def infer_arch(weights: dict[str, torch.Tensor], path: str = "checkpoint") -> di
                     "shared_aln": any(k.startswith("shared_ada_lin.") for k in weights),
                     "num_classes": weights["class_emb.weight"].shape[0] - 1}
     raise NeonError(f"{path}: sequence length {length} matches no known resolution; pass --model.arch")
-
-
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """uint8 [B,3,H,W] → uint8 [B,3,H,W]: resize to round(1.125·H) with Lanczos (PIL, as upstream's
-    torchvision pipeline does), then crop H×W at an offset drawn from `generator`."""
-    size = images.shape[-1]
-    big = round(RESIZE_RATIO * size)
-    resized = np.stack([np.asarray(Image.fromarray(img).resize((big, big), Image.LANCZOS))
-                        for img in images.permute(0, 2, 3, 1).numpy()])
-    offsets = torch.randint(0, big - size + 1, (len(images), 2), generator=generator)
-    rows = offsets[:, 0, None] + torch.arange(size)
-    cols = offsets[:, 1, None] + torch.arange(size)
-    batch = torch.arange(len(images))[:, None, None]
-    crops = torch.from_numpy(resized)[batch, rows[:, :, None], cols[:, None, :]]
-    return crops.permute(0, 3, 1, 2).contiguous()
 
 
 family = VARFamily()

@@ -1,16 +1,45 @@
 """VAR's training loss: teacher-forced cross-entropy over the whole token pyramid.
 
-Mirrors the loss of `VARTrainer.train_step` in `FoundationVision/VAR:trainer.py` and the input scaling of
+Mirrors the loss of `VARTrainer.train_step` in `FoundationVision/VAR:trainer.py` and the data pipeline of
 `utils/data.py` @ 78b95394 (MIT License, Copyright (c) 2024 FoundationVision), written anew, without
 progressive training (Neon never uses it). Upstream's data pipeline for (fine-)tuning resizes the shorter
 side to round(1.125·res) with Lanczos, crops res x res at random (centre crop for validation), no flip,
-then maps [0, 1] to [-1, 1]; only that last step is here.
+then maps [0, 1] to [-1, 1]: `augment` and `uint8_to_pm1`; `training_loss` chains them.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .models import VAR, VQVAE
+
+
+# Upstream's training pipeline: shorter side to round(1.125 · res) with Lanczos, then a random crop.
+RESIZE_RATIO = 1.125
+
+
+def training_loss(var: VAR, vae: VQVAE, images_u8: torch.Tensor, label_B: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The fine-tuning loss on uint8 [B, 3, H, W] images: `augment` (crop offsets from `generator`),
+    then the teacher-forced cross-entropy; label drop and drop-path draw from torch's global generator."""
+    images = uint8_to_pm1(augment(images_u8.cpu(), generator)).to(images_u8.device)
+    return teacher_forcing_loss(var, vae, images, label_B)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 [B,3,H,W] → uint8 [B,3,H,W]: resize to round(1.125·H) with Lanczos (PIL, as upstream's
+    torchvision pipeline does), then crop H×W at an offset drawn from `generator`."""
+    size = images.shape[-1]
+    big = round(RESIZE_RATIO * size)
+    resized = np.stack([np.asarray(Image.fromarray(img).resize((big, big), Image.LANCZOS))
+                        for img in images.permute(0, 2, 3, 1).numpy()])
+    offsets = torch.randint(0, big - size + 1, (len(images), 2), generator=generator)
+    rows = offsets[:, 0, None] + torch.arange(size)
+    cols = offsets[:, 1, None] + torch.arange(size)
+    batch = torch.arange(len(images))[:, None, None]
+    crops = torch.from_numpy(resized)[batch, rows[:, :, None], cols[:, None, :]]
+    return crops.permute(0, 3, 1, 2).contiguous()
 
 
 def uint8_to_pm1(img_u8: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ straightforward loop that recomputes the whole prefix at every scale (no cache, 
 mask instead), on the same small random weights and greedy decoding, measured in the same run.
 Both must choose the same tokens.
 
-    python benchmarks/var_sampler.py [--depth 4] [--batch 8] [--repeats 3]
+    python benchmarks/var_sampler.py [--depth 4] [--batch 8] [--repeats 3] [--device cuda]
 """
 
 import argparse
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from VAR.models import build_vae_var
-from VAR.models.var import _mask_top_k_top_p
+from VAR.sampler import _mask_top_k_top_p
 
 
 @torch.no_grad()
@@ -59,19 +59,22 @@ def main():
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.manual_seed(0)
-    _, var = build_vae_var("cpu", V=512, Cvae=16, ch=32, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10), num_classes=10,
+    _, var = build_vae_var(args.device, V=512, Cvae=16, ch=32, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10), num_classes=10,
                            depth=args.depth)
     var.eval()
-    labels = torch.arange(args.batch) % 10
+    labels = (torch.arange(args.batch) % 10).to(args.device)
     same = torch.equal(cached(var, labels, 2.0), uncached(var, labels, 2.0))
-    print(f"depth {args.depth}, {var.L} tokens per image, batch {args.batch}: same greedy tokens: {same}")
+    print(f"depth {args.depth}, {var.L} tokens per image, batch {args.batch}, device {args.device}: same greedy tokens: {same}")
     timings = {"uncached": [], "kv-cached": []}
     for _ in range(args.repeats):
         for name, run in (("uncached", uncached), ("kv-cached", cached)):
             start = time.perf_counter()
             run(var, labels, 2.0)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
             timings[name].append(time.perf_counter() - start)
     rate = {name: args.batch * var.L / float(np.median(t)) for name, t in timings.items()}
     for name, r in rate.items():

@@ -3,7 +3,7 @@ that recomputes the whole prefix of clean cells at every step (no cache, the blo
 on the same small random weights and the same per-sample draws, measured in the same run. Both must
 produce the same tokens (to float32 accuracy: the two do the same arithmetic in different shapes).
 
-    python benchmarks/xar_sampler.py [--width 128] [--depth 2] [--batch 4] [--steps 6] [--repeats 3]
+    python benchmarks/xar_sampler.py [--width 128] [--depth 2] [--batch 4] [--steps 6] [--repeats 3] [--device cuda]
 """
 
 import argparse
@@ -49,14 +49,15 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = xAR(encoder_embed_dim=args.width, encoder_depth=args.depth, encoder_num_heads=args.width // 64,
-                decoder_embed_dim=args.width, decoder_depth=args.depth, decoder_num_heads=args.width // 64).eval()
-    labels = torch.arange(args.batch) % 1000
+                decoder_embed_dim=args.width, decoder_depth=args.depth, decoder_num_heads=args.width // 64).eval().to(args.device)
+    labels = (torch.arange(args.batch) % 1000).to(args.device)
 
     def draws():
-        return per_sample_randn([torch.Generator().manual_seed(i) for i in range(args.batch)])
+        return per_sample_randn([torch.Generator(args.device).manual_seed(i) for i in range(args.batch)])
 
     a = cached(model, labels, args.steps, 3.0, draws())
     b = uncached(model, labels, args.steps, 3.0, draws())
@@ -69,6 +70,8 @@ def main():
         for name, run in (("uncached", uncached), ("kv-cached", cached)):
             start = time.perf_counter()
             run(model, labels, args.steps, 3.0, draws())
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
             timings[name].append(time.perf_counter() - start)
     rate = {name: args.batch / float(np.median(t)) for name, t in timings.items()}
     for name, r in rate.items():

@@ -1,4 +1,5 @@
-"""FID of an EDM network with the paper's flags: a thin shim over `neon.sweep.score`.
+"""FID of an EDM network with the paper's flags: a thin shim over `neon.metrics.score`, the
+project's one scoring path.
 
     torchrun --standalone --nproc_per_node=8 -m edm.calculate_fid --network_pkl checkpoints/edm-cifar10-32x32-cond-vp.pkl \
         --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz --seeds 0-49999 --num_steps 18
@@ -12,10 +13,9 @@ are balanced over the classes and shuffled by the first seed. Prints one JSON li
 import argparse
 import json
 
-from neon import distributed, sweep
-from neon.cli import run_command
-from neon.errors import NeonError
-from neon.metrics import inception, stats
+from neon import distributed
+from neon.errors import NeonError, run_command
+from neon.metrics import inception, score, stats
 
 from edm.family import PRESETS, family
 
@@ -47,10 +47,10 @@ def main(argv=None) -> None:
 def _run(args) -> None:
     seeds = parse_seeds(args.seeds)
     reference = stats.fetch(args.ref)
-    inception.configure(inception.FidConfig(inception_weights=args.inception_weights))
+    fid_conf = inception.FidConfig(inception_weights=args.inception_weights)
     model = family.load(args.network, args.arch, distributed.device())
-    value = sweep.score(family, model, family.Sampler(num_steps=args.num_steps), seeds, args.max_batch_size,
-                        reference)["fid"]
+    value = score.generate_and_score(family, model, family.Sampler(num_steps=args.num_steps), seeds,
+                                     args.max_batch_size, fid_conf, reference)["fid"]
     if distributed.is_main():
         print(json.dumps({"network": args.network, "ref": args.ref, "seeds": list(seeds), "num_steps": args.num_steps,
                           "fid": value}))

@@ -1,10 +1,12 @@
 """The EDM family's adapter to the core (`neon.family.Family`).
 
 θ is the `ema` network of an EDM checkpoint. Checkpoints read: official and Neon network pickles
-(`edm-*.pkl`, `Neon_EDM_*.pkl`, through the restricted unpickler of `neon.checkpoint`, which never
-runs their embedded code), our `.pt` files (`{'ema': state_dict, 'arch': kwargs}`, fine-tune
-snapshots, merges) and plain `.safetensors` (the arch then comes from `--model.arch`). `arch` holds
-the preconditioner's class name and its constructor kwargs.
+(`edm-*.pkl`, `Neon_EDM_*.pkl`: NVlabs persistence pickles, read as data by the restricted unpickler
+of `neon.checkpoint` with the allowlist declared here, never running the source they embed), our
+`.pt` files (`{'ema': state_dict, 'arch': kwargs, 'augment_pipe': kwargs}`, fine-tune snapshots,
+merges) and plain `.safetensors` (the arch then comes from `--model.arch`). `arch` holds the
+preconditioner's class name and its constructor kwargs. IMM's pickles share this format
+(`NVLABS_PICKLE_GLOBALS`, `from_network_pickle`).
 
 Sampling is upstream's `generate.py`: per-sample torch generators seeded with the sample's seed draw
 the latents, a class index (discarded: the label comes from the synthetic set's balanced labels, but
@@ -19,7 +21,7 @@ import torch
 
 from neon import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs
+from neon.family import Model, arch_kwargs, load_weights, read_checkpoint
 
 from edm import networks
 from edm.loss import AugmentPipe, EDMLoss
@@ -39,6 +41,48 @@ TINY = {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1
 # EDM's train.py augmentation (non-leaking, 9 augment labels); p is the paper's 0.12 (CIFAR-10).
 DEFAULT_AUGMENT = {"p": 0.12, "xflip": 1e8, "yflip": 1, "scale": 1, "rotate_frac": 1, "aniso": 1, "translate_frac": 1}
 _CLASSES = {"EDMPrecond": networks.EDMPrecond, "VPPrecond": networks.VPPrecond, "VEPrecond": networks.VEPrecond}
+
+
+def _persistent_object(meta) -> checkpoint.Record:
+    """What `torch_utils.persistence._reconstruct_persistent_obj(meta)` stands for in an NVlabs
+    pickle, as data: the class name and the object's state. Upstream's loader would execute
+    `meta['module_src']` here; nothing of it is run or kept."""
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        raise ValueError("malformed persistent object record")
+    return checkpoint.Record(str(meta.get("class_name", "")), meta["state"])
+
+
+# The globals an NVlabs network pickle may name, beyond tensors (`neon.checkpoint.TENSOR_GLOBALS`).
+NVLABS_PICKLE_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
+    **{("torch.nn.modules.container", name): checkpoint.record_class(name)
+       for name in ("ModuleDict", "ModuleList", "Sequential")},
+}
+
+
+def from_network_pickle(raw) -> dict:
+    """An unpickled NVlabs network pickle as plain data: each network (e.g. `ema`) becomes its state
+    dict, and `arch` the class name and `_init_kwargs` of `ema` (or of the first network); other
+    persistent objects (`augment_pipe`, `loss_fn`) become their `_init_kwargs`."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"top level is a {type(raw).__name__}, not a dict")
+    data, arch = {}, None
+    for key, value in raw.items():
+        if isinstance(value, checkpoint.Record) and "_parameters" in value.state:
+            data[key] = checkpoint.module_state_dict(value)
+            if arch is None or key == "ema":
+                arch = {"class_name": value.class_name, **checkpoint.plain(value.state.get("_init_kwargs", {}))}
+        elif isinstance(value, checkpoint.Record):
+            data[key] = checkpoint.plain(value.state.get("_init_kwargs", {}))
+        else:
+            data[key] = checkpoint.plain(value)
+    if arch is not None:
+        data["arch"] = arch
+    return data
+
+
+FORMAT = checkpoint.Format(weight_keys=((), ("ema",), ("model",)), pickle_globals=NVLABS_PICKLE_GLOBALS,
+                           from_pickle=from_network_pickle)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +106,7 @@ class EDMSampler:
 class EDMFamily:
     name = "edm"
     Sampler = EDMSampler
+    format = FORMAT
 
     def tiny(self, seed: int) -> Model:
         with torch.random.fork_rng(devices=[]):
@@ -70,17 +115,13 @@ class EDMFamily:
 
     def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
              codec: str | None = None) -> Model:
-        container = checkpoint.read(path)
+        container = read_checkpoint(self, path)
         kwargs = arch_kwargs(container, arch, PRESETS, "EDM")
         if kwargs is None:
             raise NeonError(f"{path} does not say its arch; pass --model.arch {'|'.join(PRESETS)}")
         augment = container.data.get("augment_pipe") if isinstance(container.data.get("augment_pipe"), dict) else None
         model = self._model(kwargs, augment or DEFAULT_AUGMENT)
-        try:
-            model.net.load_state_dict(self.weights(container), strict=True)
-        except RuntimeError as e:
-            raise NeonError(f"{path} does not fit {kwargs.get('class_name', 'EDMPrecond')}: "
-                            f"{str(e).splitlines()[0]}") from None
+        load_weights(model.net, container.weights, path, kwargs.get("class_name", "EDMPrecond"))
         model.net.to(device).eval().requires_grad_(False)
         return model
 
@@ -97,9 +138,6 @@ class EDMFamily:
             x = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, **dataclasses.asdict(sampler))
             return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
-    def trainable(self, model: Model) -> torch.nn.Module:
-        return model.net
-
     def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
         """EDMLoss with EDM's augmentation, summed per image and averaged over the batch (EDM's
@@ -111,24 +149,9 @@ class EDMFamily:
         per_element = EDMLoss()(model.net, images, class_labels, pipe, generator=generator)
         return per_element.sum() / images.shape[0]
 
-    def weights(self, container) -> dict[str, torch.Tensor]:
-        return container.weights
-
-    def save(self, state_dict: dict[str, torch.Tensor], path: str, like) -> None:
-        """`like` is a container to mirror, or a Model for a fresh `{'ema', 'arch'}` file."""
-        if isinstance(like, Model):
-            checkpoint.write({"ema": state_dict, "arch": like.arch, "augment_pipe": like.extras.get("augment_pipe")},
-                             path)
-        else:
-            checkpoint.write_like(like, state_dict, path)
-
-    def features(self, samples: torch.Tensor) -> torch.Tensor:
-        from neon.metrics import inception
-
-        return inception.pool_features(samples)
-
-    def reference(self):
-        return None
+    def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:
+        """`{'ema', 'arch', 'augment_pipe'}`: the augment pipe of the base travels with θ."""
+        return {"ema": state_dict, "arch": model.arch, "augment_pipe": model.extras.get("augment_pipe")}
 
     @staticmethod
     def _one_hot(labels: torch.Tensor, label_dim: int, device) -> torch.Tensor:

@@ -329,15 +329,9 @@ DiT_S_8 = _preset('DiT_S_8', 8, 384, 12, 6)
 # SongUNet (the CIFAR-10 configuration of IMM; not used by Neon).
 
 
-class PositionalEmbedding(nn.Module):
+class PositionalEmbedding(edm_networks.PositionalEmbedding):
     """EDM's positional embedding, but computed in float64 whatever the input dtype (IMM's variant):
     x [N] -> float64 [N, num_channels] = [cos(x·f), sin(x·f)], f_j = max_positions^(-j/(half - endpoint))."""
-
-    def __init__(self, num_channels, max_positions=10000, endpoint=False):
-        super().__init__()
-        self.num_channels = num_channels
-        self.max_positions = max_positions
-        self.endpoint = endpoint
 
     def forward(self, x):
         half = self.num_channels // 2

@@ -1,13 +1,18 @@
 """Every read and write of weights, and every atomic file write of the project.
 
 This is the only module that calls `torch.load`, `torch.save`, pickle, safetensors I/O or
-`os.replace`. It reads `.pt`/`.pth` files (always `weights_only=True`) and `.safetensors` files
-into a `Container` that remembers where θ lives inside the file, writes a new θ back in the same
-layout (`write_like`), streams safetensors tensor by tensor so a merge never holds a whole
-checkpoint, and provides `atomic`, the temp-file-then-rename pattern every other module uses for
-its outputs, so an interrupted run never leaves a partial file under a final name.
+`os.replace`. It offers mechanisms and names no family: families declare their files in a `Format`
+(where θ sits in their containers, the globals their pickles may reference, how an unpickled
+object becomes plain data), and `read` applies it. It reads `.pt`/`.pth` files (always
+`weights_only=True`, `argparse.Namespace` allowed as data), `.safetensors` files (streamed through
+the safetensors library, one tensor at a time) and `.pkl` files (a restricted unpickler that
+resolves only the globals of the format's allowlist and never runs code from the file) into a
+`Container` that remembers where θ lives, writes a new θ back in the same layout (`write_like`),
+and provides `atomic`, the temp-file-then-rename pattern every other module uses for its outputs,
+so an interrupted run never leaves a partial file under a final name.
 """
 
+import argparse
 import collections
 import contextlib
 import copy
@@ -25,7 +30,7 @@ import struct
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,24 +39,34 @@ from neon.errors import NeonError
 
 logger = logging.getLogger(__name__)
 
-# Where θ lives inside a container, in order of preference: the EMA wins wherever a file has one,
-# because that is the network the paper samples from and merges (DiT's `ema` preference).
-WEIGHT_KEYS: tuple[tuple[str, ...], ...] = (
-    (),
-    ("ema",),
-    ("model_ema",),
-    ("ema_model",),
-    ("model",),
-    ("state_dict",),
-    ("net",),
-    ("var_wo_ddp",),
-    ("trainer", "var_wo_ddp"),
-)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """What a family declares about its checkpoint files; `read` applies it.
+
+    weight_keys: where θ may sit in a container, as paths of dict keys, in order of preference
+        (the EMA first wherever a file has one: the network the paper samples from and merges).
+    pickle_globals: the globals a `.pkl` of the family may reference, (module, name) → the object
+        to use instead, on top of `TENSOR_GLOBALS`; everything else is refused.
+    from_pickle: turns the unpickled object into the plain dict a `Container` holds; without it,
+        `.pkl` files are refused.
+    """
+
+    weight_keys: tuple[tuple[str, ...], ...] = ((),)
+    pickle_globals: Mapping[tuple[str, str], object] = dataclasses.field(default_factory=dict)
+    from_pickle: Callable[[object], dict] | None = None
+
+
+# For files no family owns (Inception weights, test files): a flat state dict or one under a
+# generic key.
+GENERIC = Format(weight_keys=((), ("ema",), ("model",), ("state_dict",)))
 
 _SUFFIXES = {".pt": "pt", ".pth": "pt", ".safetensors": "safetensors", ".pkl": "pkl"}
 
-# safetensors dtype codes. Data is little-endian; like the safetensors library itself, we assume a
-# little-endian host and copy bytes as they are.
+# safetensors dtype codes. Reading goes through the safetensors library; `write_safetensors` is ours
+# because the library's writer needs every tensor in memory at once. Data is little-endian; like the
+# library, the writer assumes a little-endian host and copies bytes as they are.
 _ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -65,7 +80,6 @@ _ST_DTYPES = {
     "BOOL": torch.bool,
 }
 _ST_CODES = {dtype: code for code, dtype in _ST_DTYPES.items()}
-_ST_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
 
 
 @dataclasses.dataclass
@@ -100,39 +114,68 @@ def format_of(path: str) -> str:
     return _SUFFIXES[suffix]
 
 
-def read(path: str, mmap: bool = False) -> Container:
-    """Read a checkpoint file and locate θ in it.
+def read(path: str, fmt: Format = GENERIC, mmap: bool = False) -> Container:
+    """Read a checkpoint file and locate θ in it with `fmt.weight_keys`.
 
     Args:
-        path: a `.pt`/`.pth` file (loaded with `weights_only=True` onto the CPU) or a
-            `.safetensors` file.
+        path: a `.pt`/`.pth` file (loaded with `weights_only=True` onto the CPU; an
+            `argparse.Namespace` inside, such as a training script's `args`, becomes a dict), a
+            `.safetensors` file, or a `.pkl` read through `fmt`'s restricted unpickler.
+        fmt: the family's `Format` (default: `GENERIC`).
         mmap: map `.pt` tensors from the file instead of reading them (pages load on first
             touch). Ignored for `.safetensors`, which `iter_safetensors` streams instead.
 
     Returns:
         A `Container`. Raises `NeonError` (one line) if the file is missing, unreadable, or holds
-        no state dict at any of `WEIGHT_KEYS`.
+        no state dict at any of the format's weight keys.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise NeonError(f"no such checkpoint: {path}")
-    fmt = format_of(path)
+    kind = format_of(path)
     metadata = {}
-    if fmt == "pkl":
-        data = _read_network_pickle(path)
-        return Container(path, fmt, data, _locate(path, data), metadata)
-    if fmt == "safetensors":
-        parsed = _parse_safetensors(path)
-        data, metadata = dict(_read_safetensors(path, parsed, list(parsed[0]))), parsed[1]
+    if kind == "pkl":
+        data = _read_pickle(path, fmt)
+    elif kind == "safetensors":  # plain tensors: θ is the whole file, whatever the format says
+        names, metadata = safetensors_header(path)
+        data = dict(iter_safetensors(path, list(names)))
+        return Container(path, kind, data, locate(path, data, [()]), metadata)
     else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception as e:
-            raise NeonError(f"cannot read checkpoint {path}: {_short(e)}") from None
+        data = _torch_load(path, mmap)
         if not isinstance(data, dict):
-            kind = type(data).__name__
-            raise NeonError(f"cannot read checkpoint {path}: top level is a {kind}, not a dict")
-    return Container(path, fmt, data, _locate(path, data), metadata)
+            raise NeonError(f"cannot read checkpoint {path}: top level is a {type(data).__name__}, not a dict")
+    return Container(path, kind, data, locate(path, data, fmt.weight_keys), metadata)
+
+
+def peek(path: str) -> dict:
+    """The top-level dict of a `.pt`/`.pth` file, tensors memory-mapped (nothing is read until
+    touched), without locating θ: for reading the entries a file records about itself."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise NeonError(f"no such checkpoint: {path}")
+    data = _torch_load(path, mmap=True)
+    return data if isinstance(data, dict) else {}
+
+
+def _torch_load(path: str, mmap: bool = False):
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise NeonError(f"cannot read checkpoint {path}: {_short(e)}") from None
+    return _without_namespaces(data)
+
+
+def _without_namespaces(obj):
+    """`obj` with every argparse.Namespace replaced by the dict of its attributes."""
+    if isinstance(obj, argparse.Namespace):
+        return {k: _without_namespaces(v) for k, v in vars(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _without_namespaces(v) for k, v in obj.items()} if any(
+            isinstance(v, (argparse.Namespace, dict, list)) for v in obj.values()) else obj
+    if isinstance(obj, list):
+        return [_without_namespaces(v) for v in obj]
+    return obj
 
 
 def read_state(path: str) -> dict:
@@ -149,8 +192,10 @@ def read_state(path: str) -> dict:
     return data
 
 
-def _locate(path: str, data: dict) -> tuple[str, ...]:
-    for key in WEIGHT_KEYS:
+def locate(path: str, data: dict, weight_keys: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
+    """The first of `weight_keys` at which `data` holds a state dict; NeonError naming the
+    top-level keys when none does."""
+    for key in weight_keys:
         node = data
         for k in key:
             node = node.get(k) if isinstance(node, Mapping) else None
@@ -291,94 +336,64 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _parse_safetensors(path: str) -> tuple[dict, dict, int]:
-    """Validated header: ({name: (dtype, shape, begin, end)} in data order, metadata, data start)."""
+def _safe_open(path: str):
+    """The safetensors library's reader of `path`, its errors as one-line NeonErrors."""
+    from safetensors import SafetensorError, safe_open
+
     path = os.fspath(path)
     if not os.path.exists(path):
         raise NeonError(f"no such checkpoint: {path}")
-
-    def corrupt(reason):
-        return NeonError(f"cannot read checkpoint {path}: {reason}")
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise corrupt("file is shorter than the 8-byte safetensors header length")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > min(size - 8, _ST_MAX_HEADER):
-            raise corrupt(f"header length {n} does not fit in a {size}-byte file")
-        raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))  # JSON allows the trailing space padding
-    except ValueError as e:
-        raise corrupt(f"header is not JSON ({_short(e)})") from None
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise corrupt("__metadata__ is not a str -> str mapping")
-    data_size = size - 8 - n
-    entries = {}
-    for name, spec in header.items():
-        try:
-            dtype = _ST_DTYPES[spec["dtype"]]
-            shape = tuple(spec["shape"])
-            begin, end = spec["data_offsets"]
-            ok = (all(type(d) is int and d >= 0 for d in shape)
-                  and type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
-                  and end - begin == math.prod(shape) * dtype.itemsize)
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise corrupt(f"bad or truncated header entry for {name!r}: {json.dumps(spec)[:100]}")
-        entries[name] = (dtype, shape, begin, end)
-    # File order is data order (stable, so empty tensors keep their header order).
-    entries = dict(sorted(entries.items(), key=lambda item: item[1][2]))
-    return entries, metadata, 8 + n
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise NeonError(f"cannot read checkpoint {path}: {_short(e)}") from None
 
 
 def safetensors_header(path: str) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict]:
     """Names, dtypes and shapes of a `.safetensors` file, in file order, plus its metadata.
 
-    Reads only the header. Raises `NeonError` if the file is missing or its header is invalid.
+    Reads only the header (through the safetensors library). Raises `NeonError` if the file is
+    missing, its header is invalid, or it holds a dtype torch has no name for here.
     """
-    entries, metadata, _ = _parse_safetensors(path)
-    return {name: (dtype, shape) for name, (dtype, shape, _, _) in entries.items()}, metadata
+    with _safe_open(path) as f:
+        header = {}
+        for name in f.offset_keys():
+            part = f.get_slice(name)
+            code = part.get_dtype()
+            if code not in _ST_DTYPES:
+                raise NeonError(f"cannot read checkpoint {path}: {name!r} has dtype {code}, which neon does not read")
+            header[name] = (_ST_DTYPES[code], tuple(part.get_shape()))
+        return header, dict(f.metadata() or {})
 
 
 def iter_safetensors(path: str, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, tensor)` from a `.safetensors` file, one tensor in memory at a time.
 
-    Each tensor is read with seek + read into its own CPU buffer (no mmap, so resident memory is
-    the tensor being handled, not the file). Order: file order, or the order of `names`. The
-    header is checked (and unknown names refused) when this is called, before any data is read.
+    Each tensor is read by the safetensors library from a mapping opened for it alone and closed
+    before it is yielded, so resident memory is the tensor being handled, not the file (a mapping
+    kept open would keep every page read so far resident). Order: file order, or the order of
+    `names`. The header is checked (and unknown names refused) when this is called, before any
+    data is read.
     """
-    parsed = _parse_safetensors(path)
-    names = list(parsed[0]) if names is None else list(names)
-    unknown = [name for name in names if name not in parsed[0]]
+    header, _ = safetensors_header(path)
+    names = list(header) if names is None else list(names)
+    unknown = [name for name in names if name not in header]
     if unknown:
         raise NeonError(f"{path}: no tensor named {', '.join(unknown[:5])}")
-    return _read_safetensors(path, parsed, names)
+    return _read_safetensors(path, names)
 
 
-def _read_safetensors(path: str, parsed: tuple, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    entries, _, start = parsed
-    with open(path, "rb") as f:
-        for name in names:
-            dtype, shape, begin, end = entries[name]
-            tensor = torch.empty(shape, dtype=dtype)
-            if end > begin:
-                f.seek(start + begin)
-                view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-                while view:  # a single read() returns at most ~2 GiB on Linux
-                    got = f.readinto(view)
-                    if not got:
-                        raise NeonError(f"cannot read checkpoint {path}: data of {name!r} is truncated")
-                    view = view[got:]
-                del view
-            yield name, tensor
-            del tensor  # let the caller's copy be the only reference while the next one is read
+def _read_safetensors(path: str, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+
+    for name in names:
+        try:
+            with _safe_open(path) as f:
+                tensor = f.get_tensor(name)
+        except SafetensorError as e:
+            raise NeonError(f"cannot read checkpoint {path}: {_short(e)}") from None
+        yield name, tensor
+        del tensor  # let the caller's copy be the only reference while the next one is read
 
 
 def write_safetensors(path: str, specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
@@ -457,17 +472,16 @@ def download(url: str, dest_dir: str) -> str:
     return dest
 
 
-# --- EDM/IMM network pickles ------------------------------------------------------------------
+# --- restricted unpickling ---------------------------------------------------------------------
 #
-# NVlabs' network pickles (`edm-*.pkl`, `Neon_EDM_*.pkl`, IMM's) store every network object as a
-# call of `torch_utils.persistence._reconstruct_persistent_obj(meta)`, where `meta` carries the
-# source code of the defining module, executed by upstream's loader. Ours never runs it: the
-# unpickler below resolves only an allowlist of globals (the arcee-ai/mergekit `lazy_unpickle`
-# pattern), turns each persistent object into a record of its class name and `__dict__`, and walks
-# those records into a state dict plus the constructor kwargs (`_init_kwargs`) our own classes take.
+# A `.pkl` is read by an unpickler that resolves only an allowlist of globals (the arcee-ai/mergekit
+# `lazy_unpickle` pattern): tensor rebuilding and plain containers here, plus what the family's
+# `Format.pickle_globals` adds. A family maps the classes its pickles name to `Record` types, so
+# their objects arrive as data (class name + state) and no constructor, `__reduce__` or code
+# carried by the file ever runs; its `from_pickle` then turns those records into plain dicts.
 
 
-class _Record:
+class Record:
     """A pickled object as data: `class_name` and the `state` (its __dict__) it was pickled with."""
 
     class_name = ""
@@ -475,14 +489,14 @@ class _Record:
     def __init__(self, class_name: str = "", state: dict | None = None):
         self.class_name, self.state = class_name or type(self).class_name, state if state is not None else {}
 
-    def __setstate__(self, state):  # ordinary objects (torch's ModuleDict) arrive by NEWOBJ + BUILD
+    def __setstate__(self, state):  # objects built by NEWOBJ + BUILD (torch's ModuleDict, ...)
         self.state = state
 
 
-def _reconstruct_persistent_obj(meta):
-    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
-        raise pickle.UnpicklingError("malformed persistent object record")
-    return _Record(str(meta.get("class_name", "")), meta["state"])
+def record_class(name: str) -> type:
+    """A `Record` type standing for class `name`: allowlist it for a global whose instances
+    should arrive as data."""
+    return type(name, (Record,), {"class_name": name})
 
 
 def _load_storage(data: bytes):
@@ -490,8 +504,7 @@ def _load_storage(data: bytes):
 
 
 _NUMPY_SCALAR = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
-_PICKLE_GLOBALS = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+TENSOR_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
@@ -500,31 +513,39 @@ _PICKLE_GLOBALS = {
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "scalar"): _NUMPY_SCALAR,
     ("numpy._core.multiarray", "scalar"): _NUMPY_SCALAR,
-    **{("torch.nn.modules.container", name): type(name, (_Record,), {"class_name": name})
-       for name in ("ModuleDict", "ModuleList", "Sequential")},
 }
 
 
-class _NetworkUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, allowed: Mapping[tuple[str, str], object]):
+        super().__init__(file)
+        self.allowed = allowed
+
     def find_class(self, module, name):
-        if (module, name) in _PICKLE_GLOBALS:
-            return _PICKLE_GLOBALS[(module, name)]
-        raise pickle.UnpicklingError(f"refused {module}.{name}: not on the allowlist of network pickles")
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        raise pickle.UnpicklingError(f"refused {module}.{name}: not on the allowlist of this family's pickles")
 
 
-def _plain(value):
-    """Record kwargs as JSON-able Python values (numpy scalars → numbers, tuples → lists)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
+def _read_pickle(path: str, fmt: Format) -> dict:
+    """A `.pkl` as the plain dict `fmt.from_pickle` makes of it."""
+    try:
+        with open(path, "rb") as f:
+            raw = _RestrictedUnpickler(f, {**TENSOR_GLOBALS, **fmt.pickle_globals}).load()
+        if fmt.from_pickle is None:
+            raise NeonError(f"cannot read network pickle {path}: no family format given for .pkl files "
+                            f"(pass --family)")
+        data = fmt.from_pickle(raw)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, RuntimeError, KeyError) as e:
+        raise NeonError(f"cannot read network pickle {path}: {_short(e)}") from None
+    if not isinstance(data, dict):
+        raise NeonError(f"cannot read network pickle {path}: top level is a {type(data).__name__}, not a dict")
+    return data
 
 
-def _state_dict_of(record: _Record, prefix: str = "", out: dict | None = None) -> dict:
-    """The state dict of a recorded torch module, keys in `state_dict()` order."""
+def module_state_dict(record: Record, prefix: str = "", out: dict | None = None) -> dict:
+    """The state dict of a recorded torch module (its `_parameters`, persistent `_buffers` and
+    `_modules`, recursively), keys in `state_dict()` order."""
     out = {} if out is None else out
     state = record.state
     for name, tensor in state.get("_parameters", {}).items():
@@ -536,36 +557,18 @@ def _state_dict_of(record: _Record, prefix: str = "", out: dict | None = None) -
             out[prefix + name] = tensor
     for name, child in state.get("_modules", {}).items():
         if child is not None:
-            if not isinstance(child, _Record):
+            if not isinstance(child, Record):
                 raise pickle.UnpicklingError(f"unexpected module {prefix + name} of type {type(child).__name__}")
-            _state_dict_of(child, f"{prefix}{name}.", out)
+            module_state_dict(child, f"{prefix}{name}.", out)
     return out
 
 
-def _read_network_pickle(path: str) -> dict:
-    """An NVlabs network pickle as plain data: each network (e.g. `ema`) becomes its state dict, and
-    `arch` holds the class name and `_init_kwargs` of `ema` (or of the first network); other
-    persistent objects (`augment_pipe`, `loss_fn`) become their `_init_kwargs`."""
-    try:
-        with open(path, "rb") as f:
-            raw = _NetworkUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, RuntimeError) as e:
-        raise NeonError(f"cannot read network pickle {path}: {_short(e)}") from None
-    if not isinstance(raw, Mapping):
-        raise NeonError(f"cannot read network pickle {path}: top level is a {type(raw).__name__}, not a dict")
-    data, arch = {}, None
-    for key, value in raw.items():
-        if isinstance(value, _Record) and "_parameters" in value.state:
-            try:
-                data[key] = _state_dict_of(value)
-            except pickle.UnpicklingError as e:
-                raise NeonError(f"cannot read network pickle {path}: {e}") from None
-            if arch is None or key == "ema":
-                arch = {"class_name": value.class_name, **_plain(value.state.get("_init_kwargs", {}))}
-        elif isinstance(value, _Record):
-            data[key] = _plain(value.state.get("_init_kwargs", {}))
-        else:
-            data[key] = _plain(value)
-    if arch is not None:
-        data["arch"] = arch
-    return data
+def plain(value):
+    """Recorded values as JSON-able Python values (numpy scalars → numbers, tuples → lists)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    return value

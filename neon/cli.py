@@ -20,23 +20,25 @@ import sys
 import torch
 
 from neon import checkpoint, config, diagnose, distributed, family, finetune, log, merge, sweep, synthetic
-from neon.errors import NeonError
+from neon.errors import NeonError, run_command
 from neon.metrics import fid, inception
 
-SECTIONS = ("family", "model", "sampler", "synthetic", "finetune", "sweep", "fid")
+SECTIONS = ("family", "deterministic", "model", "sampler", "synthetic", "finetune", "sweep", "fid")
 
 # flag -> recipe key, per verb (flag names as in the README so recipes and docs agree)
 SAMPLE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "out": "synthetic.out", "num": "synthetic.num",
                 "batch_size": "synthetic.batch_size", "seed": "synthetic.seed_base",
-                "shard_size": "synthetic.shard_size"}
+                "shard_size": "synthetic.shard_size", "deterministic": "deterministic"}
 FINETUNE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "data": "finetune.data", "out": "finetune.out",
                   "images": "finetune.total_images", "batch_size": "finetune.batch_size", "lr": "finetune.lr",
                   "ramp_images": "finetune.ramp_images", "ema_beta": "finetune.ema_beta",
-                  "snapshot_every": "finetune.snapshot_every_images", "precision": "finetune.precision"}
+                  "snapshot_every": "finetune.snapshot_every_images", "precision": "finetune.precision",
+                  "deterministic": "deterministic"}
 SWEEP_FLAGS = {"family": "family", "base": "model.ckpt", "self_trained": "sweep.self_trained", "w": "sweep.w",
                "cfg": "sweep.cfg", "num": "sweep.num", "final_num": "sweep.final_num", "out": "sweep.out",
                "ref": "sweep.ref", "batch_size": "sweep.batch_size", "inception_weights": "fid.inception_weights",
-               "inception_score": "sweep.inception_score", "pr": "sweep.precision_recall"}
+               "inception_score": "sweep.inception_score", "pr": "sweep.precision_recall",
+               "deterministic": "deterministic"}
 # fid-stats and fid read only the recipe's `fid` section (they need no family)
 FID_FLAGS = {"inception_weights": "fid.inception_weights", "batch_size": "fid.batch_size"}
 
@@ -47,6 +49,7 @@ class Recipe:
 
     family: str
     model: family.ModelConfig
+    deterministic: bool = False
     sampler: object = None
     synthetic: synthetic.SyntheticConfig | None = None
     finetune: finetune.FinetuneConfig | None = None
@@ -63,13 +66,17 @@ def build_recipe(raw: dict, sections=SECTIONS) -> Recipe:
     if not raw.get("family"):
         raise NeonError("family (--family) is required")
     fam = family.get(raw["family"])
-    raw = {k: dict(v or {}) if k != "family" else v for k, v in raw.items()}
+    deterministic = raw.get("deterministic", False)
+    if not isinstance(deterministic, bool):
+        raise NeonError(f"deterministic: expected true or false, got {deterministic!r}")
+    raw = {k: dict(v or {}) if k not in ("family", "deterministic") else v for k, v in raw.items()}
     ft, sw = raw.setdefault("finetune", {}), raw.setdefault("sweep", {})
     if ft.get("data") is None and raw.get("synthetic", {}).get("out"):
         ft["data"] = raw["synthetic"]["out"]
     if sw.get("self_trained") is None and ft.get("out"):
         sw["self_trained"] = ft["out"]
-    built = {"family": raw["family"], "model": config.build(family.ModelConfig, raw.get("model"), "model")}
+    built = {"family": raw["family"], "deterministic": deterministic,
+             "model": config.build(family.ModelConfig, raw.get("model"), "model")}
     types = {"sampler": fam.Sampler, "synthetic": synthetic.SyntheticConfig,
              "finetune": finetune.FinetuneConfig, "sweep": sweep.SweepConfig, "fid": inception.FidConfig}
     for name in sections:
@@ -88,20 +95,6 @@ def main(argv=None) -> None:
     run_command(lambda: args.run(args, _dotted(extra, parser)))
 
 
-def run_command(body) -> None:
-    """Run `body()` as a command (the verbs here, the families' calculate_fid.py): logging, the
-    process group under torchrun, and a NeonError printed as one line `error: …` with exit code 2."""
-    try:
-        log.setup()
-        distributed.init()
-        body()
-    except NeonError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        distributed.shutdown()
-
-
 def cmd_sample(args, overrides):
     recipe = _recipe(args, overrides, SAMPLE_FLAGS, ("sampler", "synthetic"))
     conf = recipe.synthetic
@@ -110,7 +103,7 @@ def cmd_sample(args, overrides):
     fam, model = _load(recipe)
     base_sha = distributed.broadcast_object(checkpoint.sha256(recipe.model.ckpt) if distributed.is_main() else None)
     with log.progress(total=conf.num, unit="sample", desc="sample") as bar:
-        for count in synthetic.write(fam, model, recipe.sampler, conf, recipe.family, base_sha):
+        for count in synthetic.write(fam, model, recipe.sampler, conf, fam.name, base_sha):
             bar.update(count)
     _save_resolved(conf.out, recipe)
     _say(f"synthetic set of {conf.num} samples in {conf.out}")
@@ -127,7 +120,7 @@ def cmd_finetune(args, overrides):
     log.setup(conf.out)
     last = None
     with log.progress(total=conf.total_images, unit="img", desc="finetune") as bar:
-        for last in finetune.run(fam, model, conf, recipe.family):
+        for last in finetune.run(fam, model, conf, fam.name):
             bar.update(conf.batch_size)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
     _say(f"fine-tuned to {conf.total_images} images; snapshots in {conf.out}"
@@ -137,17 +130,20 @@ def cmd_finetune(args, overrides):
 def cmd_merge(args, overrides):
     if overrides:
         raise NeonError(f"neon merge takes no recipe overrides (got {', '.join(overrides)})")
-    base = args.base
-    if base is None and args.config:
-        base = config.load_yaml(args.config).get("model", {}).get("ckpt")
+    base, name = args.base, args.family
+    if args.config:
+        raw = config.load_yaml(args.config)
+        base = base if base is not None else (raw.get("model") or {}).get("ckpt")
+        name = name if name is not None else raw.get("family")
     if args.dry_run:
-        print(json.dumps({"base": base, "self_trained": args.self_trained, "w": args.w, "out": args.out,
-                          "format": args.format}))
+        print(json.dumps({"family": name, "base": base, "self_trained": args.self_trained, "w": args.w,
+                          "out": args.out, "format": args.format}))
         return
     _need(base=base, self=args.self_trained, w=args.w, out=args.out)
     if distributed.world() > 1:
         raise NeonError("neon merge runs in one process; launch it without torchrun")
-    merge.merge_files(base, args.self_trained, args.w, args.out, args.format)
+    fam = family.get(name) if name else None  # else found from the base (neon.family.detect)
+    merge.merge_files(base, args.self_trained, args.w, args.out, args.format, family=fam)
     _say(f"wrote {args.out} = (1 + {args.w}) base − {args.w} self_trained")
 
 
@@ -156,25 +152,15 @@ def cmd_sweep(args, overrides):
     conf = recipe.sweep
     if _dry_run(args, recipe) or not _need(base=recipe.model.ckpt, self=conf.self_trained):
         return
-    inception.configure(recipe.fid)  # for image families, whose `features` are Inception's
     fam, model = _load(recipe)
-    out = sweep.output_dir(conf)
-    _save_resolved(out, recipe)
-    for record in sweep.run(fam, model, recipe.model.ckpt, recipe.sampler, conf):
-        _say(json.dumps(record), err=True)
-    records = sweep.load_results(out)
-    best = sweep.best_point(records, conf)
-    summary = {"best_snapshot": best["snapshot"], "best_w": best["w"], "best_cfg": best["cfg"],
-               "best_fid": best["fid"], "results": os.path.join(out, sweep.RESULTS)}
-    finals = {(r["snapshot"], r["w"]): r for r in records if r["seeds"][0] == conf.final_seed_base
-              and r["num"] == conf.final_num and r["cfg"] == best["cfg"]}
-    if conf.final_num:
-        for name, point in (("base", (sweep.BASE, 0.0)), ("best", (best["snapshot"], best["w"]))):
-            final = finals.get(point, {})
-            for metric in ("fid", "is", "is_std", "precision", "recall"):
-                if metric == "fid" or metric in final:
-                    summary[f"final_{name}_{metric}"] = final.get(metric)
-    _say(json.dumps(summary))
+    _save_resolved(sweep.output_dir(conf), recipe)
+    steps = sweep.run(fam, model, recipe.model.ckpt, recipe.sampler, conf, recipe.fid)
+    while True:
+        try:
+            _say(json.dumps(next(steps)), err=True)
+        except StopIteration as done:
+            _say(json.dumps(done.value))
+            break
 
 
 def cmd_fid_stats(args, overrides):
@@ -210,7 +196,7 @@ def cmd_diagnose(args, overrides):
         raise NeonError("neon diagnose runs in one process; launch it without torchrun")
     fam, model = _load(recipe)
     data = synthetic.read(args.synthetic)
-    result = diagnose.run(fam, model, _real_data(fam, args.real, args.seed), (data.samples, data.labels), conf)
+    result = diagnose.run(fam, model, _real_data(fam, args.real, args.seed), (data, data.labels), conf)
     lo, hi = result["low"], result["high"]
     _say(f"cos_P = {result['cos_p']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}] "
          f"({'negative' if result['cos_p'] < 0 else 'positive'}): {diagnose.ADVICE[result['advice']]}")
@@ -230,7 +216,7 @@ def _real_data(fam, spec: str, seed: int):
             raise NeonError(f"--real {spec}: expected {fam.name}:N with N a number of points") from None
     if os.path.exists(os.path.join(spec, synthetic.MANIFEST)):
         data = synthetic.read(spec)
-        return data.samples, data.labels
+        return data, data.labels
     from neon.metrics import images
 
     src = images.source(spec)
@@ -269,22 +255,24 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     p = verb("sample", cmd_sample, "draw the synthetic set S from the base model (resumable)")
-    _flags(p, family="registry name", ckpt="base checkpoint", out="output directory",
+    _flags(p, family="family name or package.module:attribute", ckpt="base checkpoint", out="output directory",
            num=(int, "number of samples"), batch_size=(int, "samples per call and process"),
            seed=(int, "seed of sample 0"), shard_size=(int, "samples per shard file"))
+    _deterministic_flag(p)
     p = verb("finetune", cmd_finetune, "fine-tune a copy of the base on S (resumable)")
-    _flags(p, family="registry name", ckpt="base checkpoint", data="synthetic set directory",
+    _flags(p, family="family name or package.module:attribute", ckpt="base checkpoint", data="synthetic set directory",
            out="run directory", images=(int, "total images"), batch_size=(int, "global batch size"),
            lr=(float, "learning rate"), ramp_images=(int, "linear lr ramp length in images"),
            ema_beta=(float, "per-step EMA decay"), snapshot_every=(int, "snapshot interval in images"),
            precision="fp32 | bf16 | fp16")
+    _deterministic_flag(p)
     p = verb("merge", cmd_merge, "write θ_neon = (1 + w) base − w self_trained")
-    _flags(p, base="base checkpoint", self_trained=(str, "self-trained snapshot", "--self"),
+    _flags(p, family="family name or package.module:attribute (default: found from the base)", base="base checkpoint", self_trained=(str, "self-trained snapshot", "--self"),
            w=(float, "extrapolation weight"), out="output file")
     p.add_argument("--format", choices=("same", "safetensors"), default="same",
                    help="the base's container (default) or plain safetensors")
     p = verb("sweep", cmd_sweep, "choose w (and cfg) by FID over snapshots")
-    _flags(p, family="registry name", base="base checkpoint",
+    _flags(p, family="family name or package.module:attribute", base="base checkpoint",
            self_trained=(str, "snapshots: glob pattern or run directory", "--self"),
            w="grid start:stop:step or a,b,c", cfg=(float, "guidance scales", None, "+"),
            num=(int, "samples per evaluation"), final_num=(int, "samples of the final report"),
@@ -292,6 +280,7 @@ def _parser() -> argparse.ArgumentParser:
            batch_size=(int, "samples per call and process"))
     p.add_argument("--inception-weights", help="InceptionV3 weights for image families (fid.inception_weights)")
     _metric_flags(p, "of the final report's two points (sweep.inception_score, sweep.precision_recall)")
+    _deterministic_flag(p)
     p = verb("fid-stats", cmd_fid_stats, "write reference statistics (mu, sigma of Inception features) of images")
     _flags(p, images="a folder of PNG/JPEG, an .npz of uint8 [N,H,W,3] images or a synthetic set",
            out="output .npz", inception_weights="InceptionV3 weights file (default: checkpoints/ or download)",
@@ -303,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
            batch_size=(int, "images per Inception forward and process"))
     _metric_flags(p, "of the images")
     p = verb("diagnose", cmd_diagnose, "will Neon help, and with which sign of w? cos_P of real vs synthetic gradients")
-    _flags(p, family="registry name", ckpt="base checkpoint",
+    _flags(p, family="family name or package.module:attribute", ckpt="base checkpoint",
            real="real data: toy:N, a synthetic set, or an image folder/.npz (class-conditional models need "
                 "labels: an .npz with a `labels` array)", synthetic="synthetic set directory")
     p.add_argument("--batches", type=int, default=16, help="batches per side (bootstrap units)")
@@ -331,6 +320,12 @@ def _metric_flags(parser, of: str) -> None:
     parser.add_argument("--pr", "--precision-recall", dest="pr", metavar="REAL_SRC",
                         help=f"also precision/recall (k=5) {of} against these real images (spell it "
                              f"--precision-recall under torchrun)")
+
+
+def _deterministic_flag(parser) -> None:
+    parser.add_argument("--deterministic", action="store_true", default=None,
+                        help="bitwise reruns on GPU: deterministic algorithms, no cuDNN autotuning (slower; "
+                             "recipe key `deterministic`)")
 
 
 def _dotted(extra: list[str], parser) -> list[tuple[str, str]]:
@@ -366,7 +361,10 @@ def _recipe(args, overrides, flags, sections) -> Recipe:
 
 
 def _load(recipe: Recipe):
-    """The recipe's family and its base model on this rank's device."""
+    """The recipe's family and its base model on this rank's device (in deterministic mode first,
+    when the recipe asks for it)."""
+    if recipe.deterministic:
+        distributed.deterministic()
     fam = family.get(recipe.family)
     return fam, fam.load(recipe.model.ckpt, recipe.model.arch, distributed.device(), codec=recipe.model.codec)
 

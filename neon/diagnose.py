@@ -52,20 +52,24 @@ class DiagnoseConfig:
             raise NeonError(f"diagnose: preconditioner must be pooled, real or synthetic, got {self.preconditioner!r}")
 
 
-def batch_gradients(family, model, samples: torch.Tensor, labels: torch.Tensor, batches: int, repeats: int,
+def batch_gradients(family, model, samples, labels: torch.Tensor, batches: int, repeats: int,
                     seed: int) -> torch.Tensor:
     """float32 [batches, P]: the flattened gradient of the family's loss on each of `batches` equal
-    parts of the data at the model's current weights (random draws of batch k from seed + k)."""
+    parts of the data at the model's current weights (random draws of batch k from seed + k).
+    `samples`: a tensor in the family's sample format, or a `neon.synthetic.SyntheticSet`, read one
+    batch at a time."""
     if len(samples) < batches:
         raise NeonError(f"diagnose: {len(samples)} samples cannot make {batches} batches")
-    net = family.trainable(model)
+    net = model.net
     params = [p for p in net.parameters()]
     was_training = net.training
     net.train().requires_grad_(True)
     device = params[0].device
     grads = []
-    for k, (x, y) in enumerate(zip(samples.chunk(batches), labels.chunk(batches))):
-        x, y = x.clone(), y.clone()  # samples drawn in inference mode cannot enter autograd as they are
+    parts = torch.arange(len(samples)).chunk(batches)
+    for k, index in enumerate(parts):
+        x = samples[index] if isinstance(samples, torch.Tensor) else samples.read(index)
+        x, y = x.clone(), labels[index].clone()  # samples drawn in inference mode cannot enter autograd as they are
         generator = torch.Generator().manual_seed(seed + k)
         net.zero_grad(set_to_none=True)
         for _ in range(repeats):

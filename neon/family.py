@@ -1,47 +1,54 @@
-"""The Family protocol and the registry of family names.
+"""The Family protocol, the lookup of families, and the one path by which θ is read and written.
 
 A family adapts one model family (EDM, VAR, xAR, IMM, the toy) to the core. It is a
-`typing.Protocol`, with no shared implementation (the template is torchtune's
-`recipe_interfaces.py`): helpers two families need live in `neon/` as functions.
+`typing.Protocol` with no shared implementation (the template is torchtune's
+`recipe_interfaces.py`), holding only what the core calls; helpers two families need live in `neon/`
+as functions. Families are found, not listed: the project's own are entry points of the group
+`neon.families` (pyproject.toml), and `--family package.module:attribute` loads any other, so a
+family joins without an edit under `neon/`.
 
 Contracts every family keeps:
-* it never imports `torch.distributed`, never prints, and writes files only in `save`;
-* every random draw of sample i comes from a generator seeded with `seeds[i]`, so a sample does not
-  depend on its batch, its rank or the world size;
-* `weights(container)` has exactly the keys of `trainable(model).state_dict()`, and
-  `trainable(model)` is `model.net` (the core wraps it in DDP for fine-tuning);
-* `Sampler` is a frozen dataclass of sampler settings, the recipe's `sampler` section.
-
-The registry below is the only place in the core where family names appear.
+* it never imports `torch.distributed`, never prints and writes no files: the core writes θ through
+  `write_checkpoint`, in the container the family's `container` builds;
+* determinism, in three levels (README, "Determinism"):
+  - bitwise: the same seeds in the same batches, on the same kind of device with the same threads
+    per process, give the same bytes, for 1 or N processes, resumed or not;
+  - per seed: every random draw of sample i (latents, noise, labels, token draws) depends on
+    `seeds[i]` alone, bitwise, whatever the batch;
+  - across batch compositions and thread counts, continuous outputs agree within float tolerance
+    only (kernels block by batch size and CPU), and a discrete sampler may pick another token where
+    two logits tie to the last bit;
+* `Sampler` is a frozen dataclass of sampler settings, the recipe's `sampler` section; a guidance
+  scale, where there is one, is its field `cfg` (the sweep searches it);
+* θ, the weights that are fine-tuned and merged, is `model.net`'s state dict (the core wraps
+  `model.net` in DDP for fine-tuning), read from a file at the first of `format.weight_keys` that
+  holds a state dict: the EMA where there is one.
 """
 
 import dataclasses
 import importlib
-from typing import Any, Protocol
+import importlib.metadata
+from typing import Protocol
 
-import numpy as np
 import torch
 
+from neon import checkpoint
 from neon.errors import NeonError
 
-# name -> "module:attribute" of the family object. A family joins by adding one line.
-REGISTRY = {
-    "toy": "neon.toy.family:family",
-    "edm": "edm.family:family",
-    "var": "VAR.family:family",
-}
+GROUP = "neon.families"  # the entry-point group of pyproject.toml
 
 
 @dataclasses.dataclass(frozen=True)
 class Model:
     """A loaded generator.
 
-    net: the network that is fine-tuned and merged (θ).
+    net: the network that is fine-tuned and merged (θ is its state dict).
     codec: frozen tokenizer/VAE, or None.
     image_size: output resolution in pixels, or None for non-image families (the toy).
     num_classes: number of class labels, 0 when unconditional.
     arch: JSON-able constructor kwargs of `net` (stored in checkpoints as 'arch').
-    extras: JSON-able family settings that are not constructor kwargs (e.g. EDM's augment pipe).
+    extras: JSON-able family settings that are not constructor kwargs (e.g. EDM's augment pipe),
+        carried from the base's file into the files the core writes.
     """
 
     net: torch.nn.Module
@@ -57,7 +64,7 @@ class ModelConfig:
     """The recipe's `model` section."""
 
     ckpt: str | None = None
-    """Path of the base checkpoint θ (any container `neon.checkpoint.read` understands)."""
+    """Path of the base checkpoint θ (any container of the family's format)."""
     arch: str | None = None
     """A named architecture preset of the family, for checkpoints that do not carry their kwargs."""
     codec: str | None = None
@@ -65,48 +72,117 @@ class ModelConfig:
 
 
 class Family(Protocol):
+    """What the core calls. Optional members, with the core's defaults when a family has none:
+    `features(samples) -> float64 [B, D]` (default: Inception pool features, `neon.metrics`),
+    `reference() -> (mu, sigma)` (default: none, the user passes `--ref`) and
+    `real(num, seed) -> (samples, labels)` (the `--real NAME:N` source of `neon diagnose`). Only the
+    toy, whose samples are points, defines them."""
+
     name: str
+    """The entry-point name ("edm", "var", "xar", "imm", "toy"), recorded in the files the core writes."""
     Sampler: type
+    """Frozen dataclass of sampler settings; a guidance scale is the field `cfg`."""
+    format: checkpoint.Format
+    """Where θ sits in the family's containers, its pickle allowlist (`neon.checkpoint.Format`)."""
 
     def tiny(self, seed: int) -> Model:
         """A model of at most ~1M parameters that runs every code path of the real one."""
 
     def load(self, path: str, arch: str | None, device: torch.device, codec: str | None = None) -> Model:
         """The full generator (net + frozen codec, read from `codec` where the family keeps it
-        apart) from a checkpoint, in eval mode, strict load."""
+        apart) from a checkpoint (θ through `read_checkpoint`), in eval mode, strict load."""
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler) -> torch.Tensor:
         """Draw one sample per seed. labels: int64 [B] (−1 = unconditional); seeds: int64 [B].
         Returns uint8 [B,3,H,W] images (the toy: float32 [B,2] points). Runs in inference mode."""
 
-    def trainable(self, model: Model) -> torch.nn.Module:
-        """The module that is fine-tuned and merged (`model.net`)."""
-
     def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
         """The ordinary training loss (a scalar) on a batch in `sample`'s format; random draws
-        (noise levels, noise, label drop) come from `generator`."""
+        (noise levels, noise, label drop) come from `generator` (a CPU generator)."""
 
-    def weights(self, container) -> dict[str, torch.Tensor]:
-        """θ from a checkpoint container (the EMA where there is one)."""
-
-    def save(self, state_dict: dict[str, torch.Tensor], path: str, like) -> None:
-        """Write θ in the family's native container, shaped like container `like` (or a fresh one
-        when `like` is None), through `neon.checkpoint`."""
-
-    def features(self, samples: torch.Tensor) -> torch.Tensor:
-        """Features the sweep's Fréchet distance is computed on: float64 [B, D]."""
-
-    def reference(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Built-in reference statistics (mu [D], sigma [D,D]), or None when a file is needed."""
+    def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:
+        """A fresh checkpoint of the family's own layout holding `state_dict` as θ, with what
+        `load` needs besides (arch, extras): what fine-tune snapshots are written as."""
 
 
-def get(name: str) -> Any:
-    """The family registered as `name`; NeonError for an unknown name."""
-    if name not in REGISTRY:
-        raise NeonError(f"unknown family {name!r} (known: {', '.join(sorted(REGISTRY))})")
-    module, attr = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+def names() -> list[str]:
+    """The installed families' names (entry points of `neon.families`)."""
+    return sorted({entry.name for entry in importlib.metadata.entry_points(group=GROUP)})
+
+
+def get(spec: str):
+    """The family `spec` names: an installed entry point ("edm") or "package.module:attribute"
+    (a family defined anywhere). NeonError when it cannot be found."""
+    if ":" in spec:
+        module, _, attr = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise NeonError(f"cannot load family {spec!r}: {e}") from None
+    found = [entry for entry in importlib.metadata.entry_points(group=GROUP) if entry.name == spec]
+    if not found:
+        raise NeonError(f"unknown family {spec!r} (installed: {', '.join(names()) or 'none'}; "
+                        f"or give package.module:attribute)")
+    return found[0].load()
+
+
+def read_checkpoint(fam, path: str, mmap: bool = False) -> checkpoint.Container:
+    """A checkpoint of family `fam`, θ located by its format: `.weights` is θ. Everything that
+    reads θ (the family's `load`, the sweep, `neon merge`) reads it here."""
+    return checkpoint.read(path, fam.format, mmap=mmap)
+
+
+def write_checkpoint(fam, state_dict: dict[str, torch.Tensor], path: str, like, format: str = "same",
+                     **extra) -> None:
+    """Write θ = `state_dict` atomically: in the layout of container `like` (a `Container`: its other
+    entries kept; `format='safetensors'` writes plain tensors instead), or, for a `Model`, in the
+    family's fresh container, with `extra` entries added (fine-tune snapshots record `family` and
+    `images_seen`). Everything that writes θ writes it here."""
+    if isinstance(like, Model):
+        data = fam.container(like, state_dict)
+        clash = sorted(k for k in set(data) & set(extra) if data[k] != extra[k])
+        if clash:
+            raise ValueError(f"family {fam.name!r}: its container holds other values under {clash}")
+        checkpoint.write({**data, **extra}, path)
+    else:
+        checkpoint.write_like(like, state_dict, path, format)
+
+
+def detect(path: str, spec: str | None = None):
+    """The family of checkpoint `path` for commands that take no --family (`neon merge`): `spec`
+    when given, else the `family` a file of ours records, else the one installed family whose
+    format reads the file (families that read it at the same place agree). NeonError otherwise."""
+    if spec:
+        return get(spec)
+    if checkpoint.format_of(path) == "pt":
+        recorded = checkpoint.peek(path).get("family")
+        if isinstance(recorded, str):
+            if recorded not in names():
+                raise NeonError(f"{path} is a checkpoint of family {recorded!r}, which is not installed; "
+                                f"pass --family package.module:attribute")
+            return get(recorded)
+    readers = {}
+    for name in names():
+        fam = get(name)
+        try:
+            readers[name] = (fam, read_checkpoint(fam, path, mmap=True).weights_key)
+        except NeonError:
+            continue
+    if not readers:
+        raise NeonError(f"{path}: no installed family reads this file; pass --family")
+    if len({key for _, key in readers.values()}) > 1:
+        raise NeonError(f"{path}: families {', '.join(sorted(readers))} read θ from different places; pass --family")
+    return next(iter(readers.values()))[0]
+
+
+def load_weights(module: torch.nn.Module, state_dict: dict, path: str, what: str, assign: bool = False) -> None:
+    """`module.load_state_dict(state_dict, strict=True)`, a mismatch reported as one line naming
+    the file and what it should have fitted (`what`, e.g. "EDMPrecond")."""
+    try:
+        module.load_state_dict(state_dict, strict=True, assign=assign)
+    except RuntimeError as e:
+        raise NeonError(f"{path} does not fit {what}: {str(e).splitlines()[0]}") from None
 
 
 def arch_kwargs(container, arch: str | None, presets: dict, family_name: str) -> dict | None:

@@ -20,6 +20,7 @@ import os
 import torch
 
 from neon import checkpoint, config, distributed, synthetic
+from neon import family as neon_family
 from neon.errors import NeonError
 
 logger = logging.getLogger(__name__)
@@ -109,24 +110,27 @@ def snapshots(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern))
 
 
-def run(family, model, conf: FinetuneConfig, family_name: str):
-    """Collective: fine-tune `family.trainable(model)` on the synthetic set `conf.data`, writing
-    snapshots and the training state into `conf.out`; resumes from `conf.out/state-latest.pt`.
+def run(family, model, conf: FinetuneConfig, family_name: str | None = None):
+    """Collective: fine-tune `model.net` on the synthetic set `conf.data`, writing snapshots and the
+    training state into `conf.out`; resumes from `conf.out/state-latest.pt`.
 
+    Snapshots hold θ (the EMA when one is kept, else the trained weights) in the family's own
+    container (`neon.family.write_checkpoint`), plus `family` and `images_seen`.
     Yields one dict per optimizer step: images_seen, loss (this rank's), lr, and snapshot (path or
     None). The model's weights are modified in place.
     """
+    family_name = family_name or family.name
     if not conf.data or not conf.out:
         raise NeonError("finetune.data (--data) and finetune.out (--out) are required")
     data = synthetic.read(conf.data)
+    if len(data) == 0:
+        raise NeonError(f"{conf.data} holds no samples to fine-tune on")
     if data.manifest["family"] != family_name:
         raise NeonError(f"{conf.data} was drawn from family {data.manifest['family']!r}, not {family_name!r}")
     world, rank = distributed.world(), distributed.rank()
     if conf.batch_size % world:
         raise NeonError(f"finetune.batch_size={conf.batch_size} is not divisible by {world} processes")
-    net = family.trainable(model)
-    if net is not model.net:
-        raise NeonError(f"family {family_name!r}: trainable(model) must be model.net")
+    net = model.net
     device = next(net.parameters()).device
     net.train().requires_grad_(True)
     ema = copy.deepcopy(net).eval().requires_grad_(False) if conf.has_ema else None
@@ -144,7 +148,7 @@ def run(family, model, conf: FinetuneConfig, family_name: str):
     train_model = dataclasses.replace(model, net=ddp_net)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(conf.precision)
     local = conf.batch_size // world
-    order = _DataOrder(len(data.seeds), conf.seed)
+    order = _DataOrder(len(data), conf.seed)
 
     while images_seen < conf.total_images:
         step = images_seen // conf.batch_size
@@ -156,7 +160,7 @@ def run(family, model, conf: FinetuneConfig, family_name: str):
         torch.manual_seed(step_seed)  # dropout / drop-path inside the network draw from the global RNG
         generator = torch.Generator().manual_seed(step_seed)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = family.loss(train_model, data.samples[indices].to(device), data.labels[indices].to(device), generator)
+            loss = family.loss(train_model, data.read(indices).to(device), data.labels[indices].to(device), generator)
         scaler.scale(loss).backward()
         if conf.grad_clip is not None:
             scaler.unscale_(opt)
@@ -174,7 +178,7 @@ def run(family, model, conf: FinetuneConfig, family_name: str):
         images_seen += conf.batch_size
         snapshot = None
         if images_seen // every > (images_seen - conf.batch_size) // every or images_seen >= conf.total_images:
-            snapshot = _save(conf.out, family_name, model, net, ema, opt, scaler, images_seen, identity, loss)
+            snapshot = _save(conf.out, family, family_name, model, net, ema, opt, scaler, images_seen, identity, loss)
         yield {"images_seen": images_seen, "loss": loss.item(), "lr": lr, "snapshot": snapshot}
     net.eval().requires_grad_(False)
 
@@ -234,15 +238,12 @@ def _resume(out, identity, net, ema, opt, scaler) -> int:
     return state["images_seen"]
 
 
-def _save(out, family_name, model, net, ema, opt, scaler, images_seen, identity, loss) -> str:
+def _save(out, family, family_name, model, net, ema, opt, scaler, images_seen, identity, loss) -> str:
     """Rank 0 writes the snapshot and then the training state; every rank waits for it."""
     path = os.path.join(out, snapshot_name(images_seen))
     if distributed.is_main():
-        snapshot = {"family": family_name, "arch": model.arch, "images_seen": images_seen,
-                    "model": _cpu(net.state_dict())}
-        if ema is not None:
-            snapshot["ema"] = _cpu(ema.state_dict())
-        checkpoint.write(snapshot, path)
+        theta = _cpu((ema if ema is not None else net).state_dict())
+        neon_family.write_checkpoint(family, theta, path, like=model, family=family_name, images_seen=images_seen)
         checkpoint.write({"images_seen": images_seen, "identity": identity, "net": _cpu(net.state_dict()),
                           "ema": _cpu(ema.state_dict()) if ema is not None else {},
                           "optimizer": opt.state_dict(), "scaler": scaler.state_dict()},

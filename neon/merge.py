@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from neon import checkpoint
+from neon import family as neon_family
 from neon.errors import NeonError
 
 logger = logging.getLogger(__name__)
@@ -44,10 +45,12 @@ def extrapolate(base: Mapping[str, torch.Tensor], self_trained: Mapping[str, tor
     return {name: _extrapolate_tensor(a, self_trained[name], w)[0] for name, a in base.items()}
 
 
-def merge_files(base_path: str, self_path: str, w: float, out_path: str, format: str = "same") -> None:
+def merge_files(base_path: str, self_path: str, w: float, out_path: str, format: str = "same",
+                family=None) -> None:
     """Extrapolate two checkpoint files (Neon paper, Algorithm 1) into `out_path`.
 
-    θ is `checkpoint.read(...).weights` of each file (the EMA where a file has one). The output
+    θ of each file is read as the sweep reads it, `neon.family.read_checkpoint` with the format of
+    `family` (default: `neon.family.detect` on the base). The output
     keeps the base's container: its layout and every non-weight entry for `.pt`, its metadata for
     `.safetensors`; `format='safetensors'` writes plain tensors instead. Everything is validated
     before anything is written, and the write is atomic, so on any error no output file exists.
@@ -73,8 +76,9 @@ def merge_files(base_path: str, self_path: str, w: float, out_path: str, format:
         merged = _streamed(base_path, self_path, list(base_specs), w, counts)
         checkpoint.write_safetensors(out_path, specs, merged, metadata)
     else:
-        base = checkpoint.read(base_path)
-        self_trained = checkpoint.read(self_path, mmap=self_format == "pt")
+        fam = family if family is not None else neon_family.detect(base_path)
+        base = neon_family.read_checkpoint(fam, base_path)
+        self_trained = neon_family.read_checkpoint(fam, self_path, mmap=self_format == "pt")
         base_sd, self_sd = base.weights, self_trained.weights
         _check_match(_shapes(base_sd), _shapes(self_sd), base_path, self_path)
         # In-place updates are safe only for a tensor whose storage nothing else in the file
@@ -88,7 +92,7 @@ def merge_files(base_path: str, self_path: str, w: float, out_path: str, format:
             merged[name], done = _extrapolate_tensor(a, self_sd[name], w, in_place)
             counts[done] += 1
         del self_sd, self_trained  # release the mapping before writing
-        checkpoint.write_like(base, merged, out_path, format)
+        neon_family.write_checkpoint(fam, merged, out_path, like=base, format=format)
     logger.info("merged %s and %s with w=%g into %s (%d tensors extrapolated, %d copied from base)",
                 base_path, self_path, w, out_path, counts[True], counts[False])
 

@@ -1,8 +1,10 @@
-"""Choosing w: evaluate θ_neon = (1 + w) θ_base − w θ_self_trained over a grid of (snapshot, w, conf).
+"""Choosing w: evaluate θ_neon = (1 + w) θ_base − w θ_self_trained over a grid of (snapshot, w, cfg).
 
 Every evaluation draws `num` samples with the seeds [seed_base, seed_base + num) — the same seeds
-for every grid point, so differences between points are not sampling noise — and scores them by
-the Fréchet distance between the family's features and reference statistics. Each evaluation is
+for every grid point, so differences between points are not sampling noise — and scores them
+through `neon.metrics.score` (the project's one scoring path) by the Fréchet distance between the
+samples' features and reference statistics. θ of the base and of every snapshot is read with
+`neon.family.read_checkpoint`, as `neon merge` reads it. Each evaluation is
 one line of `results.jsonl`; a line already there is not computed again, so an interrupted sweep
 resumes. The final report re-evaluates the best point (and the base) on the disjoint seed range
 [final_seed_base, final_seed_base + final_num), where asked with the Inception score and
@@ -20,10 +22,10 @@ import time
 import numpy as np
 import torch
 
-from neon import checkpoint, distributed, finetune, merge, synthetic
+from neon import distributed, finetune, merge
+from neon import family as neon_family
 from neon.errors import NeonError
-from neon.metrics import fid, inception, stats
-from neon.metrics import images as image_sources
+from neon.metrics import fid, inception, score
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class SweepConfig:
     w: str | list[float] = "0:2:0.25"
     """Extrapolation weights: 'start:stop:step' (stop included), 'a,b,c', or a list."""
     cfg: list[float] | None = None
-    """Guidance scales to try jointly with w (families whose sampler has a `conf` field)."""
+    """Guidance scales to try jointly with w (families whose sampler has a `cfg` field)."""
     num: int = 1000
     """Samples per evaluation while selecting."""
     final_num: int = 0
@@ -103,25 +105,31 @@ def grid(spec) -> list[float]:
     return values
 
 
-def run(family, model, base_path: str, sampler, conf: SweepConfig):
+def run(family, model, base_path: str, sampler, conf: SweepConfig,
+        fid_conf: inception.FidConfig = inception.FidConfig()):
     """Collective: evaluate the grid, then the final report. Yields each new result record (a dict,
-    as written to results.jsonl); records already in the file are skipped, not yielded."""
+    as written to results.jsonl); records already in the file are skipped, not yielded. Returns
+    (as the generator's value) the report: the best point and, with a final report, the final
+    metrics of the base and the best point (`report`)."""
     paths = finetune.snapshots(conf.self_trained) if conf.self_trained else []
     if not paths:
         raise NeonError(f"no snapshots match {conf.self_trained!r}")
     out = output_dir(conf)
-    reference = _reference(family, conf)
-    base_sd = {k: v.clone() for k, v in family.weights(checkpoint.read(base_path)).items()}
-    net = family.trainable(model)
+    ref_stats = score.reference(family, conf.ref)
+    if conf.cfg and "cfg" not in {f.name for f in dataclasses.fields(sampler)}:
+        raise NeonError(f"sweep.cfg: the {family.name} sampler has no guidance scale `cfg`")
+    base_sd = {k: v.clone() for k, v in neon_family.read_checkpoint(family, base_path).weights.items()}
+    net = model.net
     done = {_key(r) for r in load_results(out)}
     cfgs = conf.cfg or [None]
     points = [(BASE, 0.0, c) for c in cfgs]
     points += [(p, w, c) for p in paths for w in grid(conf.w) if w != 0 for c in cfgs]
     selection = (conf.seed_base, conf.num)
+    scoring = (sampler, conf, fid_conf, ref_stats, out)
     for snapshot, w, c in points:
         if _key({"snapshot": snapshot, "w": w, "cfg": c, "seeds": list(selection)}) in done:
             continue
-        yield _evaluate(family, model, net, base_sd, snapshot, w, c, sampler, conf, selection, reference, out)
+        yield _evaluate(family, model, net, base_sd, snapshot, w, c, selection, *scoring)
     if conf.final_num:
         records = load_results(out)
         best = best_point(records, conf, paths)
@@ -132,10 +140,28 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig):
         for snapshot, w in sorted({(BASE, 0.0), (best["snapshot"], best["w"])}):
             if _key({"snapshot": snapshot, "w": w, "cfg": best["cfg"], "seeds": list(final)}) not in done:
                 if conf.precision_recall and real is None:
-                    real = real_features(conf.precision_recall, conf.batch_size)
-                yield _evaluate(family, model, net, base_sd, snapshot, w, best["cfg"], sampler, conf, final,
-                                reference, out, conf.inception_score, real)
+                    real = score.real_features(conf.precision_recall, fid_conf)
+                yield _evaluate(family, model, net, base_sd, snapshot, w, best["cfg"], final, *scoring,
+                                conf.inception_score, real)
     net.load_state_dict(base_sd)
+    return report(load_results(out), conf, paths)
+
+
+def report(records: list[dict], conf: SweepConfig, paths: list[str] | None = None) -> dict:
+    """The sweep's summary: the best selection point and, with a final report, the final FID (and
+    IS, precision/recall where asked) of the base and of the best point, and where the results are."""
+    best = best_point(records, conf, paths)
+    summary = {"best_snapshot": best["snapshot"], "best_w": best["w"], "best_cfg": best["cfg"],
+               "best_fid": best["fid"], "results": os.path.join(output_dir(conf), RESULTS)}
+    if conf.final_num:
+        finals = {(r["snapshot"], r["w"]): r for r in records if r["seeds"] == [conf.final_seed_base, conf.final_num]
+                  and r["cfg"] == best["cfg"]}
+        for name, point in (("base", (BASE, 0.0)), ("best", (best["snapshot"], best["w"]))):
+            final = finals.get(point, {})
+            for metric in ("fid", "is", "is_std", "precision", "recall"):
+                if metric == "fid" or metric in final:
+                    summary[f"final_{name}_{metric}"] = final.get(metric)
+    return summary
 
 
 def output_dir(conf: SweepConfig) -> str:
@@ -173,57 +199,19 @@ def curve(records: list[dict], conf: SweepConfig, snapshot: str, cfg_value=None)
     return ws, [points[w] for w in ws]
 
 
-def score(family, model, sampler, seeds: tuple[int, int], batch_size: int, reference,
-          with_is: bool = False, real: torch.Tensor | None = None) -> dict:
-    """Collective: {'fid'} of `num` samples with seeds [start, start + num) against `reference`, the
-    same on every rank. `with_is` adds 'is' and 'is_std'; `real` (pool features [M, 2048]) adds
-    'precision' and 'recall'. With either, the samples must be uint8 images and every feature is
-    Inception's (pool features for FID and precision/recall, logits for IS); otherwise the features
-    are `family.features`."""
-    start, num = seeds
-    labels = synthetic.balanced_labels(num, model.num_classes, start)
-    mine = distributed.shard(synthetic.batches(0, num, batch_size))
-    inception_only = with_is or real is not None
-    feats = []
-    for idx in mine:
-        samples = synthetic.draw(family, model, sampler, idx, labels, start)
-        feats.append((idx.start, inception.pool_and_logits(samples) if inception_only else (family.features(samples),)))
-    gathered = sorted((item for part in distributed.gather_objects(feats) for item in part), key=lambda t: t[0])
-    pool = torch.cat([f[0] for _, f in gathered])
-    result = {"fid": fid.frechet_distance(fid.statistics(pool), reference)}
-    if with_is:
-        result["is"], result["is_std"] = fid.inception_score(torch.cat([f[1] for _, f in gathered]))
-    if real is not None:
-        result["precision"], result["recall"] = fid.precision_recall(pool, real)
-    return result
-
-
-def real_features(source: str, batch_size: int) -> torch.Tensor:
-    """Collective: Inception pool features float32 [M, 2048] of the images of `source` (any image
-    source of `neon.metrics.images`), the same on every rank."""
-    images = image_sources.source(source)
-    if len(images) <= fid.PR_NEIGHBOURS:
-        raise NeonError(f"{source}: precision/recall needs more than {fid.PR_NEIGHBOURS} real images, got {len(images)}")
-    with distributed.main_first():  # rank 0 downloads the weights first when there is no local file
-        extractor = inception.shared()
-    for step in inception.extract(extractor, images, batch_size):
-        if step.result is not None:
-            return step.result["pool"]
-
-
-def _evaluate(family, model, net, base_sd, snapshot, w, c, sampler, conf, seeds, reference, out,
+def _evaluate(family, model, net, base_sd, snapshot, w, c, seeds, sampler, conf, fid_conf, ref_stats, out,
               with_is: bool = False, real: torch.Tensor | None = None) -> dict:
     started = time.time()
     if snapshot == BASE:
         net.load_state_dict(base_sd)
     else:
-        self_sd = family.weights(checkpoint.read(snapshot))
+        self_sd = neon_family.read_checkpoint(family, snapshot).weights
         net.load_state_dict(merge.extrapolate(base_sd, self_sd, w))
     fields = dict(conf.sampler)
     if c is not None:
         fields["cfg"] = c
-    metrics = score(family, model, dataclasses.replace(sampler, **fields), seeds, conf.batch_size, reference,
-                    with_is, real)
+    metrics = score.generate_and_score(family, model, dataclasses.replace(sampler, **fields), seeds, conf.batch_size,
+                                       fid_conf, ref_stats, with_is, real)
     record = {"snapshot": snapshot, "w": w, "cfg": c, "num": seeds[1], "seeds": list(seeds), **metrics,
               "seconds": round(time.time() - started, 3)}
     if real is not None:
@@ -243,12 +231,3 @@ def _asked(conf: SweepConfig) -> set[str]:
 
 def _key(record: dict) -> tuple:
     return record["snapshot"], float(record["w"]), record["cfg"], tuple(record["seeds"])
-
-
-def _reference(family, conf: SweepConfig):
-    if conf.ref:
-        return stats.fetch(conf.ref)
-    reference = family.reference()
-    if reference is None:
-        raise NeonError("sweep.ref (--ref) is required: this family has no built-in reference statistics")
-    return reference

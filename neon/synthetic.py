@@ -14,7 +14,10 @@ the set is bitwise identical for 1 or N processes (the pattern of `NVlabs/edm2:g
 import dataclasses
 import json
 import logging
+import math
 import os
+import struct
+import zipfile
 
 import numpy as np
 import torch
@@ -105,6 +108,8 @@ def write(family, model, sampler, conf: SyntheticConfig, family_name: str, base_
         if distributed.is_main():
             manifest["shards"] = dict(sorted(manifest["shards"].items()))
             checkpoint.write_json(os.path.join(conf.out, MANIFEST), manifest)
+            # the writer hashed these shards itself: readers need not hash them again
+            _stamp(conf.out, {name: manifest["shards"][name] for name in map(_shard_name, todo)})
         distributed.barrier()
         yield sum(_shard_len(j, conf) for j in todo)
 
@@ -142,54 +147,173 @@ def _start(out: str, settings: dict) -> dict:
     return manifest
 
 
-@dataclasses.dataclass
-class SyntheticSet:
-    """A complete synthetic set in memory. samples: the family's format (images uint8 [N,3,H,W],
-    the toy float32 [N,2]); labels, seeds: int64 [N]."""
+STAMP = "verified.json"  # shards whose sha256 was checked, with the size and mtime they had then
 
-    samples: torch.Tensor
-    labels: torch.Tensor
-    seeds: torch.Tensor
-    manifest: dict
+
+class SyntheticSet:
+    """A complete synthetic set, read lazily (DESIGN.md "Synthetic set").
+
+    Each shard's `samples` array is memory-mapped from its `.npz` (np.savez stores members
+    uncompressed), so `read` touches only the rows it is asked for: a 750k-image set at 256² (147 GB)
+    never sits in memory. `labels` and `seeds` (int64 [N], 16 bytes a sample) are read at open.
+    """
+
+    def __init__(self, directory: str, manifest: dict, arrays: list[np.ndarray], labels: torch.Tensor,
+                 seeds: torch.Tensor):
+        self.directory, self.manifest, self.labels, self.seeds = directory, manifest, labels, seeds
+        self._arrays = arrays
+        self.shard_size = manifest["shard_size"]
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def holds_images(self) -> bool:
+        return len(self.manifest.get("sample_shape") or []) == 3
+
+    def read(self, indices) -> torch.Tensor:
+        """The samples at `indices` (a range, a list or an int64 tensor, any order, repeats allowed) in
+        the family's format: images uint8 [n,3,H,W], the toy's points float32 [n,2]; on the CPU."""
+        index = torch.as_tensor(list(indices) if isinstance(indices, range) else indices, dtype=torch.int64)
+        if index.numel() and (index.min() < 0 or index.max() >= len(self)):
+            raise NeonError(f"{self.directory}: sample index out of range [0, {len(self)})")
+        shard, row = index // self.shard_size, index % self.shard_size
+        out = np.empty((len(index), *self._arrays[0].shape[1:]), dtype=self._arrays[0].dtype)
+        for j in torch.unique(shard).tolist():  # one gather per shard touched
+            where = (shard == j).nonzero().flatten().numpy()
+            out[where] = self._arrays[j][row[where].numpy()]
+        samples = torch.from_numpy(out)
+        return samples.permute(0, 3, 1, 2).contiguous() if samples.ndim == 4 else samples
 
 
 def read(directory: str, verify: bool = True) -> SyntheticSet:
-    """Load a complete synthetic set; NeonError when it is missing, incomplete or corrupt."""
+    """Collective: open a complete synthetic set for streamed reading; NeonError when it is missing,
+    incomplete or corrupt. With `verify`, each shard's sha256 is checked against the manifest once:
+    the ranks hash a share of the shards each and rank 0 records them in `verified.json` with their
+    size and mtime; later reads trust shards whose size and mtime are unchanged."""
     manifest = _load_manifest(directory)
-    num_shards = -(-manifest["num"] // manifest["shard_size"])
-    if len(manifest["shards"]) < num_shards:
-        raise NeonError(f"{directory} is incomplete ({len(manifest['shards'])} of {num_shards} shards); "
-                        f"run the same `neon sample` command again to finish it")
-    samples, labels, seeds = [], [], []
-    for j in range(num_shards):
-        name = _shard_name(j)
+    names = _shard_names(directory, manifest)
+    if verify:
+        _verify(directory, manifest, names)
+    arrays, labels, seeds = [], [], []
+    for name in names:
         path = os.path.join(directory, name)
-        if verify and checkpoint.sha256(path) != manifest["shards"][name]:
-            raise NeonError(f"{path} does not match the sha256 in its manifest")
-        with np.load(path, allow_pickle=False) as shard:
-            samples.append(torch.from_numpy(shard["samples"]))
+        arrays.append(npz_array(path, "samples"))
+        with np.load(path, allow_pickle=False) as shard:  # reads only the two small members
             labels.append(torch.from_numpy(shard["labels"]))
             seeds.append(torch.from_numpy(shard["seeds"]))
-    samples = torch.cat(samples)
-    if samples.ndim == 4:
-        samples = samples.permute(0, 3, 1, 2)
-    return SyntheticSet(samples.contiguous(), torch.cat(labels), torch.cat(seeds), manifest)
+    return SyntheticSet(directory, manifest, arrays, torch.cat(labels), torch.cat(seeds))
 
 
 def export_png(directory: str, out: str) -> int:
-    """Write every image of the set as `out/<seed:06d>.png` (for tools that want folders).
-    Returns the number of files written."""
+    """Write every image of the set as `out/<seed:06d>.png` (for tools that want folders), one shard
+    in memory at a time. Returns the number of files written."""
     from PIL import Image
 
     data = read(directory)
-    if data.samples.ndim != 4:
+    if not data.holds_images:
         raise NeonError(f"{directory} holds {data.manifest['family']} samples, not images")
     os.makedirs(out, exist_ok=True)
-    for image, seed in zip(data.samples.permute(0, 2, 3, 1).numpy(), data.seeds.tolist()):
-        path = os.path.join(out, f"{seed:06d}.png")
-        with checkpoint.atomic(path) as tmp:
-            Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-    return len(data.seeds)
+    for part in batches(0, len(data), data.shard_size):
+        images = data.read(part).permute(0, 2, 3, 1).numpy()
+        for image, seed in zip(images, data.seeds[part.start:part.stop].tolist()):
+            path = os.path.join(out, f"{seed:06d}.png")
+            with checkpoint.atomic(path) as tmp:
+                Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp, format="PNG")
+    return len(data)
+
+
+def npz_array(path: str, key: str) -> np.ndarray:
+    """Member `key` of an `.npz`, memory-mapped when it is stored uncompressed (np.savez), else read
+    whole (np.savez_compressed). NeonError (one line) when the file or member is unreadable."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(key + ".npy")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(member)
+                data_start = member.tell()
+    except KeyError:
+        raise NeonError(f"{path} has no array {key!r}") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise NeonError(f"cannot read {path}: {e}") from None
+    if info.compress_type != zipfile.ZIP_STORED or fortran or dtype.hasobject:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return np.ascontiguousarray(data[key])
+        except (OSError, ValueError) as e:
+            raise NeonError(f"cannot read {path}[{key!r}]: {e}") from None
+    # An uncompressed member's bytes sit in the file as they are, after its local header (30 bytes +
+    # name + extra field) and the .npy header.
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    offset = info.header_offset + 30 + name_len + extra_len + data_start
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+
+
+def _shard_names(directory: str, manifest: dict) -> list[str]:
+    """The shard files of a complete set, in order; NeonError when it is incomplete."""
+    num_shards = -(-manifest["num"] // manifest["shard_size"])
+    names = [_shard_name(j) for j in range(num_shards)]
+    missing = [name for name in names if name not in manifest["shards"]]
+    if missing:
+        raise NeonError(f"{directory} is incomplete ({num_shards - len(missing)} of {num_shards} shards); "
+                        f"run the same `neon sample` command again to finish it")
+    return names
+
+
+def _verify(directory: str, manifest: dict, names: list[str]) -> None:
+    """Collective: check every shard's sha256 against the manifest, once (see `read`)."""
+    stamp = _read_stamp(directory)
+    todo = [name for name in names if stamp.get(name) != _fingerprint(directory, name, manifest["shards"][name])]
+    if todo:
+        logger.info("checking the sha256 of %d shards of %s", len(todo), directory)
+    checked = []
+    for name in distributed.shard(todo):
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            checked.append((name, f"{path} is missing"))
+        elif checkpoint.sha256(path) != manifest["shards"][name]:
+            checked.append((name, f"{path} does not match the sha256 in its manifest"))
+        else:
+            checked.append((name, None))
+    results = [item for part in distributed.gather_objects(checked) for item in part]
+    problems = [problem for _, problem in results if problem]
+    if problems:
+        raise NeonError(problems[0] + (f" (and {len(problems) - 1} more shards)" if len(problems) > 1 else ""))
+    if todo and distributed.is_main():
+        _stamp(directory, {name: manifest["shards"][name] for name, _ in results})
+    distributed.barrier()
+
+
+def _read_stamp(directory: str) -> dict:
+    try:
+        with open(os.path.join(directory, STAMP)) as f:
+            stamp = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}  # no stamp, or a damaged one: it only costs a rehash
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def _stamp(directory: str, digests: dict[str, str]) -> None:
+    """Record shards as checked (their sha256 matched `digests`) with their current size and mtime."""
+    stamp = _read_stamp(directory)
+    stamp.update({name: _fingerprint(directory, name, digest) for name, digest in digests.items()})
+    checkpoint.write_json(os.path.join(directory, STAMP), dict(sorted(stamp.items())))
+
+
+def _fingerprint(directory: str, name: str, digest: str) -> list | None:
+    """[sha256, size, mtime_ns] of a shard as it is now (None when it is missing)."""
+    try:
+        info = os.stat(os.path.join(directory, name))
+    except FileNotFoundError:
+        return None
+    return [digest, info.st_size, info.st_mtime_ns]
 
 
 def _load_manifest(directory: str) -> dict:

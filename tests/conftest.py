@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from neon import checkpoint, synthetic
+from neon.family import write_checkpoint
 from neon.metrics import inception
 from neon.toy import appendix
 from neon.toy.family import ToySampler, family
@@ -40,7 +41,7 @@ def toy():
 def save_base(path, kind="diffusion", seed=0):
     """A toy base checkpoint (random init: the mechanics do not need a trained model)."""
     model = family.tiny(seed, kind)
-    family.save(model.net.state_dict(), str(path), like=model)
+    write_checkpoint(family, model.net.state_dict(), str(path), like=model)
     return str(path)
 
 

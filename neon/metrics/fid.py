@@ -136,6 +136,16 @@ def evaluate(source: str, ref: str, conf: FidConfig, with_is: bool = False,
     yield Step(0, total, result)
 
 
+def features_of(images, conf: FidConfig) -> dict:
+    """Collective: {'pool', 'logits'} of every image of `images`, without progress steps."""
+    steps = _features(images, conf, len(images))
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def _features(images, conf: FidConfig, total: int):
     """Collective: yields the progress steps of `inception.extract` (counted against `total`, the
     images of the whole computation) and returns its features."""

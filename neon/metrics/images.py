@@ -9,28 +9,27 @@ is never held whole by any process:
 * an `.npz`: the uint8 [N,H,W,3] array under `samples` (our synthetic shards) or `arr_0` (ADM's
   reference batches, `np.savez(path, images)`). Uncompressed members (np.savez) are
   memory-mapped, compressed ones (np.savez_compressed) are read whole.
-* a synthetic set (a directory with `manifest.json`, DESIGN.md "Synthetic set"): the `samples`
-  of its shards in order. It must be complete and hold images, not the toy's points.
+* a synthetic set (a directory with `manifest.json`, DESIGN.md "Synthetic set"): its samples in
+  order, through `neon.synthetic.read` (the one reader: shard hashes checked, shards memory-mapped).
+  It must be complete and hold images, not the toy's points.
 
 `labels` gives the class labels of an `.npz` that has them (`neon diagnose` needs them for
 class-conditional models).
 """
 
-import json
 import os
-import struct
 import zipfile
 
 import numpy as np
 import torch
 from PIL import Image
 
+from neon import synthetic
 from neon.errors import NeonError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 NPZ_KEYS = ("samples", "arr_0")  # in order of preference
 LABELS_KEY = "labels"  # as our synthetic shards name them
-MANIFEST = "manifest.json"  # as neon.synthetic writes it
 
 # PIL modes that convert to 8-bit RGB without losing information, as torch-fidelity's
 # `Image.open(path).convert("RGB")` does for them. Others (RGBA, LA, I;16, F, ...) are refused.
@@ -38,19 +37,24 @@ _CONVERTIBLE = ("RGB", "L", "P", "CMYK", "YCbCr")
 
 
 class Images:
-    """N images of one size (`shape` = (3, H, W)), read by index: either `arrays`, uint8 [n,H,W,3]
-    arrays (memory maps) that follow each other, or image `files`."""
+    """N images of one size (`shape` = (3, H, W)), read by index from uint8 [n,H,W,3] `arrays`
+    (memory maps) that follow each other, from image `files`, or from a synthetic set `synthetic`."""
 
     def __init__(self, name: str, shape: tuple[int, int, int], arrays: list | None = None,
-                 files: list[str] | None = None):
+                 files: list[str] | None = None, synthetic=None):
         self.name, self.shape, self._arrays, self._files = name, tuple(shape), arrays or [], files
+        self._synthetic = synthetic
         self._starts = np.cumsum([0] + [len(a) for a in self._arrays])
 
     def __len__(self) -> int:
+        if self._synthetic is not None:
+            return len(self._synthetic)
         return len(self._files) if self._files is not None else int(self._starts[-1])
 
     def read(self, indices: range) -> torch.Tensor:
         """uint8 [len(indices),3,H,W] on the CPU."""
+        if self._synthetic is not None:
+            return self._synthetic.read(indices)
         if self._files is not None:
             batch = np.stack([self._decode(self._files[i]) for i in indices])
         else:
@@ -75,7 +79,7 @@ def source(path: str) -> Images:
     empty, or holds anything but uint8 images with 3 channels."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, MANIFEST)):
+        if os.path.exists(os.path.join(path, synthetic.MANIFEST)):
             return _synthetic(path)
         return _folder(path)
     if os.path.isfile(path) and path.lower().endswith(".npz"):
@@ -126,56 +130,33 @@ def _folder(path: str) -> Images:
 
 
 def _synthetic(path: str) -> Images:
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
-        num, shard_size, shards = manifest["num"], manifest["shard_size"], sorted(manifest["shards"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise NeonError(f"{os.path.join(path, MANIFEST)} is corrupt: {e}") from None
-    if len(shards) < -(-num // shard_size):
-        raise NeonError(f"{path} is an incomplete synthetic set; run the same `neon sample` command again to finish it")
-    shape = manifest.get("sample_shape") or []
-    if len(shape) != 3:
-        raise NeonError(f"{path} holds {manifest.get('family')} samples of shape {shape}, not images")
-    if num == 0:
+    """A synthetic set, through the one reader of `neon.synthetic` (its shards' hashes checked)."""
+    data = synthetic.read(path)
+    if not data.holds_images:
+        raise NeonError(f"{path} holds {data.manifest.get('family')} samples of shape "
+                        f"{data.manifest.get('sample_shape')}, not images")
+    if len(data) == 0:
         raise NeonError(f"{path} holds no images")
-    arrays = [_npz_images(os.path.join(path, name), "samples") for name in shards]
-    return Images(path, (3, *arrays[0].shape[1:3]), arrays)
+    return Images(path, (3, *data.manifest["sample_shape"][:2]), synthetic=data)
 
 
-def _npz_images(path: str, key: str | None = None) -> np.ndarray:
-    """The images array of an `.npz` (NHWC uint8), checked from its header before any data is read."""
+def _npz_images(path: str) -> np.ndarray:
+    """The images array of an `.npz` (NHWC uint8; memory-mapped when stored uncompressed)."""
     try:
         with zipfile.ZipFile(path) as archive:
             members = [name[:-4] for name in archive.namelist() if name.endswith(".npy")]
-            key = key or next((k for k in NPZ_KEYS if k in members), None)
-            if key not in members:
-                raise NeonError(f"{path} has no images under {' or '.join(NPZ_KEYS)} "
-                                f"(it has: {', '.join(members) or 'nothing'})")
-            info = archive.getinfo(key + ".npy")
-            with archive.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
-                data_start = member.tell()
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, zipfile.BadZipFile) as e:
         raise NeonError(f"cannot read {path}: {e}") from None
+    key = next((k for k in NPZ_KEYS if k in members), None)
+    if key is None:
+        raise NeonError(f"{path} has no images under {' or '.join(NPZ_KEYS)} "
+                        f"(it has: {', '.join(members) or 'nothing'})")
+    array = synthetic.npz_array(path, key)
     where = f"{path}[{key!r}]"
-    if dtype != np.uint8:
-        raise NeonError(f"{where} holds {dtype} images; expected uint8 [N,H,W,3] in 0..255")
-    if len(shape) != 4 or shape[3] != 3:
-        raise NeonError(f"{where} has shape {list(shape)}; expected uint8 [N,H,W,3] (3 channels, channels last)")
-    if shape[0] == 0:
+    if array.dtype != np.uint8:
+        raise NeonError(f"{where} holds {array.dtype} images; expected uint8 [N,H,W,3] in 0..255")
+    if array.ndim != 4 or array.shape[3] != 3:
+        raise NeonError(f"{where} has shape {list(array.shape)}; expected uint8 [N,H,W,3] (3 channels, channels last)")
+    if array.shape[0] == 0:
         raise NeonError(f"{where} holds no images")
-    if info.compress_type != zipfile.ZIP_STORED or fortran:
-        with np.load(path, allow_pickle=False) as data:
-            return np.ascontiguousarray(data[key])
-    # np.savez stores members uncompressed: the array's bytes sit in the file as they are, after
-    # the member's local header (30 bytes + name + extra field) and the .npy header.
-    with open(path, "rb") as f:
-        f.seek(info.header_offset + 26)
-        name_len, extra_len = struct.unpack("<HH", f.read(4))
-    offset = info.header_offset + 30 + name_len + extra_len + data_start
-    return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=tuple(shape))
+    return array

@@ -9,8 +9,8 @@ Weights: a local file when given (`fid.inception_weights`, `--inception-weights`
 `checkpoints/weights-inception-2015-12-05-6726825d.pth` when present, else torch-fidelity's own
 download. Local files are read by `neon.checkpoint` with `weights_only=True`.
 
-Families hand the sweep Inception features through `pool_features`, which uses one extractor per
-process; the CLI sets it up from the recipe's `fid` section with `configure`.
+`shared(conf)` keeps one extractor per process for the weights of an explicit `FidConfig` (the
+recipe's `fid` section); nothing here is set module-wide.
 """
 
 import dataclasses
@@ -153,21 +153,13 @@ def extract(extractor: torch.nn.Module, images, batch_size: int) -> Iterator[Ste
     yield Step(0, len(images), {"pool": torch.cat([p[1] for p in parts]), "logits": torch.cat([p[2] for p in parts])})
 
 
-_settings = FidConfig()
 _cached: dict = {}  # (weights path, device) -> the extractor, one at a time
 
 
-def configure(conf: FidConfig) -> None:
-    """Set the weights and batch size of `shared` and `pool_features` for this process."""
-    global _settings
-    _settings = conf
-
-
-def shared(conf: FidConfig | None = None) -> torch.nn.Module:
-    """The process's extractor with the weights of `conf` (default: the configured FidConfig) on
-    this rank's device, built on first use and kept. Not collective (torch-fidelity downloads to a
-    temporary file and renames it, so ranks downloading at once do not clash)."""
-    conf = conf or _settings
+def shared(conf: FidConfig) -> torch.nn.Module:
+    """The process's extractor with the weights of `conf` on this rank's device, built on first use
+    and kept. Not collective (torch-fidelity downloads to a temporary file and renames it, so ranks
+    downloading at once do not clash)."""
     key = (weights_path(conf.inception_weights), str(distributed.device()))
     if key not in _cached:
         extractor = build(key[0], distributed.device())
@@ -176,15 +168,9 @@ def shared(conf: FidConfig | None = None) -> torch.nn.Module:
     return _cached[key]
 
 
-def pool_features(images: torch.Tensor) -> torch.Tensor:
-    """Family hook for the sweep: float64 [B,2048] pool features of uint8 [B,3,H,W] `images`, from
-    the configured extractor in batches of the configured size. A family's `features` returns this."""
-    return pool_and_logits(images)[0]
-
-
-def pool_and_logits(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_and_logits(images: torch.Tensor, conf: FidConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(pool float64 [B,2048], logits float32 [B,1008]) of uint8 [B,3,H,W] `images`, from the
-    configured extractor in batches of the configured size."""
-    extractor = shared()
-    parts = [forward(extractor, part) for part in check(images).split(_settings.batch_size)]
+    extractor of `conf` in batches of `conf.batch_size`."""
+    extractor = shared(conf)
+    parts = [forward(extractor, part) for part in check(images).split(conf.batch_size)]
     return torch.cat([p[0] for p in parts]).double(), torch.cat([p[1] for p in parts])

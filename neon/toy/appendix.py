@@ -23,6 +23,7 @@ import torch
 
 from neon import checkpoint, diagnose, finetune, log, sweep, synthetic
 from neon.errors import NeonError
+from neon.family import write_checkpoint
 from neon.toy import models
 from neon.toy.family import METHODS, ToySampler, family
 from neon.toy.train import STEPS, train_base
@@ -56,7 +57,7 @@ def base(out: str, kind: str, quick: bool = False) -> str:
             for item in train_base(kind, steps, lr):
                 if isinstance(item, tuple):
                     bar.update(100)
-        family.save(item.net.state_dict(), path, like=item)
+        write_checkpoint(family, item.net.state_dict(), path, like=item)
     return path
 
 

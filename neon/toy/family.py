@@ -1,7 +1,8 @@
 """The toy family's adapter to the core (`neon.family.Family`).
 
 Checkpoints are `{'family': 'toy', 'arch': {'model': 'diffusion'|'ar', ...}, 'model': state_dict}`
-(plus 'ema' in fine-tune snapshots); `arch` says which of the two generators the file holds.
+(fine-tune snapshots add `images_seen`; those of the first core also held 'ema', which is θ where
+present); `arch` says which of the two generators the file holds.
 Samples are float32 [B, 2] points; features are the points themselves, and the reference is the
 target Gaussian, so the sweep's FID is the Fréchet distance of the appendix.
 """
@@ -13,7 +14,7 @@ import torch
 
 from neon import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs
+from neon.family import Model, arch_kwargs, load_weights, read_checkpoint
 from neon.toy import models
 
 
@@ -52,6 +53,7 @@ PRESETS = {"diffusion": {"model": "diffusion", "hidden": 32, "depth": 4, "timest
 class ToyFamily:
     name = "toy"
     Sampler = ToySampler
+    format = checkpoint.Format(weight_keys=(("ema",), ("model",)))
 
     def tiny(self, seed: int, kind: str = "diffusion") -> Model:
         with torch.random.fork_rng(devices=[]):
@@ -60,19 +62,17 @@ class ToyFamily:
 
     def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
              codec: str | None = None) -> Model:
-        container = checkpoint.read(path)
+        container = read_checkpoint(self, path)
         kwargs = arch_kwargs(container, arch, PRESETS, "toy")
         if kwargs is None:
             raise NeonError(f"{path} does not say its arch; pass --model.arch diffusion|ar")
         model = self._model(kwargs)
-        try:
-            model.net.load_state_dict(self.weights(container), strict=True)
-        except RuntimeError as e:
-            raise NeonError(f"{path} does not fit the toy {kwargs['model']} model: {str(e).splitlines()[0]}") from None
+        load_weights(model.net, container.weights, path, f"the toy {kwargs['model']} model")
         model.net.to(device).eval().requires_grad_(False)
         return model
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: ToySampler) -> torch.Tensor:
+        seeds = seeds.to(next(model.net.parameters()).device)
         with torch.inference_mode():
             if model.arch["model"] == "diffusion" and sampler.method == "notebook":
                 return model.net.sample_notebook(seeds, zeta=sampler.zeta, steps=sampler.steps)
@@ -80,24 +80,14 @@ class ToyFamily:
                 return model.net.sample(seeds, zeta=sampler.zeta, steps=sampler.steps, eta=sampler.eta)
             return model.net.sample(seeds, tau=sampler.tau)
 
-    def trainable(self, model: Model) -> torch.nn.Module:
-        return model.net
-
     def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
         if model.arch["model"] == "diffusion":
             return models.diffusion_loss(model.net, samples, generator, model.arch.get("timesteps", 1000))
         return model.net(samples).mean()
 
-    def weights(self, container) -> dict[str, torch.Tensor]:
-        return container.weights
-
-    def save(self, state_dict: dict[str, torch.Tensor], path: str, like) -> None:
-        """`like` is a container to mirror, or a Model for a fresh toy checkpoint."""
-        if isinstance(like, Model):
-            checkpoint.write({"family": self.name, "arch": like.arch, "model": state_dict}, path)
-        else:
-            checkpoint.write_like(like, state_dict, path)
+    def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:
+        return {"family": self.name, "arch": model.arch, "model": state_dict}
 
     def features(self, samples: torch.Tensor) -> torch.Tensor:
         return samples.double()

@@ -8,6 +8,8 @@ import torch
 import yaml
 
 from neon import checkpoint, cli
+from neon.family import read_checkpoint
+from neon.toy.family import family as toy_family
 from tests.conftest import run_neon, save_base
 
 
@@ -24,11 +26,12 @@ def test_sample_finetune_merge_sweep_through_the_cli(tmp_path, capsys):
                                      "snapshot-0000000128.pt", "state-latest.pt", "stats.jsonl"]
     cli.main(["merge", "--base", base, "--self", str(r / "snapshot-0000000128.pt"), "--w", "0.5",
               "--out", str(tmp_path / "neon.pt")])
-    a, b = checkpoint.read(base), checkpoint.read(str(r / "snapshot-0000000128.pt"))
+    a, b = checkpoint.read(base), read_checkpoint(toy_family, str(r / "snapshot-0000000128.pt"))
     merged = checkpoint.read(str(tmp_path / "neon.pt"))
     assert merged.data.keys() == a.data.keys() and merged.weights_key == ("model",)
+    ema = checkpoint.read_state(str(r / "state-latest.pt"))["ema"]
     for k, v in a.weights.items():
-        assert torch.equal(merged.weights[k], 1.5 * v - 0.5 * b.data["ema"][k])
+        assert torch.equal(b.weights[k], ema[k]) and torch.equal(merged.weights[k], 1.5 * v - 0.5 * ema[k])
     cli.main(["sweep", *common, "--base", base, "--self", str(r), "--w", "0:1:0.5", "--num", "32",
               "--batch-size", "32", "--out", str(tmp_path / "sweep"), "--sweep.sampler", "{zeta: 1.0}"])
     records = [json.loads(line) for line in open(tmp_path / "sweep" / "results.jsonl")]
@@ -52,7 +55,7 @@ def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["sample", "--family", "nope", "--ckpt", "x.pt", "--out", "o"], "unknown family 'nope' (known: edm, toy, var)"),
+    (["sample", "--family", "nope", "--ckpt", "x.pt", "--out", "o"], "unknown family 'nope' (installed: edm, toy, var; or give package.module:attribute)"),
     (["sample", "--family", "toy", "--ckpt", "missing.pt", "--out", "o", "--num", "4"], "no such checkpoint: missing.pt"),
     (["sample", "--family", "toy", "--ckpt", "x.pt", "--out", "o", "--num", "many"], None),
     (["finetune", "--family", "toy", "--ckpt", "x.pt", "--images", "0", "--batch-size", "4"],
@@ -85,3 +88,36 @@ def test_merge_errors_leave_no_output(tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
     result = run_neon("merge", "--base", base, "--self", tmp_path / "corrupt.pt", "--w", "1", "--out", out)
     assert result.returncode == 2 and "cannot read checkpoint" in result.stderr and not out.exists()
+
+
+def test_deterministic_flag_and_recipe_key(tmp_path, monkeypatch, capsys):
+    from neon import distributed
+
+    base = save_base(tmp_path / "base.pt")
+    calls = []
+    monkeypatch.setattr(distributed, "deterministic", lambda: calls.append(True))
+    args = ["sample", "--family", "toy", "--ckpt", base, "--num", "8", "--batch-size", "8", "--shard-size", "8",
+            "--synthetic.labels", "none"]
+    cli.main(args + ["--out", str(tmp_path / "plain")])
+    assert calls == [] and yaml.safe_load(open(tmp_path / "plain" / "config.resolved.yaml"))["deterministic"] is False
+    cli.main(args + ["--out", str(tmp_path / "det"), "--deterministic"])
+    assert calls == [True] and yaml.safe_load(open(tmp_path / "det" / "config.resolved.yaml"))["deterministic"] is True
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("family: toy\ndeterministic: yes please\n")
+    result = run_neon("finetune", "--config", recipe, "--dry-run")
+    assert result.returncode == 2 and result.stderr == "error: deterministic: expected true or false, got 'yes please'\n"
+
+
+def test_deterministic_mode_sets_what_gpu_reruns_need(monkeypatch):
+    from neon import distributed
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    torch.use_deterministic_algorithms(False)
+    distributed.deterministic()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    distributed.deterministic()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # the user's own setting wins

@@ -7,6 +7,7 @@ import torch
 from neon import checkpoint, finetune
 from neon.errors import NeonError
 from neon.toy.family import family
+from neon.family import read_checkpoint
 from tests.conftest import Crashing
 
 
@@ -20,17 +21,19 @@ def _drain(model, conf, fam=family):
     return list(finetune.run(fam, model, conf, "toy"))
 
 
-def test_snapshots_hold_weights_and_ema(tmp_path, base_ckpt, synthetic_set):
+def test_snapshots_hold_the_ema_as_theta_in_the_family_s_container(tmp_path, base_ckpt, synthetic_set):
     steps = _drain(family.load(base_ckpt), _conf(tmp_path, synthetic_set, "run"))
     assert len(steps) == 12 and steps[-1]["images_seen"] == 384
     names = [os.path.basename(p) for p in finetune.snapshots(str(tmp_path / "run"))]
     assert names == [f"snapshot-{n:010d}.pt" for n in (96, 192, 288, 384)]
-    snap = checkpoint.read(str(tmp_path / "run" / names[-1]))
-    assert snap.weights_key == ("ema",) and snap.data["arch"]["model"] == "diffusion"
+    snap = read_checkpoint(family, str(tmp_path / "run" / names[-1]))
+    assert sorted(snap.data) == ["arch", "family", "images_seen", "model"] and snap.data["images_seen"] == 384
+    assert snap.data["arch"]["model"] == "diffusion" and snap.data["family"] == "toy"
+    state = checkpoint.read_state(str(tmp_path / "run" / finetune.STATE))
     base = checkpoint.read(base_ckpt).weights
-    assert set(snap.data["model"]) == set(base)
-    moved = max((snap.data["model"][k] - base[k]).abs().max().item() for k in base)
-    ema_moved = max((snap.data["ema"][k] - base[k]).abs().max().item() for k in base)
+    assert all(torch.equal(snap.weights[k], state["ema"][k]) for k in base)  # θ_s is the EMA
+    moved = max((state["net"][k] - base[k]).abs().max().item() for k in base)
+    ema_moved = max((snap.weights[k] - base[k]).abs().max().item() for k in base)
     assert moved > 0 and 0 < ema_moved < moved  # the EMA trails the raw weights
     stats = [json.loads(line) for line in open(tmp_path / "run" / "stats.jsonl")]
     assert [s["images_seen"] for s in stats] == [96, 192, 288, 384]

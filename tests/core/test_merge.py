@@ -154,18 +154,30 @@ LAYOUTS = {
 }
 
 
+
+
+class _Layouts:
+    """A family whose format knows every layout of these tests: the core names none of them."""
+
+    name = "layouts"
+    format = checkpoint.Format(weight_keys=((), ("ema",), ("model_ema",), ("model",), ("trainer", "var_wo_ddp")))
+
+
+LAYOUT_FAMILY = _Layouts()
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_merge_files_keeps_the_base_layout(tmp_path, layout):
     build, key = LAYOUTS[layout]
     checkpoint.write(build(BASE, "base"), tmp_path / "base.pt")
     checkpoint.write(build(SELF, "self"), tmp_path / "self.pt")
-    merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "out" / "neon.pt")
+    merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "out" / "neon.pt", family=LAYOUT_FAMILY)
 
-    out = checkpoint.read(tmp_path / "out" / "neon.pt")
+    out = checkpoint.read(tmp_path / "out" / "neon.pt", LAYOUT_FAMILY.format)
     assert out.format == "pt" and out.weights_key == key
     assert list(out.weights) == list(BASE)
     _assert_merged(out.weights)
-    base = checkpoint.read(tmp_path / "base.pt")
+    base = checkpoint.read(tmp_path / "base.pt", LAYOUT_FAMILY.format)
     assert out.data.keys() == base.data.keys()
     for name, value in checkpoint.replaced(base, {}).items():
         if key and name != key[0]:
@@ -189,7 +201,7 @@ def test_merge_files_safetensors_streams_and_keeps_metadata(tmp_path):
     base, self_path, out = (tmp_path / f"{name}.safetensors" for name in ("base", "self", "neon"))
     safetensors.torch.save_file(BASE, base, metadata={"format": "pt", "arch": "tiny"})
     checkpoint.write_safetensors(self_path, [(k, t.dtype, t.shape) for k, t in SELF.items()], SELF.values())
-    merge_files(base, self_path, 0.5, out)
+    merge_files(base, self_path, 0.5, out, family=LAYOUT_FAMILY)
     header, metadata = checkpoint.safetensors_header(tmp_path / "neon.safetensors")
     assert metadata == {"format": "pt", "arch": "tiny"}
     assert header == checkpoint.safetensors_header(tmp_path / "base.safetensors")[0]
@@ -202,13 +214,13 @@ def test_merge_files_mixed_formats(tmp_path):
     checkpoint.write({"model": BASE, "arch": {"depth": 2}}, tmp_path / "base.pt")
     checkpoint.write({"model": _shifted(SELF, 7.0), "ema": SELF}, tmp_path / "self.pt")
     merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "neon.safetensors",
-                format="safetensors")
+                format="safetensors", family=LAYOUT_FAMILY)
     out = checkpoint.read(tmp_path / "neon.safetensors")
     assert out.weights_key == () and out.metadata == {}
     _assert_merged(out.weights)
 
     safetensors.torch.save_file(BASE, tmp_path / "base.safetensors")
-    merge_files(tmp_path / "base.safetensors", tmp_path / "self.pt", 0.5, tmp_path / "neon2.safetensors")
+    merge_files(tmp_path / "base.safetensors", tmp_path / "self.pt", 0.5, tmp_path / "neon2.safetensors", family=LAYOUT_FAMILY)
     _assert_merged(checkpoint.read(tmp_path / "neon2.safetensors").weights)
 
 
@@ -220,7 +232,7 @@ def test_merge_files_tied_weights_are_extrapolated_once(tmp_path):
     self_sd = {"embed": torch.zeros(2), "head": torch.zeros(2), "bias": torch.tensor([3.0])}
     checkpoint.write(base, tmp_path / "base.pt")
     checkpoint.write(self_sd, tmp_path / "self.pt")
-    merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 1.0, tmp_path / "neon.pt")
+    merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 1.0, tmp_path / "neon.pt", family=LAYOUT_FAMILY)
     out = checkpoint.read(tmp_path / "neon.pt")
     assert out.weights["embed"].tolist() == [4.0, 8.0] and out.weights["head"].tolist() == [4.0, 8.0]
     assert out.weights["bias"].tolist() == [-1.0]
@@ -272,7 +284,7 @@ def test_merge_files_refusals_write_nothing(tmp_path, suffix, case, w, out_name,
     before = sorted(os.listdir(tmp_path))
     out = tmp_path / (out_name if "." in out_name else out_name + suffix)
     with pytest.raises(NeonError, match=message) as info:
-        merge_files(tmp_path / f"base{suffix}", tmp_path / f"self{suffix}", w, out)
+        merge_files(tmp_path / f"base{suffix}", tmp_path / f"self{suffix}", w, out, family=LAYOUT_FAMILY)
     assert "\n" not in str(info.value)
     assert sorted(os.listdir(tmp_path)) == before  # no output, no temporary file
 
@@ -284,7 +296,7 @@ def test_merge_files_out_suffix_must_match_the_format(tmp_path):
         merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "neon.pt",
                     format="safetensors")
     with pytest.raises(NeonError, match="must end in .pt"):
-        merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "neon.safetensors")
+        merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "neon.safetensors", family=LAYOUT_FAMILY)
     assert sorted(os.listdir(tmp_path)) == ["base.pt", "self.pt"]
 
 

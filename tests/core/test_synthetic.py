@@ -10,6 +10,8 @@ from neon.errors import NeonError
 from neon.toy.family import ToySampler, family
 from tests.conftest import Crashing
 
+pytestmark = pytest.mark.numerics
+
 
 def _files(directory):
     return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))
@@ -30,12 +32,15 @@ def test_set_layout_manifest_and_contents(synthetic_set, base_ckpt):
     assert manifest["num"] == 96 and manifest["sample_shape"] == [2] and len(manifest["shards"]) == 4
     assert manifest["sampler"] == {"zeta": 1.1, "steps": 20, "eta": 0.0, "method": "ddim", "tau": 1.0}
     data = synthetic.read(synthetic_set)
-    assert data.samples.shape == (96, 2) and data.samples.dtype == torch.float32
+    samples = data.read(range(len(data)))
+    assert samples.shape == (96, 2) and samples.dtype == torch.float32
     assert torch.equal(data.seeds, torch.arange(96)) and torch.equal(data.labels, torch.full((96,), -1))
-    # sample i depends only on its seed: redraw 3 of them alone
+    # Sample i depends only on its seed: its draws bitwise (the toy's noise is `neon.rng`, tested in
+    # tests/core/test_rng.py), its value within float tolerance, since the network's kernels block a
+    # batch of 3 differently from the batch of 16 it was drawn in (DESIGN.md, Determinism).
     model = family.load(base_ckpt)
     again = family.sample(model, torch.full((3,), -1), torch.tensor([5, 50, 95]), ToySampler(zeta=1.1))
-    assert torch.equal(again, data.samples[[5, 50, 95]])
+    torch.testing.assert_close(again, data.read([5, 50, 95]), rtol=1e-5, atol=1e-5)
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, base_ckpt, synthetic_set):

@@ -28,7 +28,7 @@ def test_diagnose_image_family_with_labelled_real_images(name, tmp_path, capsys)
               "--shard-size", "16", *SAMPLERS[name]])
     data = synthetic.read(S)
     assert len(set(data.labels.tolist())) > 1  # both tiny models are class-conditional
-    images = data.samples.permute(0, 2, 3, 1).numpy()
+    images = data.read(range(len(data))).permute(0, 2, 3, 1).numpy()
     real = str(tmp_path / "real.npz")
     np.savez(real, arr_0=images, labels=data.labels.numpy())
     lines, result = _diagnose(name, base, codec, real, S, capsys)

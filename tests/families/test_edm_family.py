@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from edm import networks
-from edm.family import TINY, family
+from edm.family import DEFAULT_AUGMENT, TINY, family
 from neon import checkpoint, merge, synthetic
 from neon.errors import NeonError
+from neon.family import write_checkpoint
+
+pytestmark = pytest.mark.numerics
 
 MARKER = "pickle-code-ran"
 
@@ -58,7 +61,7 @@ def test_network_pickle_loads_without_running_its_code(tmp_path, monkeypatch):
     _write_edm_pickle(path, model, monkeypatch, tmp_path)
     monkeypatch.delitem(sys.modules, "torch_utils.persistence")
     monkeypatch.delitem(sys.modules, "torch_utils")
-    container = checkpoint.read(str(path))
+    container = checkpoint.read(str(path), family.format)
     assert container.weights_key == ("ema",) and container.data["dataset_kwargs"] == {"use_labels": True}
     assert container.data["arch"] == {**TINY, "class_name": "EDMPrecond"}
     expected = model.net.state_dict()
@@ -81,7 +84,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, payload, monkeyp
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(payload))
     with pytest.raises(NeonError, match=r"refused posix.system: not on the allowlist"):
-        checkpoint.read(str(path))
+        checkpoint.read(str(path), family.format)
     assert not (tmp_path / MARKER).exists()
 
 
@@ -90,9 +93,9 @@ def test_merging_a_pickled_base_writes_plain_data_every_loader_reads(tmp_path, m
     base = tmp_path / "base.pkl"
     _write_edm_pickle(base, model, monkeypatch, tmp_path)
     other = family.tiny(1)
-    family.save(other.net.state_dict(), str(tmp_path / "self.pt"), like=other)
+    write_checkpoint(family, other.net.state_dict(), str(tmp_path / "self.pt"), like=other)
     merge.merge_files(str(base), str(tmp_path / "self.pt"), 0.5, str(tmp_path / "neon.pt"))
-    merged = checkpoint.read(str(tmp_path / "neon.pt"))
+    merged = checkpoint.read(str(tmp_path / "neon.pt"), family.format)
     assert merged.format == "pt" and merged.weights_key == ("ema",) and merged.data["arch"]["class_name"] == "EDMPrecond"
     k = "model.enc.8x8_conv.weight"
     assert torch.equal(merged.weights[k], 1.5 * model.net.state_dict()[k] - 0.5 * other.net.state_dict()[k])
@@ -106,7 +109,8 @@ def test_conditional_synthetic_set_has_balanced_labels(tmp_path):
         pass
     data = synthetic.read(conf.out)
     counts = torch.bincount(data.labels, minlength=10)
-    assert data.samples.shape == (23, 3, 8, 8) and data.samples.dtype == torch.uint8
+    samples = data.read(range(len(data)))
+    assert samples.shape == (23, 3, 8, 8) and samples.dtype == torch.uint8
     assert counts.min() == 2 and counts.max() == 3 and counts.sum() == 23
     manifest = json.load(open(os.path.join(conf.out, "manifest.json")))
     assert manifest["num_classes"] == 10 and manifest["sampler"]["num_steps"] == 2
@@ -139,3 +143,24 @@ def test_loss_is_edm_objective_and_labels_are_checked():
     assert loss.ndim == 0 and torch.isfinite(loss)
     with pytest.raises(NeonError, match=r"class labels must be in \[0, 10\)"):
         family.loss(model, images, torch.tensor([-1, 2]), torch.Generator().manual_seed(0))
+
+
+def test_the_augment_pipe_of_the_base_survives_finetune_and_merge(tmp_path):
+    from neon import finetune
+    from neon.family import read_checkpoint
+
+    model = family.tiny(0)
+    pipe = {**DEFAULT_AUGMENT, "p": 0.3}  # not the default p: it must come from the base
+    base = str(tmp_path / "base.pt")
+    checkpoint.write({"ema": model.net.state_dict(), "arch": model.arch, "augment_pipe": pipe}, base)
+    conf = synthetic.SyntheticConfig(out=str(tmp_path / "S"), num=8, batch_size=8, shard_size=8)
+    for _ in synthetic.write(family, family.load(base), family.Sampler(num_steps=2), conf, "edm", "sha"):
+        pass
+    run = finetune.FinetuneConfig(data=conf.out, out=str(tmp_path / "run"), total_images=8, batch_size=8, lr=1e-4)
+    for _ in finetune.run(family, family.load(base), run):
+        pass
+    snapshot = read_checkpoint(family, str(tmp_path / "run" / "snapshot-0000000008.pt"))
+    assert snapshot.weights_key == ("ema",) and snapshot.data["augment_pipe"] == pipe
+    merge.merge_files(base, snapshot.path, 0.5, str(tmp_path / "neon.pt"), family=family)
+    assert family.load(str(tmp_path / "neon.pt")).extras["augment_pipe"] == pipe
+    assert family.load(snapshot.path).extras["augment_pipe"] == pipe

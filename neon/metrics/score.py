@@ -1,0 +1,71 @@
+"""Generate-then-score: the one scoring path of the project (DESIGN.md "Scoring").
+
+`generate_and_score` draws `num` samples of a model with seeds [start, start + num) (labels
+balanced over the classes and shuffled by `start`, as a synthetic set's), sharded over the ranks in
+fixed batches, and scores them against reference statistics: the sweep, `neon fid` on a model, and
+every family's `calculate_fid.py` call it. Everything it needs is passed in: the family, the model,
+the sampler, the seed range and an explicit `FidConfig`.
+
+Features are the family's own where it defines `features` (the toy's points), else Inception's pool
+features; the reference is `--ref` (a path or a URL) or the family's own `reference()`.
+"""
+
+import torch
+
+from neon import distributed, synthetic
+from neon.errors import NeonError
+from neon.metrics import fid, inception, stats
+from neon.metrics import images as image_sources
+
+
+def features(family, samples: torch.Tensor, conf: inception.FidConfig) -> torch.Tensor:
+    """float64 [B, D] features of a batch of samples: `family.features` where the family has it,
+    else the Inception pool features of the uint8 images."""
+    if hasattr(family, "features"):
+        return family.features(samples)
+    return inception.pool_and_logits(samples, conf)[0]
+
+
+def reference(family, ref: str | None) -> tuple:
+    """(mu, sigma): the statistics at `ref` (a path or a URL, fetched once), else the family's
+    built-in reference; NeonError when neither exists."""
+    if ref:
+        return stats.fetch(ref)
+    built_in = family.reference() if hasattr(family, "reference") else None
+    if built_in is None:
+        raise NeonError("a reference is required (--ref): this family has no built-in reference statistics")
+    return built_in
+
+
+def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_size: int,
+                       conf: inception.FidConfig, ref_stats, with_is: bool = False,
+                       real: torch.Tensor | None = None) -> dict:
+    """Collective: {'fid'} of the samples with seeds [start, start + num) against `ref_stats`, the
+    same on every rank. `with_is` adds 'is' and 'is_std'; `real` (pool features [M, 2048]) adds
+    'precision' and 'recall'. With either, the samples must be uint8 images and every feature is
+    Inception's (pool features for FID and precision/recall, logits for IS)."""
+    start, num = seeds
+    labels = synthetic.balanced_labels(num, model.num_classes, start)
+    inception_only = with_is or real is not None
+    feats = []
+    for idx in distributed.shard(synthetic.batches(0, num, batch_size)):
+        samples = synthetic.draw(family, model, sampler, idx, labels, start)
+        feats.append((idx.start, inception.pool_and_logits(samples, conf) if inception_only
+                      else (features(family, samples, conf),)))
+    gathered = sorted((item for part in distributed.gather_objects(feats) for item in part), key=lambda t: t[0])
+    pool = torch.cat([f[0] for _, f in gathered])
+    result = {"fid": fid.frechet_distance(fid.statistics(pool), ref_stats)}
+    if with_is:
+        result["is"], result["is_std"] = fid.inception_score(torch.cat([f[1] for _, f in gathered]))
+    if real is not None:
+        result["precision"], result["recall"] = fid.precision_recall(pool, real)
+    return result
+
+
+def real_features(source: str, conf: inception.FidConfig) -> torch.Tensor:
+    """Collective: Inception pool features float32 [M, 2048] of the images of `source` (any image
+    source of `neon.metrics.images`), the same on every rank."""
+    images = image_sources.source(source)
+    if len(images) <= fid.PR_NEIGHBOURS:
+        raise NeonError(f"{source}: precision/recall needs more than {fid.PR_NEIGHBOURS} real images, got {len(images)}")
+    return fid.features_of(images, conf)["pool"]
