@@ -153,8 +153,8 @@ STAMP = "verified.json"  # shards whose sha256 was checked, with the size and mt
 class SyntheticSet:
     """A complete synthetic set, read lazily (DESIGN.md "Synthetic set").
 
-    Each shard's `samples` array is memory-mapped from its `.npz` (np.savez stores members
-    uncompressed), so `read` touches only the rows it is asked for: a 750k-image set at 256² (147 GB)
+    Each shard's `samples` array is read in place from its `.npz` (np.savez stores members
+    uncompressed; `RowFile`), so `read` reads only the rows it is asked for: a 750k-image set at 256² (147 GB)
     never sits in memory. `labels` and `seeds` (int64 [N], 16 bytes a sample) are read at open.
     """
 
@@ -179,7 +179,7 @@ class SyntheticSet:
             raise NeonError(f"{self.directory}: sample index out of range [0, {len(self)})")
         shard, row = index // self.shard_size, index % self.shard_size
         out = np.empty((len(index), *self._arrays[0].shape[1:]), dtype=self._arrays[0].dtype)
-        for j in torch.unique(shard).tolist():  # one gather per shard touched
+        for j in torch.unique(shard).tolist():  # one read per shard touched
             where = (shard == j).nonzero().flatten().numpy()
             out[where] = self._arrays[j][row[where].numpy()]
         samples = torch.from_numpy(out)
@@ -223,9 +223,52 @@ def export_png(directory: str, out: str) -> int:
     return len(data)
 
 
-def npz_array(path: str, key: str) -> np.ndarray:
-    """Member `key` of an `.npz`, memory-mapped when it is stored uncompressed (np.savez), else read
-    whole (np.savez_compressed). NeonError (one line) when the file or member is unreadable."""
+class RowFile:
+    """An array stored uncompressed in a file, read row by row on demand with `os.pread`: indexing
+    with an int, a slice or an index array returns an ndarray of just those rows. (A memory map
+    would do the same reads, but its pages count toward the process's resident memory as they are
+    touched, about a megabyte a random row here, through the kernel's read-around.)"""
+
+    def __init__(self, path: str, offset: int, shape: tuple, dtype: np.dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return self._read_run(start, max(stop - start, 0))
+            index = np.arange(start, stop, step)
+        if np.isscalar(index):
+            return self[np.array([index])][0]
+        rows = np.asarray(index, dtype=np.int64)
+        if len(rows) > 1 and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+            return self._read_run(int(rows[0]), len(rows))  # consecutive rows: one read
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            for k, row in enumerate(rows.tolist()):
+                out[k] = self._read(f, row, 1)[0]
+        return out
+
+    def _read_run(self, start: int, count: int) -> np.ndarray:
+        with open(self.path, "rb", buffering=0) as f:
+            return self._read(f, start, count)
+
+    def _read(self, f, start: int, count: int) -> np.ndarray:
+        data = os.pread(f.fileno(), count * self.row_bytes, self.offset + start * self.row_bytes)
+        if len(data) != count * self.row_bytes:
+            raise NeonError(f"{self.path} is truncated")
+        return np.frombuffer(data, dtype=self.dtype).reshape(count, *self.shape[1:])
+
+
+def npz_array(path: str, key: str):
+    """Member `key` of an `.npz`: a `RowFile` reading rows on demand when it is stored uncompressed
+    (np.savez), else the array read whole (np.savez_compressed). NeonError (one line) when the file
+    or member is unreadable."""
     try:
         with zipfile.ZipFile(path) as archive:
             info = archive.getinfo(key + ".npy")
@@ -253,7 +296,7 @@ def npz_array(path: str, key: str) -> np.ndarray:
     offset = info.header_offset + 30 + name_len + extra_len + data_start
     if math.prod(shape) == 0:
         return np.empty(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape))
+    return RowFile(path, offset, shape, dtype)
 
 
 def _shard_names(directory: str, manifest: dict) -> list[str]:

@@ -83,3 +83,26 @@ def test_missing_set_is_a_clear_error(tmp_path):
 def test_export_png_refuses_points(synthetic_set, tmp_path):
     with pytest.raises(NeonError, match="holds toy samples, not images"):
         synthetic.export_png(synthetic_set, str(tmp_path / "png"))
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_members_are_read_row_by_row_as_numpy_reads_them(tmp_path, save):
+    array = np.arange(7 * 4 * 3, dtype=np.float32).reshape(7, 4, 3)
+    path = str(tmp_path / "a.npz")
+    save(path, samples=array, labels=np.arange(7))
+    rows = synthetic.npz_array(path, "samples")
+    assert isinstance(rows, synthetic.RowFile) == (save is np.savez)  # compressed members are read whole
+    assert rows.shape == (7, 4, 3) and rows.dtype == np.float32 and len(rows) == 7
+    for index in (slice(2, 5), slice(0, 7, 3), [6, 0, 6], np.array([3, 4, 5]), 4):
+        np.testing.assert_array_equal(rows[index], array[index])
+    with pytest.raises(NeonError, match="has no array 'images'"):
+        synthetic.npz_array(path, "images")
+
+
+def test_the_reader_reads_any_rows_in_any_order_across_shards(synthetic_set):
+    data = synthetic.read(synthetic_set)
+    whole = data.read(range(len(data)))
+    index = torch.tensor([95, 0, 24, 23, 23, 71])  # shards 3, 0, 1, 0, 0, 2
+    assert torch.equal(data.read(index), whole[index])
+    with pytest.raises(NeonError, match=r"sample index out of range \[0, 96\)"):
+        data.read([96])
