@@ -7,10 +7,10 @@ seeds, measured in the same run.
 """
 
 import argparse
-import time
 
-import numpy as np
 import torch
+
+from timing import compare  # benchmarks/timing.py: this folder is first on sys.path
 
 from edm.family import family
 
@@ -54,20 +54,9 @@ def main():
     ours = family.sample(model, labels, seeds, sampler)
     theirs = upstream_style(model.net, seeds, labels, args.steps)
     print(f"max |ours - upstream-style| = {(ours.int() - theirs.int()).abs().max().item()} (uint8 levels)")
-    timings = {"upstream-style": [], "ours": []}
-    for _ in range(args.repeats):
-        for name, run in (("upstream-style", lambda: upstream_style(model.net, seeds, labels, args.steps)),
-                          ("ours", lambda: family.sample(model, labels, seeds, sampler))):
-            start = time.perf_counter()
-            run()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            timings[name].append(time.perf_counter() - start)
-    rate = {name: args.batch / float(np.median(t)) for name, t in timings.items()}
-    for name, r in rate.items():
-        print(f"{name:>15}: {r:8.1f} images/s (median of {args.repeats})")
     print(f"device {args.device}, batch {args.batch}, {args.steps} steps")
-    print(f"ratio ours / upstream-style: {rate['ours'] / rate['upstream-style']:.2f}")
+    compare({"upstream-style": lambda: upstream_style(model.net, seeds, labels, args.steps),
+             "ours": lambda: family.sample(model, labels, seeds, sampler)}, args.batch, args.repeats, args.device)
 
 
 if __name__ == "__main__":

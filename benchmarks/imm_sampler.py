@@ -11,10 +11,10 @@ the same latents (asserted bitwise) and must end at the same latents (float32 ro
 import argparse
 import os
 import sys
-import time
 
-import numpy as np
 import torch
+
+from timing import compare  # benchmarks/timing.py: this folder is first on sys.path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -84,21 +84,9 @@ def main():
     gap = (x_ours.double() - x_ref).abs().max().item()
     assert gap < 1e-4, gap
     print(f"identical initial latents; max |ours - straightforward| at the end = {gap:.2e}")
-    timings = {"straightforward": [], "ours": []}
-    runs = {"straightforward": straightforward, "ours": ours}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run(net, seeds, labels, args.steps, args.cfg)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            timings[name].append(time.perf_counter() - start)
-    rate = {name: args.batch / float(np.median(t)) for name, t in timings.items()}
-    for name, r in rate.items():
-        print(f"{name:>15}: {r:8.1f} images/s (median of {args.repeats})")
-    print(f"ratio ours / straightforward: {rate['ours'] / rate['straightforward']:.2f}")
+    compare({name: (lambda run=run: run(net, seeds, labels, args.steps, args.cfg))
+             for name, run in (("straightforward", straightforward), ("ours", ours))},
+            args.batch, args.repeats, args.device)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ Both must choose the same tokens.
 """
 
 import argparse
-import time
 
-import numpy as np
 import torch
+
+from timing import compare  # benchmarks/timing.py: this folder is first on sys.path
 
 from VAR.models import build_vae_var
 from VAR.sampler import _mask_top_k_top_p
@@ -68,18 +68,8 @@ def main():
     labels = (torch.arange(args.batch) % 10).to(args.device)
     same = torch.equal(cached(var, labels, 2.0), uncached(var, labels, 2.0))
     print(f"depth {args.depth}, {var.L} tokens per image, batch {args.batch}, device {args.device}: same greedy tokens: {same}")
-    timings = {"uncached": [], "kv-cached": []}
-    for _ in range(args.repeats):
-        for name, run in (("uncached", uncached), ("kv-cached", cached)):
-            start = time.perf_counter()
-            run(var, labels, 2.0)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            timings[name].append(time.perf_counter() - start)
-    rate = {name: args.batch * var.L / float(np.median(t)) for name, t in timings.items()}
-    for name, r in rate.items():
-        print(f"{name:>10}: {r:10.0f} tokens/s (median of {args.repeats})")
-    print(f"ratio kv-cached / uncached: {rate['kv-cached'] / rate['uncached']:.2f}")
+    compare({"uncached": lambda: uncached(var, labels, 2.0), "kv-cached": lambda: cached(var, labels, 2.0)},
+            args.batch * var.L, args.repeats, args.device, unit="tokens")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ produce the same tokens (to float32 accuracy: the two do the same arithmetic in 
 """
 
 import argparse
-import time
 
-import numpy as np
 import torch
+
+from timing import compare  # benchmarks/timing.py: this folder is first on sys.path
 
 from xAR.models import xAR
 from xAR.models.xar import CELL, CELLS, CHANNELS, NULL_CLASS, to_latent
@@ -65,18 +65,8 @@ def main():
     assert err < 1e-3 * a.abs().max().item() and a.std() > 0.1, (err, a.std())
     print(f"width {args.width}, {args.depth}+{args.depth} blocks, batch {args.batch}, {args.steps} steps per cell: "
           f"same tokens (max |difference| {err:.1e})")
-    timings = {"uncached": [], "kv-cached": []}
-    for _ in range(args.repeats):
-        for name, run in (("uncached", uncached), ("kv-cached", cached)):
-            start = time.perf_counter()
-            run(model, labels, args.steps, 3.0, draws())
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            timings[name].append(time.perf_counter() - start)
-    rate = {name: args.batch / float(np.median(t)) for name, t in timings.items()}
-    for name, r in rate.items():
-        print(f"{name:>10}: {r:8.2f} images/s (median of {args.repeats})")
-    print(f"ratio kv-cached / uncached: {rate['kv-cached'] / rate['uncached']:.2f}")
+    compare({name: (lambda run=run: run(model, labels, args.steps, 3.0, draws()))
+             for name, run in (("uncached", uncached), ("kv-cached", cached))}, args.batch, args.repeats, args.device)
 
 
 if __name__ == "__main__":
