@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from neon import checkpoint, cli
+from neon.family import names as family_names
 from neon.family import read_checkpoint
 from neon.toy.family import family as toy_family
 from tests.conftest import run_neon, save_base
@@ -55,7 +56,7 @@ def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["sample", "--family", "nope", "--ckpt", "x.pt", "--out", "o"], "unknown family 'nope' (installed: edm, toy, var; or give package.module:attribute)"),
+    (["sample", "--family", "nope", "--ckpt", "x.pt", "--out", "o"], "unknown family 'nope' (installed: " + ", ".join(family_names()) + "; or give package.module:attribute)"),
     (["sample", "--family", "toy", "--ckpt", "missing.pt", "--out", "o", "--num", "4"], "no such checkpoint: missing.pt"),
     (["sample", "--family", "toy", "--ckpt", "x.pt", "--out", "o", "--num", "many"], None),
     (["finetune", "--family", "toy", "--ckpt", "x.pt", "--images", "0", "--batch-size", "4"],
