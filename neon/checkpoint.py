@@ -62,7 +62,8 @@ class Format:
 # generic key.
 GENERIC = Format(weight_keys=((), ("ema",), ("model",), ("state_dict",)))
 
-_SUFFIXES = {".pt": "pt", ".pth": "pt", ".safetensors": "safetensors", ".pkl": "pkl"}
+# `.ckpt`: a torch save under another name (MAR's kl16.ckpt).
+_SUFFIXES = {".pt": "pt", ".pth": "pt", ".ckpt": "pt", ".safetensors": "safetensors", ".pkl": "pkl"}
 
 # safetensors dtype codes. Reading goes through the safetensors library; `write_safetensors` is ours
 # because the library's writer needs every tensor in memory at once. Data is little-endian; like the
@@ -110,7 +111,7 @@ def format_of(path: str) -> str:
     """The checkpoint format a file name implies: 'pt' (.pt/.pth), 'safetensors' or 'pkl'."""
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if suffix not in _SUFFIXES:
-        raise NeonError(f"{path}: unknown checkpoint format (expected .pt, .pth, .safetensors or .pkl)")
+        raise NeonError(f"{path}: unknown checkpoint format (expected .pt, .pth, .ckpt, .safetensors or .pkl)")
     return _SUFFIXES[suffix]
 
 
