@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch the paper's checkpoints into checkpoints/ and the FID reference statistics into fid_stats/.
-# Usage: bash download_models.sh [edm|var|neon|fid|all]   (default: all; files already present are kept)
+# Usage: bash download_models.sh [edm|var|xar|imm|neon|fid|all]   (default: all; files already present are kept)
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p checkpoints fid_stats
@@ -29,6 +29,16 @@ if [[ "$what" == all || "$what" == edm ]]; then
 fi
 if [[ "$what" == all || "$what" == var ]]; then
   for file in vae_ch160v4096z32.pth var_d16.pth var_d36.pth; do hf_fetch FoundationVision/var "$file" checkpoints; done
+fi
+if [[ "$what" == all || "$what" == xar ]]; then  # xAR-B/L (OliverRensu/xAR) and MAR's KL-16 VAE
+  for file in xAR-B.pth xAR-L.pth; do hf_fetch OliverRen/xAR "$file" checkpoints; done
+  hf_fetch xwen99/mar-vae-kl16 kl16.ckpt checkpoints
+fi
+if [[ "$what" == all || "$what" == imm ]]; then  # IMM's base and the SD-VAE ft-EMA as a diffusers folder
+  hf_fetch lumaai/imm imagenet256_ts_a2.pkl checkpoints
+  for file in config.json diffusion_pytorch_model.safetensors; do
+    hf_fetch stabilityai/sd-vae-ft-ema "$file" checkpoints/sd-vae-ft-ema
+  done
 fi
 if [[ "$what" == all || "$what" == neon ]]; then  # the authors' Neon checkpoints
   for file in Neon_EDM_conditional_CIFAR10.pkl Neon_EDM_unconditional_CIFAR10.pkl Neon_EDM_FFHQ.pkl \
