@@ -15,8 +15,8 @@ import argparse
 import json
 
 from neon import distributed
-from neon.errors import NeonError, run_command
-from neon.metrics import inception, score, stats
+from neon.errors import run_command
+from neon.metrics import score
 
 from VAR.family import family
 
@@ -39,14 +39,10 @@ def main(argv=None) -> None:
 
 
 def _run(args) -> None:
-    reference = stats.fetch(args.fid_stats)
-    fid_conf = inception.FidConfig(inception_weights=args.inception_weights)
-    model = family.load(args.var_ckpt, None, distributed.device(), codec=args.vae_ckpt)
-    if args.img_size is not None and args.img_size != model.image_size:
-        raise NeonError(f"--img_size {args.img_size}, but {args.var_ckpt} makes {model.image_size} px images")
     sampler = family.Sampler(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-    value = score.generate_and_score(family, model, sampler, (args.seed, args.num_images), args.batch_size,
-                                     fid_conf, reference)["fid"]
+    value = score.score_checkpoint(family, args.var_ckpt, sampler, (args.seed, args.num_images), args.batch_size,
+                                   args.fid_stats, codec=args.vae_ckpt, inception_weights=args.inception_weights,
+                                   img_size=args.img_size)["fid"]
     if distributed.is_main():
         print(json.dumps({"var_ckpt": args.var_ckpt, "cfg": args.cfg, "num_images": args.num_images,
                           "seeds": [args.seed, args.num_images], "fid": value}))

@@ -15,7 +15,7 @@ import json
 
 from neon import distributed
 from neon.errors import NeonError, run_command
-from neon.metrics import inception, score, stats
+from neon.metrics import score
 
 from edm.family import PRESETS, family
 
@@ -46,11 +46,9 @@ def main(argv=None) -> None:
 
 def _run(args) -> None:
     seeds = parse_seeds(args.seeds)
-    reference = stats.fetch(args.ref)
-    fid_conf = inception.FidConfig(inception_weights=args.inception_weights)
-    model = family.load(args.network, args.arch, distributed.device())
-    value = score.generate_and_score(family, model, family.Sampler(num_steps=args.num_steps), seeds,
-                                     args.max_batch_size, fid_conf, reference)["fid"]
+    value = score.score_checkpoint(family, args.network, family.Sampler(num_steps=args.num_steps), seeds,
+                                   args.max_batch_size, args.ref, arch=args.arch,
+                                   inception_weights=args.inception_weights)["fid"]
     if distributed.is_main():
         print(json.dumps({"network": args.network, "ref": args.ref, "seeds": list(seeds), "num_steps": args.num_steps,
                           "fid": value}))

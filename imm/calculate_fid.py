@@ -18,7 +18,7 @@ import json
 
 from neon import distributed
 from neon.errors import NeonError, run_command
-from neon.metrics import inception, score, stats
+from neon.metrics import score
 
 from imm.family import DEFAULT_CODEC, PRESETS, family
 
@@ -44,13 +44,9 @@ def _run(args) -> None:
     if args.num_images < 2:
         raise NeonError(f"--num_images must be at least 2, got {args.num_images}")
     sampler = family.Sampler(num_steps=args.steps, cfg=args.cfg)
-    reference = stats.fetch(args.fid_stats)
-    fid_conf = inception.FidConfig(inception_weights=args.inception_weights)
-    model = family.load(args.model_ckpt, args.arch, distributed.device(), codec=args.vae)
-    if args.img_size is not None and args.img_size != model.image_size:
-        raise NeonError(f"--img_size {args.img_size}, but {args.model_ckpt} makes {model.image_size} px images")
-    value = score.generate_and_score(family, model, sampler, (args.seed, args.num_images), args.batch_size,
-                                     fid_conf, reference)["fid"]
+    value = score.score_checkpoint(family, args.model_ckpt, sampler, (args.seed, args.num_images), args.batch_size,
+                                   args.fid_stats, arch=args.arch, codec=args.vae,
+                                   inception_weights=args.inception_weights, img_size=args.img_size)["fid"]
     if distributed.is_main():
         print(json.dumps({"model_ckpt": args.model_ckpt, "steps": args.steps, "cfg": args.cfg,
                           "num_images": args.num_images, "seeds": [args.seed, args.num_images], "fid": value}))

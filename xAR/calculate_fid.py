@@ -16,8 +16,8 @@ import argparse
 import json
 
 from neon import distributed
-from neon.errors import NeonError, run_command
-from neon.metrics import inception, score, stats
+from neon.errors import run_command
+from neon.metrics import score
 
 from xAR.family import PRESETS, family
 
@@ -46,13 +46,10 @@ def main(argv=None) -> None:
 
 def _run(args) -> None:
     sampler = family.Sampler(cfg=args.cfg, num_steps=args.flow_steps, precision=args.precision)
-    reference = stats.fetch(args.fid_stats)
-    fid_conf = inception.FidConfig(inception_weights=args.inception_weights)
-    model = family.load(args.model_ckpt, args.model, distributed.device(), codec=args.vae_path)
-    if args.img_size is not None and args.img_size != model.image_size:
-        raise NeonError(f"--img_size {args.img_size}, but {args.model_ckpt} makes {model.image_size} px images")
-    metrics = score.generate_and_score(family, model, sampler, (args.seed, args.num_images), args.batch_size,
-                                       fid_conf, reference, with_is=args.inception_score)
+    metrics = score.score_checkpoint(family, args.model_ckpt, sampler, (args.seed, args.num_images), args.batch_size,
+                                     args.fid_stats, arch=args.model, codec=args.vae_path,
+                                     inception_weights=args.inception_weights, img_size=args.img_size,
+                                     with_is=args.inception_score)
     if distributed.is_main():
         print(json.dumps({"model_ckpt": args.model_ckpt, "cfg": args.cfg, "flow_steps": args.flow_steps,
                           "num_images": args.num_images, "seeds": [args.seed, args.num_images], **metrics}))

@@ -62,6 +62,20 @@ def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_siz
     return result
 
 
+def score_checkpoint(family, path: str, sampler, seeds: tuple[int, int], batch_size: int, ref: str, *,
+                     arch: str | None = None, codec: str | None = None, inception_weights: str | None = None,
+                     img_size: int | None = None, with_is: bool = False) -> dict:
+    """Collective: what every family's `calculate_fid.py` does. Fetch the reference `ref` (a path or a
+    URL), load the checkpoint `path` on this rank's device, check `img_size` (when given) against the
+    model's, and `generate_and_score` it. Returns {'fid'} (and 'is', 'is_std' with `with_is`)."""
+    ref_stats = stats.fetch(ref)
+    model = family.load(path, arch, distributed.device(), codec=codec)
+    if img_size is not None and img_size != model.image_size:
+        raise NeonError(f"--img_size {img_size}, but {path} makes {model.image_size} px images")
+    return generate_and_score(family, model, sampler, seeds, batch_size,
+                              inception.FidConfig(inception_weights=inception_weights), ref_stats, with_is=with_is)
+
+
 def real_features(source: str, conf: inception.FidConfig) -> torch.Tensor:
     """Collective: Inception pool features float32 [M, 2048] of the images of `source` (any image
     source of `neon.metrics.images`), the same on every rank."""
