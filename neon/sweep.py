@@ -1,14 +1,28 @@
-"""Choosing w: evaluate θ_neon = (1 + w) θ_base − w θ_self_trained over a grid of (snapshot, w, cfg).
+"""Choosing w: evaluate θ_neon = (1 + w) θ_base − w θ_self_trained over the grid of (snapshot, w, cfg).
 
-Every evaluation draws `num` samples with the seeds [seed_base, seed_base + num) — the same seeds
-for every grid point, so differences between points are not sampling noise — and scores them
-through `neon.metrics.score` (the project's one scoring path) by the Fréchet distance between the
-samples' features and reference statistics. θ of the base and of every snapshot is read with
-`neon.family.read_checkpoint`, as `neon merge` reads it. Each evaluation is
-one line of `results.jsonl`; a line already there is not computed again, so an interrupted sweep
-resumes. The final report re-evaluates the best point (and the base) on the disjoint seed range
-[final_seed_base, final_seed_base + final_num), where asked with the Inception score and
-precision/recall as well (image families: those points take all their features from Inception).
+The grid is every snapshot × the w values × the cfg values (w = 0 is the base, scored once per cfg).
+`sweep.search` says which of its points are scored (`neon.search`): all of them (`grid`, the
+default), or those a line search over w (`brent`) or a search of (w, cfg) (`coordinate`) asks for,
+with successive halving: the search runs at n = `screen_num` samples and the best `screen_keep`
+fraction of what it scored is scored again at n = `num`. The chosen point is the lowest FID at
+n = num among the grid's points in results.jsonl.
+
+Every evaluation of n samples uses the seeds [seed_base, seed_base + n): the same seeds for every
+point, so differences between points are not sampling noise. It scores them through
+`neon.metrics.score` (the project's one scoring path) by the Fréchet distance between the samples'
+features and reference statistics. θ of the base and of every snapshot is read with
+`neon.family.read_checkpoint`, as `neon merge` reads it. Each evaluation is one line of
+`results.jsonl` (snapshot, w, cfg, num, seeds, the sampler overrides `sampler`, the metrics, wall
+time; a metric that is not finite is written as null). A line already there, with the same key
+(snapshot, w, cfg, seeds, sampler overrides), is not computed again, so an interrupted sweep or
+search resumes, and a grid after a search reuses its points.
+
+The final report scores the chosen point and the base on `final_seeds` disjoint seed ranges of
+`final_num` samples, [final_seed_base + i·final_num, final_seed_base + (i + 1)·final_num), where
+asked with the Inception score and precision/recall as well (image families: those points take all
+their features from Inception). The summary gives mean, sd and min of each metric over the ranges,
+and says whether the gain (the base's mean FID − the chosen point's) exceeds the spread (the larger
+of the two FID sds).
 
 Merged weights are built in memory (no files); `neon merge` writes the chosen one to disk.
 """
@@ -16,13 +30,14 @@ Merged weights are built in memory (no files); `neon merge` writes the chosen on
 import dataclasses
 import json
 import logging
+import math
 import os
+import statistics
 import time
 
-import numpy as np
 import torch
 
-from neon import distributed, finetune, merge
+from neon import checkpoint, distributed, finetune, merge, search
 from neon import family as neon_family
 from neon.errors import NeonError
 from neon.metrics import fid, inception, score
@@ -30,7 +45,11 @@ from neon.metrics import fid, inception, score
 logger = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
-BASE = "base"  # the `snapshot` of w = 0 evaluations: they do not depend on the snapshot
+BASE = search.BASE  # the `snapshot` of w = 0 evaluations: they do not depend on the snapshot
+MAX_POINTS = 10_000  # a w grid holds at most this many values
+MAX_W = 1e6  # |w| at most: (1 + w) θ − w θ_s loses float32's precision long before it overflows
+METRICS = ("fid", "is", "is_std", "precision", "recall")
+EVIDENCE = 10  # the summary lists the best this many points of each n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +62,25 @@ class SweepConfig:
     """Extrapolation weights: 'start:stop:step' (stop included), 'a,b,c', or a list."""
     cfg: list[float] | None = None
     """Guidance scales to try jointly with w (families whose sampler has a `cfg` field)."""
+    search: str = "grid"
+    """Which grid points are scored: grid (all), brent (a line search over w per snapshot and cfg) or
+    coordinate (a search of (w, cfg) per snapshot); see neon.search."""
     num: int = 1000
     """Samples per evaluation while selecting."""
+    screen_num: int | None = None
+    """Successive halving: the search runs at this many samples (the first screen_num selection
+    seeds) and the best `screen_keep` fraction of its points is scored again at num. Default:
+    num // 4 for brent and coordinate, num for grid (no screening)."""
+    screen_keep: float = 0.25
+    """Successive halving: the fraction of the screened points (at least 2) scored again at num."""
     final_num: int = 0
-    """Samples for the final report of the best point and the base (0: no final report)."""
+    """Samples per seed range of the final report of the chosen point and the base (0: no final report)."""
+    final_seeds: int = 3
+    """Disjoint seed ranges of the final report (mean ± sd and min over them)."""
     seed_base: int = 1_000_000
     """First seed of the selection range."""
     final_seed_base: int = 2_000_000
-    """First seed of the final range (disjoint from the selection range)."""
+    """First seed of the final ranges (disjoint from the selection range)."""
     batch_size: int = 256
     """Samples per sampler call, per process."""
     out: str | None = None
@@ -69,9 +99,18 @@ class SweepConfig:
     def __post_init__(self):
         if self.num < 2 or self.final_num < 0 or self.batch_size <= 0:
             raise NeonError("sweep.num must be >= 2, sweep.final_num >= 0 and sweep.batch_size > 0")
-        if self.final_num and not (self.final_seed_base >= self.seed_base + self.num
-                                   or self.final_seed_base + self.final_num <= self.seed_base):
-            raise NeonError("sweep: the final seed range overlaps the selection seed range")
+        if self.search not in search.STRATEGIES:
+            raise NeonError(f"sweep.search must be one of {', '.join(search.STRATEGIES)}, got {self.search!r}")
+        if self.screen_num is not None and not 2 <= self.screen_num <= self.num:
+            raise NeonError(f"sweep.screen_num must be in [2, sweep.num = {self.num}], got {self.screen_num}")
+        if not 0 < self.screen_keep <= 1:
+            raise NeonError(f"sweep.screen_keep must be in (0, 1], got {self.screen_keep}")
+        if self.final_seeds < 1:
+            raise NeonError(f"sweep.final_seeds must be >= 1, got {self.final_seeds}")
+        end = self.final_seed_base + self.final_seeds * self.final_num
+        if self.final_num and not (self.final_seed_base >= self.seed_base + self.num or end <= self.seed_base):
+            raise NeonError(f"sweep: the final seed ranges [{self.final_seed_base}, {end}) overlap the selection "
+                            f"seed range [{self.seed_base}, {self.seed_base + self.num})")
         if (self.inception_score or self.precision_recall) and not self.final_num:
             raise NeonError("sweep.inception_score and sweep.precision_recall score the final report: "
                             "set sweep.final_num")
@@ -81,36 +120,60 @@ class SweepConfig:
             raise NeonError(f"sweep.precision_recall needs sweep.final_num > {fid.PR_NEIGHBOURS}")
         grid(self.w)
 
+    def screen(self) -> int:
+        """Samples per evaluation of the search's first round (num: no screening)."""
+        if self.screen_num is not None:
+            return self.screen_num
+        return self.num if self.search == "grid" else max(2, self.num // 4)
+
+    def final_ranges(self) -> list[tuple[int, int]]:
+        """The final report's seed ranges, as (first seed, number of samples)."""
+        return [(self.final_seed_base + i * self.final_num, self.final_num) for i in range(self.final_seeds)]
+
+    def overrides(self) -> dict:
+        """The sampler overrides every evaluation applies besides its cfg (a swept cfg replaces a
+        `cfg` here), as recorded in results.jsonl: part of each result's key."""
+        return checkpoint.finite_json({k: v for k, v in sorted(self.sampler.items()) if not (k == "cfg" and self.cfg)})
+
 
 def grid(spec) -> list[float]:
-    """The w values of a spec: '0:2:0.25' → [0, 0.25, …, 2]; '0,0.5' or [0, 0.5] as given."""
-    if isinstance(spec, (int, float)):
-        values = [float(spec)]
-    elif isinstance(spec, (list, tuple)):
-        values = [float(v) for v in spec]
-    else:
-        try:
-            if ":" in spec:
-                start, stop, step = (float(v) for v in spec.split(":"))
-                if step <= 0 or stop < start:
-                    raise ValueError
-                count = int(round((stop - start) / step)) + 1
-                values = [round(start + i * step, 10) for i in range(count) if start + i * step <= stop + 1e-9]
-            else:
-                values = [float(v) for v in spec.split(",")]
-        except ValueError:
-            raise NeonError(f"bad w grid {spec!r}: use start:stop:step, a,b,c or a list") from None
-    if not values or not all(np.isfinite(values)):
-        raise NeonError(f"bad w grid {spec!r}: values must be finite")
+    """The w values of a spec: '0:2:0.25' → [0, 0.25, …, 2]; '0,0.5' or [0, 0.5] as given. At most
+    MAX_POINTS values (counted before any is made), each with |w| <= MAX_W."""
+    bad = f"bad w grid {spec!r}"
+    try:
+        if isinstance(spec, (int, float)):
+            values = [float(spec)]
+        elif isinstance(spec, (list, tuple)):
+            values = [float(v) for v in spec]
+        elif ":" in spec:
+            start, stop, step = (float(v) for v in spec.split(":"))
+            if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step)) or step <= 0 or stop < start:
+                raise ValueError
+            if max(abs(start), abs(stop)) > MAX_W:
+                raise NeonError(f"{bad}: |w| must be at most {MAX_W:g}")
+            count = (stop - start) / step + 1
+            if not count <= MAX_POINTS:
+                raise NeonError(f"{bad}: {count:.3g} points, more than {MAX_POINTS}")
+            values = [round(start + i * step, 10) for i in range(int(round(count)))
+                      if start + i * step <= stop + 1e-9]
+        else:
+            values = [float(v) for v in spec.split(",")]
+    except (ValueError, TypeError):
+        raise NeonError(f"{bad}: use start:stop:step, a,b,c or a list") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise NeonError(f"{bad}: values must be finite")
+    if len(values) > MAX_POINTS:
+        raise NeonError(f"{bad}: {len(values)} points, more than {MAX_POINTS}")
+    if max(abs(v) for v in values) > MAX_W:
+        raise NeonError(f"{bad}: |w| must be at most {MAX_W:g}")
     return values
 
 
 def run(family, model, base_path: str, sampler, conf: SweepConfig,
         fid_conf: inception.FidConfig = inception.FidConfig()):
-    """Collective: evaluate the grid, then the final report. Yields each new result record (a dict,
-    as written to results.jsonl); records already in the file are skipped, not yielded. Returns
-    (as the generator's value) the report: the best point and, with a final report, the final
-    metrics of the base and the best point (`report`)."""
+    """Collective: the search (`conf.search`), then the final report. Yields each new result record
+    (a dict, as written to results.jsonl); records already in the file are skipped, not yielded.
+    Returns (as the generator's value) the summary (`summary`)."""
     paths = finetune.snapshots(conf.self_trained) if conf.self_trained else []
     if not paths:
         raise NeonError(f"no snapshots match {conf.self_trained!r}")
@@ -120,48 +183,84 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
         raise NeonError(f"sweep.cfg: the {family.name} sampler has no guidance scale `cfg`")
     base_sd = {k: v.clone() for k, v in neon_family.read_checkpoint(family, base_path).weights.items()}
     net = model.net
-    done = {_key(r) for r in load_results(out)}
-    cfgs = conf.cfg or [None]
-    points = [(BASE, 0.0, c) for c in cfgs]
-    points += [(p, w, c) for p in paths for w in grid(conf.w) if w != 0 for c in cfgs]
-    selection = (conf.seed_base, conf.num)
+    cache = {_key(r): r for r in load_results(out)}
     scoring = (sampler, conf, fid_conf, ref_stats, out)
-    for snapshot, w, c in points:
-        if _key({"snapshot": snapshot, "w": w, "cfg": c, "seeds": list(selection)}) in done:
-            continue
-        yield _evaluate(family, model, net, base_sd, snapshot, w, c, selection, *scoring)
+    start_cfg = conf.sampler.get("cfg", getattr(sampler, "cfg", None))  # the evaluation sampler's own
+    steps = search.search(conf.search, paths, grid(conf.w), conf.cfg or [None], conf.num, conf.screen(),
+                          conf.screen_keep, start_cfg)
+    value = None
+    while True:
+        try:
+            snapshot, w, c, n = steps.send(value)
+        except StopIteration:
+            break
+        key = _key(_point(conf, snapshot, w, c, (conf.seed_base, n)))
+        if key not in cache:
+            cache[key] = _evaluate(family, model, net, base_sd, snapshot, w, c, (conf.seed_base, n), *scoring)
+            yield cache[key]
+        value = cache[key]["fid"]
     if conf.final_num:
         records = load_results(out)
         best = best_point(records, conf, paths)
-        final = (conf.final_seed_base, conf.final_num)
         asked = _asked(conf)
         done = {_key(r) for r in records if asked <= set(r)}  # a final point lacking an asked metric is redone
         real = None  # read once, and only when a final point needs it
-        for snapshot, w in sorted({(BASE, 0.0), (best["snapshot"], best["w"])}):
-            if _key({"snapshot": snapshot, "w": w, "cfg": best["cfg"], "seeds": list(final)}) not in done:
-                if conf.precision_recall and real is None:
-                    real = score.real_features(conf.precision_recall, fid_conf)
-                yield _evaluate(family, model, net, base_sd, snapshot, w, best["cfg"], final, *scoring,
-                                conf.inception_score, real)
+        for seeds in conf.final_ranges():
+            for snapshot, w in sorted({(BASE, 0.0), (best["snapshot"], best["w"])}):
+                if _key(_point(conf, snapshot, w, best["cfg"], seeds)) not in done:
+                    if conf.precision_recall and real is None:
+                        real = score.real_features(conf.precision_recall, fid_conf)
+                    yield _evaluate(family, model, net, base_sd, snapshot, w, best["cfg"], seeds, *scoring,
+                                    conf.inception_score, real)
     net.load_state_dict(base_sd)
-    return report(load_results(out), conf, paths)
+    return summary(load_results(out), conf, paths)
 
 
-def report(records: list[dict], conf: SweepConfig, paths: list[str] | None = None) -> dict:
-    """The sweep's summary: the best selection point and, with a final report, the final FID (and
-    IS, precision/recall where asked) of the base and of the best point, and where the results are."""
+def summary(records: list[dict], conf: SweepConfig, paths: list[str] | None = None) -> dict:
+    """The sweep's summary: the chosen point (`best_*`: the lowest FID at n = num), the evidence (per
+    n, how many points were scored and the best EVIDENCE of them as [snapshot, w, cfg, fid]), the
+    images the selection generated, and, with a final report, per metric of the base and of the
+    chosen point the mean (`final_base_fid`), sd (`…_sd`, None for one range) and min (`…_min`) over
+    the seed ranges, the gain of the mean FID, the spread and whether the gain exceeds it."""
     best = best_point(records, conf, paths)
-    summary = {"best_snapshot": best["snapshot"], "best_w": best["w"], "best_cfg": best["cfg"],
-               "best_fid": best["fid"], "results": os.path.join(output_dir(conf), RESULTS)}
+    scored = selection(records, conf, paths)
+    evidence = [{"n": n, "points": sum(r["num"] == n for r in scored),
+                 "best": [[r["snapshot"], r["w"], r["cfg"], r["fid"]]
+                          for r in sorted((r for r in scored if r["num"] == n), key=_fid)[:EVIDENCE]]}
+                for n in sorted({r["num"] for r in scored})]
+    result = {"search": conf.search, "best_snapshot": best["snapshot"], "best_w": best["w"], "best_cfg": best["cfg"],
+              "best_fid": best["fid"], "best_num": conf.num, "evidence": evidence,
+              "selection_images": sum(r["num"] for r in scored)}
     if conf.final_num:
-        finals = {(r["snapshot"], r["w"]): r for r in records if r["seeds"] == [conf.final_seed_base, conf.final_num]
-                  and r["cfg"] == best["cfg"]}
-        for name, point in (("base", (BASE, 0.0)), ("best", (best["snapshot"], best["w"]))):
-            final = finals.get(point, {})
-            for metric in ("fid", "is", "is_std", "precision", "recall"):
-                if metric == "fid" or metric in final:
-                    summary[f"final_{name}_{metric}"] = final.get(metric)
-    return summary
+        result.update(_final(records, conf, best))
+    result["results"] = os.path.join(output_dir(conf), RESULTS)
+    return result
+
+
+def _final(records: list[dict], conf: SweepConfig, best: dict) -> dict:
+    """The final report's part of the summary (`summary`)."""
+    latest = {_key(r): r for r in records}
+    result = {"final_seeds": [list(seeds) for seeds in conf.final_ranges()]}
+    fids, used = {}, {}
+    for name, (snapshot, w) in (("base", (BASE, 0.0)), ("best", (best["snapshot"], best["w"]))):
+        keys = [_key(_point(conf, snapshot, w, best["cfg"], seeds)) for seeds in conf.final_ranges()]
+        found = [latest[k] for k in keys if k in latest]
+        used.update((k, latest[k]["num"]) for k in keys if k in latest)
+        for metric in METRICS:
+            values = [r[metric] for r in found if r.get(metric) is not None]
+            if metric == "fid" or values:
+                stats = _stats(values)
+                result[f"final_{name}_{metric}"] = stats["mean"]
+                result[f"final_{name}_{metric}_sd"] = stats["sd"]
+                result[f"final_{name}_{metric}_min"] = stats["min"]
+        fids[name] = [r["fid"] for r in found if r.get("fid") is not None]
+    result["final_images"] = sum(used.values())
+    complete = all(len(v) == conf.final_seeds for v in fids.values())
+    gain = statistics.fmean(fids["base"]) - statistics.fmean(fids["best"]) if complete else None
+    spread = max(_stats(fids["base"])["sd"], _stats(fids["best"])["sd"]) if complete and conf.final_seeds > 1 else None
+    result.update(final_gain=gain, final_spread=spread,
+                  gain_exceeds_spread=None if spread is None else bool(gain > spread))
+    return result
 
 
 def output_dir(conf: SweepConfig) -> str:
@@ -173,30 +272,37 @@ def output_dir(conf: SweepConfig) -> str:
 
 def load_results(out: str) -> list[dict]:
     """The records of `out/results.jsonl` (empty when there is none)."""
-    path = os.path.join(out, RESULTS)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return checkpoint.read_jsonl(os.path.join(out, RESULTS))
 
 
 def best_point(records: list[dict], conf: SweepConfig, paths: list[str] | None = None) -> dict:
-    """The selection record with the lowest FID among this sweep's grid."""
-    paths = set(paths if paths is not None else finetune.snapshots(conf.self_trained or ""))
-    ws, cfgs = set(grid(conf.w)) | {0.0}, set(conf.cfg or [None])
-    chosen = [r for r in records if r["seeds"] == [conf.seed_base, conf.num] and r["w"] in ws
-              and r["cfg"] in cfgs and (r["snapshot"] == BASE or r["snapshot"] in paths)]
+    """The selection record at n = num with the lowest FID among this sweep's grid."""
+    chosen = [r for r in selection(records, conf, paths) if r["num"] == conf.num]
     if not chosen:
         raise NeonError("the sweep has no results yet")
-    return min(chosen, key=lambda r: r["fid"])
+    return min(chosen, key=_fid)
 
 
-def curve(records: list[dict], conf: SweepConfig, snapshot: str, cfg_value=None) -> tuple[list[float], list[float]]:
-    """(w, fid) of one snapshot's selection results, sorted by w, the base at w = 0 included."""
-    points = {r["w"]: r["fid"] for r in records if r["seeds"] == [conf.seed_base, conf.num]
+def curve(records: list[dict], conf: SweepConfig, snapshot: str, cfg_value=None,
+          n: int | None = None) -> tuple[list[float], list[float]]:
+    """(w, fid) of one snapshot's selection results at n samples (default num), sorted by w, the base
+    at w = 0 included."""
+    n = conf.num if n is None else n
+    points = {r["w"]: r["fid"] for r in selection(records, conf) if r["num"] == n
               and r["cfg"] == cfg_value and r["snapshot"] in (snapshot, BASE)}
     ws = sorted(points)
     return ws, [points[w] for w in ws]
+
+
+def selection(records: list[dict], conf: SweepConfig, paths: list[str] | None = None) -> list[dict]:
+    """This sweep's selection records, at any n: the grid's points on the selection seeds with this
+    sweep's sampler overrides; the latest of each key."""
+    paths = set(paths if paths is not None else finetune.snapshots(conf.self_trained or ""))
+    ws, cfgs, overrides = set(grid(conf.w)) | {0.0}, set(conf.cfg or [None]), _sampler_key(conf.overrides())
+    latest = {_key(r): r for r in records
+              if r["seeds"][0] == conf.seed_base and _sampler_key(r.get("sampler")) == overrides
+              and r["w"] in ws and r["cfg"] in cfgs and (r["snapshot"] == BASE or r["snapshot"] in paths)}
+    return list(latest.values())
 
 
 def _evaluate(family, model, net, base_sd, snapshot, w, c, seeds, sampler, conf, fid_conf, ref_stats, out,
@@ -212,16 +318,20 @@ def _evaluate(family, model, net, base_sd, snapshot, w, c, seeds, sampler, conf,
         fields["cfg"] = c
     metrics = score.generate_and_score(family, model, dataclasses.replace(sampler, **fields), seeds, conf.batch_size,
                                        fid_conf, ref_stats, with_is, real)
-    record = {"snapshot": snapshot, "w": w, "cfg": c, "num": seeds[1], "seeds": list(seeds), **metrics,
-              "seconds": round(time.time() - started, 3)}
+    record = checkpoint.finite_json({**_point(conf, snapshot, w, c, seeds), **metrics,
+                                     "seconds": round(time.time() - started, 3)})
     if real is not None:
         record["real"] = conf.precision_recall
     if distributed.is_main():
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, RESULTS), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        checkpoint.append_jsonl(os.path.join(out, RESULTS), record)
     distributed.barrier()
     return record
+
+
+def _point(conf: SweepConfig, snapshot: str, w: float, c, seeds: tuple[int, int]) -> dict:
+    """The key fields of a record."""
+    return {"snapshot": snapshot, "w": w, "cfg": c, "num": seeds[1], "seeds": list(seeds), "sampler": conf.overrides()}
 
 
 def _asked(conf: SweepConfig) -> set[str]:
@@ -230,4 +340,23 @@ def _asked(conf: SweepConfig) -> set[str]:
 
 
 def _key(record: dict) -> tuple:
-    return record["snapshot"], float(record["w"]), record["cfg"], tuple(record["seeds"])
+    """A record's identity: records written before the sampler overrides were recorded have none."""
+    return (record["snapshot"], float(record["w"]), record["cfg"], tuple(record["seeds"]),
+            _sampler_key(record.get("sampler")))
+
+
+def _sampler_key(overrides: dict | None) -> str:
+    return json.dumps(overrides or {}, sort_keys=True)
+
+
+def _fid(record: dict) -> float:
+    return math.inf if record.get("fid") is None else record["fid"]
+
+
+def _stats(values: list[float]) -> dict:
+    """mean, sd (None for fewer than two values) and min of `values` (all None when empty)."""
+    if not values:
+        return {"mean": None, "sd": None, "min": None}
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values)}
+

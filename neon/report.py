@@ -1,0 +1,261 @@
+"""`neon report SWEEP_DIR`: a sweep's final table with error bars, what the run cost, and its pictures.
+
+It reads files only: the sweep folder's `config.resolved.yaml` (written by `neon sweep`) and
+`results.jsonl`; through `sweep.self_trained` the fine-tune run (its snapshots, named by the images
+they have seen, and its own `config.resolved.yaml`); through that run's `finetune.data` the synthetic
+set's `manifest.json`. Paths recorded relative are read relative to the working directory, so run it
+where the sweep ran.
+
+`run(sweep_dir)` returns {'summary': `neon.sweep.summary` (the chosen point, the evidence, the final
+metrics as mean, sd and min over the seed ranges, the gain and whether it exceeds the spread),
+'compute': `compute`, 'pictures': name -> path written (None when not written), 'notes': lines
+saying what was left out and why}, and writes into `sweep_dir`:
+
+* `fid_vs_w.png` (`neon.plots.SIZE_FID`): FID against w at the chosen cfg, one curve per snapshot
+  and number of samples n (a search scores few points at the full n);
+* `fid_w_cfg.png` (`neon.plots.SIZE_HEATMAP`), where two or more cfg values were swept: FID over
+  (w, cfg) for the chosen snapshot, at the n with the most points scored;
+* `samples.png`: the base and Neon (the chosen point) on the same seeds and labels (the first
+  seeds of the final range), with the evaluation sampler: image families a row of SAMPLE_IMAGES
+  each (`neon.plots.sample_grid`), point families (the toy) SAMPLE_POINTS points each, with the
+  family's real points where it has `real` (`neon.plots.scatter`, `SIZE_SCATTER`).
+
+Compute (`compute`), in images and in base forward-pass equivalents:
+
+* generated: the synthetic set (its manifest's `num`), the selection (every evaluation's n), the
+  final report (n per range and point), and any other evaluation in results.jsonl;
+* fine-tuned: the run's images (its last snapshot) and the chosen snapshot's;
+* with `model.base_training_images`: the fine-tune as a % of the base's training (the chosen
+  snapshot: the paper's "extra compute"; and the whole run), and the whole Neon run (the run's
+  fine-tune plus every generated image) in forward passes as a % of the base's training. One
+  training image counts 3 forward passes (the backward pass costs about two); one generated image
+  counts the sampler's steps (`num_steps` or `steps`) where it has them, else 1, stated as a lower
+  bound. Steps are a rough count: Heun samplers evaluate the network 2·steps − 1 times, and
+  guidance doubles each evaluation.
+"""
+
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+
+from neon import config, distributed, finetune, merge, plots, sweep, synthetic
+from neon import family as neon_family
+from neon.errors import NeonError
+
+RESOLVED = "config.resolved.yaml"
+SAMPLE_IMAGES = 8  # per row of samples.png, for image families
+SAMPLE_POINTS = 1000  # per panel of samples.png, for point families
+TRAIN_PASSES = 3  # forward-pass equivalents of one training image (forward + backward)
+STEP_FIELDS = ("num_steps", "steps")  # sampler fields that count network evaluations per sample
+_SNAPSHOT = re.compile(r"snapshot-(\d+)\.pt$")
+
+
+def run(sweep_dir: str) -> dict:
+    """Read a sweep folder (and the run and synthetic set it names), write its pictures; the report
+    (module docstring). NeonError when the folder holds no sweep of `neon sweep`."""
+    raw = _resolved(sweep_dir)
+    fam = neon_family.get(raw["family"])
+    conf = dataclasses.replace(config.build(sweep.SweepConfig, raw.get("sweep"), "sweep"), out=sweep_dir)
+    model_conf = config.build(neon_family.ModelConfig, raw.get("model"), "model")
+    sampler = config.build(fam.Sampler, raw.get("sampler"), "sampler")
+    paths = finetune.snapshots(conf.self_trained or "")
+    if not paths:
+        raise NeonError(f"{sweep_dir}: no snapshots match sweep.self_trained {conf.self_trained!r} "
+                        f"(run neon report where the sweep ran)")
+    records = sweep.load_results(sweep_dir)
+    result = sweep.summary(records, conf, paths)
+    notes = []
+    pictures = {"fid_vs_w": _fid_vs_w(records, conf, paths, result, sweep_dir)}
+    if len(conf.cfg or []) > 1:
+        pictures["fid_w_cfg"] = _fid_w_cfg(records, conf, paths, result, sweep_dir)
+    else:
+        pictures["fid_w_cfg"] = None
+        notes.append("fid_w_cfg.png: not written (cfg was not swept)")
+    pictures["samples"] = _samples(fam, model_conf, sampler, conf, result, sweep_dir)
+    return {"summary": result, "compute": compute(records, result, model_conf, sampler, paths),
+            "pictures": pictures, "notes": notes}
+
+
+def compute(records: list[dict], summary: dict, model_conf, sampler, paths: list[str]) -> dict:
+    """The images a Neon run generated and fine-tuned on, and the run against the base's training
+    (module docstring). Unknown numbers are None."""
+    run_dir = os.path.dirname(paths[0])
+    synthetic_images = _synthetic_num(run_dir)
+    every = sum(r["num"] for r in records)  # a point scored twice (a final point redone for IS) was generated twice
+    selection, final = summary["selection_images"], summary.get("final_images", 0)
+    generated = every + (synthetic_images or 0)
+    run_images = max((_images_seen(p) or 0 for p in finetune.snapshots(run_dir)), default=0) or None
+    chosen = _images_seen(summary["best_snapshot"]) if summary["best_snapshot"] != sweep.BASE else 0
+    steps = next((getattr(sampler, f) for f in STEP_FIELDS if isinstance(getattr(sampler, f, None), int)), None)
+    result = {"synthetic_images": synthetic_images, "selection_images": selection, "final_images": final,
+              "other_images": every - selection - final, "generated_images": generated,
+              "finetune_images": run_images, "chosen_snapshot_images": chosen,
+              "base_training_images": model_conf.base_training_images, "steps_per_image": steps,
+              "finetune_percent": None, "finetune_run_percent": None, "forward_passes": None,
+              "forward_percent": None}
+    base = model_conf.base_training_images
+    if base:
+        if chosen is not None:
+            result["finetune_percent"] = 100 * chosen / base
+        if run_images is not None:
+            result["finetune_run_percent"] = 100 * run_images / base
+        passes = TRAIN_PASSES * (run_images or 0) + (steps or 1) * generated
+        result["forward_passes"] = passes
+        result["forward_percent"] = 100 * passes / (TRAIN_PASSES * base)
+    return result
+
+
+def table(result: dict) -> str:
+    """The report as text: the chosen point and its evidence, the final table (mean ± sd and min per
+    metric over the seed ranges, the gain against the spread), the compute lines and the pictures."""
+    s, c = result["summary"], result["compute"]
+    cfg = "" if s["best_cfg"] is None else f", cfg {s['best_cfg']:g}"
+    lines = [f"search {s['search']}: chosen {_name(s['best_snapshot'])}, w {s['best_w']:+g}{cfg}: "
+             f"FID {_num(s['best_fid'])} at n = {s['best_num']:,}",
+             "evidence: " + "; ".join(f"{e['points']} points at n = {e['n']:,}" for e in s["evidence"])]
+    if "final_seeds" in s:
+        ranges = s["final_seeds"]
+        lines += ["", f"final report: {len(ranges)} seed range{'s' if len(ranges) > 1 else ''} of "
+                      f"{ranges[0][1]:,} samples from seed {ranges[0][0]:,}",
+                  f"{'metric':<10} {'base':>30} {'neon':>30}"]
+        for metric in sweep.METRICS:
+            if f"final_base_{metric}" in s or f"final_best_{metric}" in s:
+                lines.append(f"{metric:<10} {_cell(s, 'base', metric):>30} {_cell(s, 'best', metric):>30}")
+        if s["final_gain"] is not None:
+            verdict = ("(one range: no spread)" if s["final_spread"] is None else
+                       f"{'exceeds' if s['gain_exceeds_spread'] else 'does not exceed'} the spread "
+                       f"{_num(s['final_spread'])} (the larger sd)")
+            lines.append(f"gain (base − neon, mean FID): {s['final_gain']:+.4g} {verdict}")
+    else:
+        lines += ["", "final report: none (sweep.final_num is 0)"]
+    other = f" + {c['other_images']:,} (other results)" if c["other_images"] else ""
+    lines += ["", "compute:",
+              f"  generated: {_count(c['synthetic_images'])} (S) + {c['selection_images']:,} (selection) + "
+              f"{c['final_images']:,} (final){other} = {c['generated_images']:,} images",
+              f"  fine-tuned: {_count(c['finetune_images'])} images (the run), {_count(c['chosen_snapshot_images'])} "
+              f"(the chosen snapshot)"]
+    if c["base_training_images"]:
+        steps = (f"{c['steps_per_image']} per generated image (the sampler's steps)" if c["steps_per_image"]
+                 else "1 per generated image (a lower bound: the sampler names no steps)")
+        lines += [f"  base training: {c['base_training_images']:,} images (model.base_training_images)",
+                  f"  fine-tune: {_pct(c['finetune_percent'])} of the base's training images (chosen snapshot), "
+                  f"{_pct(c['finetune_run_percent'])} (the whole run)",
+                  f"  whole Neon run: {c['forward_passes']:,.0f} forward passes = {_pct(c['forward_percent'])} of the "
+                  f"base's training ({TRAIN_PASSES} per training image, {steps})"]
+    else:
+        lines.append("  base training: unknown (set model.base_training_images); counted in images only")
+    lines += ["", "pictures: " + ", ".join(p for p in result["pictures"].values() if p)] + result["notes"]
+    return "\n".join(lines)
+
+
+def _fid_vs_w(records, conf, paths, summary, out) -> str:
+    curves = {}
+    ns = sorted({e["n"] for e in summary["evidence"]}, reverse=True)
+    for path in paths:
+        for n in ns:
+            ws, fids = sweep.curve(records, conf, path, summary["best_cfg"], n)
+            if len(ws) > 1 or (ws and ws != [0.0]):
+                curves[f"{_name(path)}" + (f" (n = {n:,})" if len(ns) > 1 else "")] = (ws, _nan(fids))
+    cfg = "" if summary["best_cfg"] is None else f", cfg {summary['best_cfg']:g}"
+    return plots.fid_vs_w(curves, os.path.join(out, "fid_vs_w.png"), title=f"FID against w ({conf.search}{cfg})")
+
+
+def _fid_w_cfg(records, conf, paths, summary, out) -> str:
+    """The heat map of the chosen snapshot (of the first snapshot when the base was chosen), at the
+    n with the most points scored."""
+    snapshot = summary["best_snapshot"] if summary["best_snapshot"] != sweep.BASE else paths[0]
+    rows = [r for r in sweep.selection(records, conf, paths) if r["snapshot"] in (snapshot, sweep.BASE)]
+    ns = [r["num"] for r in rows]
+    n = max(set(ns), key=lambda m: (ns.count(m), m))
+    ws, cfgs = sorted(set(sweep.grid(conf.w)) | {0.0}), sorted(conf.cfg)
+    values = np.full((len(cfgs), len(ws)), np.nan)
+    for r in rows:
+        if r["num"] == n and r["fid"] is not None:
+            values[cfgs.index(r["cfg"]), ws.index(r["w"])] = r["fid"]
+    return plots.fid_w_cfg(ws, cfgs, values, os.path.join(out, "fid_w_cfg.png"),
+                           title=f"FID over (w, cfg): {_name(snapshot)}, n = {n:,}")
+
+
+def _samples(fam, model_conf, sampler, conf, summary, out) -> str:
+    """samples.png: the base and the chosen point drawn on the same seeds and labels."""
+    model = fam.load(model_conf.ckpt, model_conf.arch, distributed.device(), codec=model_conf.codec)
+    fields = dict(conf.sampler)
+    if summary["best_cfg"] is not None:
+        fields["cfg"] = summary["best_cfg"]
+    sampler = dataclasses.replace(sampler, **fields)
+    count = SAMPLE_POINTS if model.image_size is None else SAMPLE_IMAGES
+    start = conf.final_seed_base if conf.final_num else conf.seed_base
+    labels = synthetic.balanced_labels(count, model.num_classes, start)
+    base_sd = {k: v.clone() for k, v in neon_family.read_checkpoint(fam, model_conf.ckpt).weights.items()}
+    drawn = {}
+    for name, w in (("base", 0.0), (f"neon (w {summary['best_w']:+g})", summary["best_w"])):
+        if w == 0:
+            model.net.load_state_dict(base_sd)
+        else:
+            self_sd = neon_family.read_checkpoint(fam, summary["best_snapshot"]).weights
+            model.net.load_state_dict(merge.extrapolate(base_sd, self_sd, w))
+        drawn[name] = np.concatenate([synthetic.draw(fam, model, sampler, idx, labels, start).numpy()
+                                      for idx in synthetic.batches(0, count, conf.batch_size)])
+    path = os.path.join(out, "samples.png")
+    if model.image_size is None:
+        if hasattr(fam, "real"):
+            drawn["real"] = fam.real(count, start)[0].numpy()
+        return plots.scatter(drawn, path, title=f"{count:,} samples, seeds from {start:,}")
+    return plots.sample_grid({k: v.transpose(0, 2, 3, 1) for k, v in drawn.items()}, path)
+
+
+def _resolved(sweep_dir: str) -> dict:
+    path = os.path.join(sweep_dir, RESOLVED)
+    if not os.path.exists(path):
+        raise NeonError(f"{sweep_dir} holds no {RESOLVED}: neon report reads the recipe `neon sweep` wrote there")
+    raw = config.load_yaml(path)
+    if not raw.get("family"):
+        raise NeonError(f"{path} names no family")
+    return raw
+
+
+def _synthetic_num(run_dir: str) -> int | None:
+    """The number of samples of the synthetic set the run in `run_dir` was fine-tuned on, or None."""
+    resolved = os.path.join(run_dir, RESOLVED)
+    data = (config.load_yaml(resolved).get("finetune") or {}).get("data") if os.path.exists(resolved) else None
+    manifest = os.path.join(data, synthetic.MANIFEST) if data else None
+    if manifest is None or not os.path.exists(manifest):
+        return None
+    with open(manifest) as f:
+        return json.load(f).get("num")
+
+
+def _images_seen(path: str) -> int | None:
+    """The images a fine-tune snapshot has seen, from its name (`snapshot-<images>.pt`)."""
+    found = _SNAPSHOT.search(os.path.basename(path))
+    return int(found.group(1)) if found else None
+
+
+def _cell(s: dict, name: str, metric: str) -> str:
+    mean, sd, low = (s.get(f"final_{name}_{metric}{suffix}") for suffix in ("", "_sd", "_min"))
+    if mean is None:
+        return "-"
+    return f"{mean:.4g}" + (f" ± {sd:.2g}" if sd is not None else "") + f" (min {low:.4g})"
+
+
+def _name(snapshot: str) -> str:
+    return os.path.basename(snapshot)
+
+
+def _nan(values):
+    return [np.nan if v is None else v for v in values]
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _count(value) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+def _pct(value) -> str:
+    return "?" if value is None else f"{value:.3g}%"
