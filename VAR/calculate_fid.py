@@ -11,18 +11,17 @@ over the processes: sample i has seed `--seed + i` and its own generator, labels
 1000 classes. Prints one JSON line.
 """
 
-import argparse
 import json
 
 from neon import distributed
-from neon.errors import run_command
+from neon.errors import ArgumentParser, run_command
 from neon.metrics import score
 
 from VAR.family import family
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--var_ckpt", required=True)
     parser.add_argument("--vae_ckpt", default=None, help="VQ-VAE weights (default checkpoints/vae_ch160v4096z32.pth)")
     parser.add_argument("--num_images", "--N", dest="num_images", type=int, default=50000)

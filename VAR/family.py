@@ -20,7 +20,7 @@ import torch
 
 from neon import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, load_weights, read_checkpoint
+from neon.family import Model, arch_kwargs, check_finite, load_weights, read_checkpoint
 
 from VAR.loss import training_loss
 from VAR.models import build_vae_var
@@ -88,7 +88,7 @@ class VARFamily:
                                                   top_p=sampler.top_p, more_smooth=sampler.more_smooth,
                                                   generators=generators)
         # Upstream Neon's conversion (truncation, not rounding).
-        return (images.float().clamp(0, 1) * 255).to(torch.uint8)
+        return (check_finite(images.float(), 'VAR sampler').clamp(0, 1) * 255).to(torch.uint8)
 
     def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:

@@ -10,11 +10,10 @@ into `fid_stats/`. Images are generated and scored in memory, sharded over the p
 are balanced over the classes and shuffled by the first seed. Prints one JSON line.
 """
 
-import argparse
 import json
 
 from neon import distributed
-from neon.errors import NeonError, run_command
+from neon.errors import ArgumentParser, NeonError, run_command
 from neon.metrics import score
 
 from edm.family import PRESETS, family
@@ -32,7 +31,7 @@ def parse_seeds(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--network_pkl", "--network", dest="network", required=True, help="network file")
     parser.add_argument("--ref", required=True, help="reference statistics .npz (path or URL)")
     parser.add_argument("--seeds", default="0-49999", help="seed range, e.g. 0-49999")

@@ -21,7 +21,7 @@ import torch
 
 from neon import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, load_weights, read_checkpoint
+from neon.family import Model, arch_kwargs, build_net, check_finite, load_weights, read_checkpoint
 
 from edm import networks
 from edm.loss import AugmentPipe, EDMLoss
@@ -120,7 +120,7 @@ class EDMFamily:
         if kwargs is None:
             raise NeonError(f"{path} does not say its arch; pass --model.arch {'|'.join(PRESETS)}")
         augment = container.data.get("augment_pipe") if isinstance(container.data.get("augment_pipe"), dict) else None
-        model = self._model(kwargs, augment or DEFAULT_AUGMENT)
+        model = self._model(kwargs, augment or DEFAULT_AUGMENT, path)
         load_weights(model.net, container.weights, path, kwargs.get("class_name", "EDMPrecond"))
         model.net.to(device).eval().requires_grad_(False)
         return model
@@ -136,7 +136,7 @@ class EDMFamily:
                 rnd.randint(net.label_dim, size=[len(seeds)], device=device)  # keeps upstream's stream order
                 class_labels = self._one_hot(labels, net.label_dim, device)
             x = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, **dataclasses.asdict(sampler))
-            return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+            return (check_finite(x, 'EDM sampler') * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
     def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
@@ -161,10 +161,14 @@ class EDMFamily:
         return torch.eye(label_dim, device=device)[labels.to(device)]
 
     @staticmethod
-    def _model(arch: dict, augment: dict | None) -> Model:
+    def _model(arch: dict, augment: dict | None, path: str = "the arch") -> Model:
+        if not isinstance(arch, dict):
+            raise NeonError(f"{path}: arch must be a mapping of EDMPrecond's arguments, got {arch!r}")
         kwargs = dict(arch)
-        cls = _CLASSES[kwargs.pop("class_name", "EDMPrecond")]
-        net = cls(**kwargs)
+        name = kwargs.pop("class_name", "EDMPrecond")
+        if name not in _CLASSES:
+            raise NeonError(f"{path}: unknown network class {name!r} (known: {', '.join(_CLASSES)})")
+        net = build_net(_CLASSES[name], kwargs, path, name)
         return Model(net=net, image_size=net.img_resolution, num_classes=net.label_dim, arch=dict(arch),
                      extras={"augment_pipe": dict(augment) if augment else None})
 

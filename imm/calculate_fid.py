@@ -13,18 +13,17 @@ ft-EMA. Images are generated and scored in memory, sharded over the processes: s
 paper's headline setting (T = 8 uniform steps, guidance 1.8). Prints one JSON line.
 """
 
-import argparse
 import json
 
 from neon import distributed
-from neon.errors import NeonError, run_command
+from neon.errors import ArgumentParser, NeonError, run_command
 from neon.metrics import score
 
 from imm.family import DEFAULT_CODEC, PRESETS, family
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_ckpt", required=True, help="IMM checkpoint (.pkl, .pt/.pth, .safetensors)")
     parser.add_argument("--vae", default=DEFAULT_CODEC, help=f"SD-VAE diffusers folder (default {DEFAULT_CODEC})")
     parser.add_argument("--num_images", type=int, default=50000)

@@ -32,7 +32,7 @@ import torch
 
 from neon import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, load_weights, read_checkpoint
+from neon.family import Model, arch_kwargs, check_finite, load_weights, read_checkpoint
 
 from edm.family import NVLABS_PICKLE_GLOBALS, from_network_pickle
 from imm.loss import IMMLoss
@@ -175,7 +175,7 @@ class IMMFamily:
             class_labels = self._one_hot(labels, net.label_dim, device) if net.label_dim else None
             x = pushforward_generator_fn(net, latents, class_labels, discretization=sampler.discretization,
                                          num_steps=sampler.num_steps, cfg_scale=cfg)
-            return self._encoder(model).decode(x)
+            return self._encoder(model).decode(check_finite(x, "IMM sampler"))
 
     def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -24,9 +25,12 @@ import logging
 import math
 import os
 import pickle
+import re
 import secrets
 import shutil
+import socket
 import struct
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -131,8 +135,7 @@ def read(path: str, fmt: Format = GENERIC, mmap: bool = False) -> Container:
         no state dict at any of the format's weight keys.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise NeonError(f"no such checkpoint: {path}")
+    _check_input_file(path)
     kind = format_of(path)
     metadata = {}
     if kind == "pkl":
@@ -152,10 +155,16 @@ def peek(path: str) -> dict:
     """The top-level dict of a `.pt`/`.pth` file, tensors memory-mapped (nothing is read until
     touched), without locating θ: for reading the entries a file records about itself."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise NeonError(f"no such checkpoint: {path}")
+    _check_input_file(path)
     data = _torch_load(path, mmap=True)
     return data if isinstance(data, dict) else {}
+
+
+def _check_input_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise NeonError(f"no such checkpoint: {path}")
+    if os.path.isdir(path):
+        raise NeonError(f"{path} is a directory, not a checkpoint file")
 
 
 def _torch_load(path: str, mmap: bool = False):
@@ -305,7 +314,8 @@ def atomic(path: str) -> Iterator[str]:
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = os.path.splitext(name)[1]
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
+    remove_stale_temporaries(directory, name)
+    tmp = os.path.join(directory, f".{name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -313,6 +323,116 @@ def atomic(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp(\.[^.]*)?$")
+
+
+def remove_stale_temporaries(directory: str, name: str | None = None) -> list[str]:
+    """Remove the temporaries `atomic` left in `directory` (for `name`, or any) when the process that
+    wrote them, on this host, is gone (a killed merge or sample). Returns the removed paths."""
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry)
+        if not match or (name is not None and match["name"] != name) or match["host"] != _HOST:
+            continue
+        if _alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, entry))
+            removed.append(os.path.join(directory, entry))
+            logger.info("removed %s, left by an interrupted run", removed[-1])
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_output(path: str, kind: str, suffixes: Sequence[str] = ()) -> None:
+    """Refuse, before any work, an output path that cannot be written: `kind` 'dir' (a folder that
+    may exist) or 'file' (a file that may exist, not a folder; with one of `suffixes` when given). A
+    missing parent folder is fine (it is created) unless a file stands in its way or the nearest
+    existing one is not writable."""
+    path = os.fspath(path)
+    if not path:
+        raise NeonError("an output path is empty")
+    if kind == "dir" and os.path.exists(path) and not os.path.isdir(path):
+        raise NeonError(f"{path} exists and is not a directory; choose another output folder")
+    if kind == "file":
+        if os.path.isdir(path):
+            raise NeonError(f"{path} is a directory; the output is a file")
+        if suffixes and not path.lower().endswith(tuple(suffixes)):
+            raise NeonError(f"{path}: the output file must end in {' or '.join(suffixes)}")
+    parent = os.path.abspath(path if kind == "dir" else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NeonError(f"cannot create {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or parent.startswith(("/proc", "/sys")):
+        raise NeonError(f"cannot create {path}: {parent} is not writable")
+
+
+LOCK = ".neon.lock"
+BOOKKEEPING = {LOCK, "config.resolved.yaml", "log.txt"}  # files that hold no work of a run
+
+
+@contextlib.contextmanager
+def claim(directory: str, command: str, keep_on_error: Callable[[str], bool] = lambda name: True):
+    """Hold the output folder `directory` for one writer: creates it when missing, takes an advisory
+    lock (`.neon.lock`, holding the writer's host, pid and command; a second writer gets a NeonError
+    naming it) and releases it at the end. On an exception, a folder this call created is removed
+    again when it holds nothing but bookkeeping and files for which `keep_on_error(name)` is false,
+    so a failed first run leaves nothing behind. Not collective: call it on one rank."""
+    check_output(directory, "dir")
+    created = not os.path.exists(directory)
+    os.makedirs(directory, exist_ok=True)
+    lock_path = os.path.join(directory, LOCK)
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        try:
+            info = json.loads(holder)
+            who = f"{info['command']} (pid {info['pid']} on {info['host']})"
+        except (ValueError, KeyError, TypeError):
+            who = "another neon process"
+        raise NeonError(f"{directory} is in use by {who}; wait for it to finish or choose another output") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    handle.flush()
+    try:
+        yield directory
+    except BaseException:
+        _release(lock_path, handle)
+        if created:
+            left = [n for n in os.listdir(directory) if n not in BOOKKEEPING and keep_on_error(n)]
+            if not left:
+                shutil.rmtree(directory, ignore_errors=True)
+        raise
+    _release(lock_path, handle)
+
+
+def _release(lock_path: str, handle) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(lock_path)
+    handle.close()
 
 
 def write_json(path: str, obj: object) -> None:
@@ -326,6 +446,56 @@ def write_text(path: str, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append `record` as one JSON line (NaN and ±inf written as null) in one `write` call on an
+    O_APPEND descriptor, so a crash leaves at most a torn last line, which `read_jsonl` drops."""
+    line = json.dumps(finite_json(record), allow_nan=False) + "\n"
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size and not _ends_with_newline(fd):
+            line = "\n" + line  # a torn line before us stays on a line of its own
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file written by `append_jsonl` ([] when there is none). A line that
+    does not parse (the torn tail of an interrupted append) is skipped with a warning."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                logger.warning("%s: line %d is not a JSON record (an interrupted write?); skipped", path, number)
+                continue
+            records.append(record)
+    return records
+
+
+def finite_json(value):
+    """A JSON-able `value` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def _ends_with_newline(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, 1, size - 1) == b"\n"
 
 
 def sha256(path: str) -> str:

@@ -1,4 +1,4 @@
-"""The `neon` command: sample | finetune | merge | sweep | fid-stats | fid | demo.
+"""The `neon` command: sample | finetune | merge | sweep | report | fid-stats | fid | diagnose | demo.
 
 Each verb parses its flags, builds the recipe (YAML from --config, then the verb's flags, then
 dotted `--section.field VALUE` overrides), calls one library function, drains it under a rank-0
@@ -11,22 +11,25 @@ exit with code 2; writes are atomic, so nothing partial is left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib.metadata
 import itertools
+import re
 import json
 import os
 import sys
 
 import torch
 
-from neon import checkpoint, config, diagnose, distributed, family, finetune, log, merge, sweep, synthetic
-from neon.errors import NeonError, run_command
+from neon import checkpoint, config, diagnose, distributed, family, finetune, log, merge, report, sweep, synthetic
+from neon.errors import ArgumentParser, NeonError, run_command
 from neon.metrics import fid, inception
 
 SECTIONS = ("family", "deterministic", "model", "sampler", "synthetic", "finetune", "sweep", "fid")
 
 # flag -> recipe key, per verb (flag names as in the README so recipes and docs agree)
-SAMPLE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "out": "synthetic.out", "num": "synthetic.num",
+SAMPLE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "out": "synthetic.out", "num_images": "synthetic.num",
                 "batch_size": "synthetic.batch_size", "seed": "synthetic.seed_base",
                 "shard_size": "synthetic.shard_size", "deterministic": "deterministic"}
 FINETUNE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "data": "finetune.data", "out": "finetune.out",
@@ -35,7 +38,7 @@ FINETUNE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "data": "finetune.da
                   "snapshot_every": "finetune.snapshot_every_images", "precision": "finetune.precision",
                   "deterministic": "deterministic"}
 SWEEP_FLAGS = {"family": "family", "base": "model.ckpt", "self_trained": "sweep.self_trained", "w": "sweep.w",
-               "cfg": "sweep.cfg", "num": "sweep.num", "final_num": "sweep.final_num", "out": "sweep.out",
+               "cfg": "sweep.cfg", "num_images": "sweep.num", "final_num": "sweep.final_num", "out": "sweep.out",
                "ref": "sweep.ref", "batch_size": "sweep.batch_size", "inception_weights": "fid.inception_weights",
                "inception_score": "sweep.inception_score", "pr": "sweep.precision_recall",
                "deterministic": "deterministic"}
@@ -69,6 +72,9 @@ def build_recipe(raw: dict, sections=SECTIONS) -> Recipe:
     deterministic = raw.get("deterministic", False)
     if not isinstance(deterministic, bool):
         raise NeonError(f"deterministic: expected true or false, got {deterministic!r}")
+    for name, value in raw.items():
+        if name not in ("family", "deterministic") and value is not None and not isinstance(value, dict):
+            raise NeonError(f"{name}: expected a mapping of fields, got {value!r}")
     raw = {k: dict(v or {}) if k not in ("family", "deterministic") else v for k, v in raw.items()}
     ft, sw = raw.setdefault("finetune", {}), raw.setdefault("sweep", {})
     if ft.get("data") is None and raw.get("synthetic", {}).get("out"):
@@ -82,17 +88,32 @@ def build_recipe(raw: dict, sections=SECTIONS) -> Recipe:
     for name in sections:
         if name in types:
             built[name] = config.build(types[name], raw.get(name), name)
-    if "sweep" in sections:
-        unknown = sorted(set(built["sweep"].sampler) - {f.name for f in dataclasses.fields(fam.Sampler)})
-        if unknown:
-            raise NeonError(f"unknown key sweep.sampler.{unknown[0]}")
+    if "sweep" in sections:  # the evaluation sampler: the recipe's with sweep.sampler's fields changed
+        config.build(fam.Sampler, {**(raw.get("sampler") or {}), **built["sweep"].sampler}, "sweep.sampler")
     return Recipe(**built)
 
 
 def main(argv=None) -> None:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_joined_negatives(sys.argv[1:] if argv is None else list(argv)))
     run_command(lambda: args.run(args, _dotted(extra, parser)))
+
+
+_NEGATIVE = re.compile(r"^-(\d|\.\d)")
+_PLAIN_NEGATIVE = re.compile(r"^-\d+$|^-\d*\.\d+$")  # what argparse itself reads as a value
+
+
+def _joined_negatives(argv: list[str]) -> list[str]:
+    """['--w', '-2:2:0.25'] → ['--w=-2:2:0.25']: argparse reads a value that starts with '-' as an
+    option unless it is a plain number, so negative grids, lists and exponents are glued to their flag."""
+    out = []
+    for token in argv:
+        if (out and _NEGATIVE.match(token) and not _PLAIN_NEGATIVE.match(token) and out[-1].startswith("--")
+                and "=" not in out[-1]):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def cmd_sample(args, overrides):
@@ -100,12 +121,14 @@ def cmd_sample(args, overrides):
     conf = recipe.synthetic
     if _dry_run(args, recipe) or not _need(model=recipe.model.ckpt, out=conf.out):
         return
+    checkpoint.check_output(conf.out, "dir")
     fam, model = _load(recipe)
     base_sha = distributed.broadcast_object(checkpoint.sha256(recipe.model.ckpt) if distributed.is_main() else None)
-    with log.progress(total=conf.num, unit="sample", desc="sample") as bar:
-        for count in synthetic.write(fam, model, recipe.sampler, conf, fam.name, base_sha):
-            bar.update(count)
-    _save_resolved(conf.out, recipe)
+    with _claimed(conf.out, "neon sample", keep=lambda name: name.startswith("shard-")):
+        with log.progress(total=conf.num, unit="sample", desc="sample") as bar:
+            for count in synthetic.write(fam, model, recipe.sampler, conf, fam.name, base_sha):
+                bar.update(count)
+        _save_resolved(conf.out, recipe)
     _say(f"synthetic set of {conf.num} samples in {conf.out}")
 
 
@@ -114,22 +137,24 @@ def cmd_finetune(args, overrides):
     conf = recipe.finetune
     if _dry_run(args, recipe) or not _need(model=recipe.model.ckpt, data=conf.data, out=conf.out):
         return
+    checkpoint.check_output(conf.out, "dir")
     fam, model = _load(recipe)
-    os.makedirs(conf.out, exist_ok=True)
-    _save_resolved(conf.out, recipe)
-    log.setup(conf.out)
+    finetune.open_data(conf, fam.name)  # checked before anything is written
     last = None
-    with log.progress(total=conf.total_images, unit="img", desc="finetune") as bar:
-        for last in finetune.run(fam, model, conf, fam.name):
-            bar.update(conf.batch_size)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
+    with _claimed(conf.out, "neon finetune", keep=lambda name: name != "stats.jsonl"):
+        _save_resolved(conf.out, recipe)
+        log.setup(conf.out)
+        with log.progress(total=conf.total_images, unit="img", desc="finetune") as bar:
+            for last in finetune.run(fam, model, conf, fam.name):
+                bar.update(conf.batch_size)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
     _say(f"fine-tuned to {conf.total_images} images; snapshots in {conf.out}"
          + (f" (last loss {last['loss']:.4f})" if last else " (already complete)"))
 
 
 def cmd_merge(args, overrides):
     if overrides:
-        raise NeonError(f"neon merge takes no recipe overrides (got {', '.join(overrides)})")
+        raise NeonError(f"neon merge takes no recipe overrides (got --{overrides[0][0]})")
     base, name = args.base, args.family
     if args.config:
         raw = config.load_yaml(args.config)
@@ -142,8 +167,10 @@ def cmd_merge(args, overrides):
     _need(base=base, self=args.self_trained, w=args.w, out=args.out)
     if distributed.world() > 1:
         raise NeonError("neon merge runs in one process; launch it without torchrun")
+    checkpoint.check_output(args.out, "file")
     fam = family.get(name) if name else None  # else found from the base (neon.family.detect)
-    merge.merge_files(base, args.self_trained, args.w, args.out, args.format, family=fam)
+    merge.merge_files(base, args.self_trained, args.w, args.out, args.format, family=fam,
+                      allow_nonfinite=args.allow_nonfinite)
     _say(f"wrote {args.out} = (1 + {args.w}) base − {args.w} self_trained")
 
 
@@ -152,15 +179,22 @@ def cmd_sweep(args, overrides):
     conf = recipe.sweep
     if _dry_run(args, recipe) or not _need(base=recipe.model.ckpt, self=conf.self_trained):
         return
+    if not finetune.snapshots(conf.self_trained):
+        raise NeonError(f"no snapshots match {conf.self_trained!r}")
+    out = sweep.output_dir(conf)
+    checkpoint.check_output(out, "dir")
     fam, model = _load(recipe)
-    _save_resolved(sweep.output_dir(conf), recipe)
-    steps = sweep.run(fam, model, recipe.model.ckpt, recipe.sampler, conf, recipe.fid)
-    while True:
-        try:
-            _say(json.dumps(next(steps)), err=True)
-        except StopIteration as done:
-            _say(json.dumps(done.value))
-            break
+    with _claimed(out, "neon sweep"):
+        steps = sweep.run(fam, model, recipe.model.ckpt, recipe.sampler, conf, recipe.fid)
+        _save_resolved(out, recipe)
+        while True:
+            try:
+                _say(_json(next(steps)), err=True)
+            except StopIteration as done:
+                _say(_json(done.value))
+                break
+        if distributed.is_main():  # the pictures of `neon report`: fid_vs_w.png, fid_w_cfg.png, samples.png
+            report.run(out)
 
 
 def cmd_fid_stats(args, overrides):
@@ -169,6 +203,7 @@ def cmd_fid_stats(args, overrides):
         print(json.dumps({"images": args.images, "out": args.out, "fid": dataclasses.asdict(conf)}))
         return
     _need(images=args.images, out=args.out)
+    checkpoint.check_output(args.out, "file", suffixes=(".npz",))
     result = _drain(fid.reference_statistics(args.images, args.out, conf), "fid-stats")
     _say(f"wrote {args.out}: mu and sigma of the Inception features of {result['num']} images")
 
@@ -180,7 +215,7 @@ def cmd_fid(args, overrides):
                           "fid": dataclasses.asdict(conf)}))
         return
     _need(images=args.images, ref=args.ref)
-    _say(json.dumps(_drain(fid.evaluate(args.images, args.ref, conf, bool(args.inception_score), args.pr), "fid")))
+    _say(_json(_drain(fid.evaluate(args.images, args.ref, conf, bool(args.inception_score), args.pr), "fid")))
 
 
 def cmd_diagnose(args, overrides):
@@ -200,7 +235,7 @@ def cmd_diagnose(args, overrides):
     lo, hi = result["low"], result["high"]
     _say(f"cos_P = {result['cos_p']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}] "
          f"({'negative' if result['cos_p'] < 0 else 'positive'}): {diagnose.ADVICE[result['advice']]}")
-    _say(json.dumps(result))
+    _say(_json(result))
 
 
 def _real_data(fam, spec: str, seed: int):
@@ -210,10 +245,10 @@ def _real_data(fam, spec: str, seed: int):
     if spec.startswith(fam.name + ":"):
         if not hasattr(fam, "real"):
             raise NeonError(f"family {fam.name!r} cannot draw real data; pass images with --real")
-        try:
-            return fam.real(int(spec.split(":", 1)[1]), seed)
-        except ValueError:
-            raise NeonError(f"--real {spec}: expected {fam.name}:N with N a number of points") from None
+        count = spec.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 2:
+            raise NeonError(f"--real {spec}: expected {fam.name}:N with N >= 2 points")
+        return fam.real(int(count), seed)
     if os.path.exists(os.path.join(spec, synthetic.MANIFEST)):
         data = synthetic.read(spec)
         return data, data.labels
@@ -226,22 +261,49 @@ def _real_data(fam, spec: str, seed: int):
 
 
 def cmd_demo(args, overrides):
-    from neon.toy import demo
-
     if overrides:
-        raise NeonError(f"neon demo takes no recipe overrides (got {', '.join(overrides)})")
+        raise NeonError(f"neon demo takes no recipe overrides (got --{overrides[0][0]})")
+    demo = _demo("digits" if args.digits else None)
+    out = args.out or os.path.join("outputs", "digits" if args.digits else "demo")
     if args.dry_run:
-        print(json.dumps({"out": args.out, "quick": args.quick, "settings": demo.SETTINGS}))
+        print(json.dumps({"demo": "digits" if args.digits else "toy", "out": out, "quick": args.quick,
+                          "settings": demo.SETTINGS}, default=str))
         return
     if distributed.world() > 1:
         raise NeonError("neon demo runs in one process; launch it without torchrun")
-    rows = demo.run(args.out, quick=args.quick)
-    _say(demo.table(rows))
-    _say(f"results: {os.path.join(args.out, 'results.json')}; plot: {os.path.join(args.out, 'curves.png')}")
+    checkpoint.check_output(out, "dir")
+    result = demo.run(out, quick=args.quick)
+    _say(demo.table(result))
+    pictures = "fid_vs_w.png, samples.png" if args.digits else "curves.png"
+    _say(f"results: {os.path.join(out, 'results.json')}; pictures in {out}: {pictures}")
+
+
+def _demo(name: str | None):
+    """The toy demo (`neon.toy.demo`), or a demo another package registers as an entry point of the
+    group `neon.demos` (the digits experiment: `edm.digits.demo`)."""
+    if name is None:
+        from neon.toy import demo
+
+        return demo
+    found = {e.name: e for e in importlib.metadata.entry_points(group="neon.demos")}
+    if name not in found:
+        raise NeonError(f"no demo {name!r} is installed (installed: {', '.join(sorted(found)) or 'none'})")
+    return found[name].load()
+
+
+def cmd_report(args, overrides):
+    if overrides:
+        raise NeonError(f"neon report takes no recipe overrides (got --{overrides[0][0]})")
+    if args.dry_run:
+        print(json.dumps({"sweep_dir": args.sweep_dir}))
+        return
+    if distributed.world() > 1:
+        raise NeonError("neon report runs in one process; launch it without torchrun")
+    _say(report.table(report.run(args.sweep_dir)))
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neon", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="neon", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Any recipe field can be set with --section.field VALUE, "
                                             "e.g. --sampler.zeta 1.1 or --finetune.lr 1e-5.")
@@ -256,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = verb("sample", cmd_sample, "draw the synthetic set S from the base model (resumable)")
     _flags(p, family="family name or package.module:attribute", ckpt="base checkpoint", out="output directory",
-           num=(int, "number of samples"), batch_size=(int, "samples per call and process"),
+           num_images=(int, "number of samples", ("--num-images", "--num")), batch_size=(int, "samples per call and process"),
            seed=(int, "seed of sample 0"), shard_size=(int, "samples per shard file"))
     _deterministic_flag(p)
     p = verb("finetune", cmd_finetune, "fine-tune a copy of the base on S (resumable)")
@@ -271,11 +333,14 @@ def _parser() -> argparse.ArgumentParser:
            w=(float, "extrapolation weight"), out="output file")
     p.add_argument("--format", choices=("same", "safetensors"), default="same",
                    help="the base's container (default) or plain safetensors")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write the merge even when the self-trained weights or the result hold NaN/inf")
     p = verb("sweep", cmd_sweep, "choose w (and cfg) by FID over snapshots")
     _flags(p, family="family name or package.module:attribute", base="base checkpoint",
            self_trained=(str, "snapshots: glob pattern or run directory", "--self"),
            w="grid start:stop:step or a,b,c", cfg=(float, "guidance scales", None, "+"),
-           num=(int, "samples per evaluation"), final_num=(int, "samples of the final report"),
+           num_images=(int, "samples per evaluation", ("--num-images", "--num")),
+           final_num=(int, "samples of the final report"),
            out="directory of results.jsonl", ref="reference statistics .npz",
            batch_size=(int, "samples per call and process"))
     p.add_argument("--inception-weights", help="InceptionV3 weights for image families (fid.inception_weights)")
@@ -300,26 +365,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preconditioner", choices=("pooled", "real", "synthetic"), default="pooled",
                    help="batches Adam's second moment is estimated on")
     p.add_argument("--seed", type=int, default=0)
-    p = verb("demo", cmd_demo, "Neon on the 2-D toy models: a table, a plot and results.json")
+    p = verb("demo", cmd_demo, "Neon on the 2-D toy models (or, with --digits, on real digit images): a table, "
+                               "plots and results.json")
+    p.add_argument("--digits", action="store_true",
+                   help="the digits experiment: an EDM trained on sklearn's digits, Neon against a control")
     p.add_argument("--quick", action="store_true", help="smaller run (under a minute on 2 cores)")
-    p.add_argument("--out", default=os.path.join("outputs", "demo"), help="output directory")
+    p.add_argument("--out", help="output directory (default outputs/demo, or outputs/digits with --digits)")
+    p = verb("report", cmd_report, "a finished sweep's final table (mean ± sd over seed ranges), compute and pictures")
+    p.add_argument("sweep_dir", help="the sweep's output folder (results.jsonl, config.resolved.yaml)")
     return parser
 
 
 def _flags(parser, **specs):
-    """Add --flag options: spec is a help string (str type) or (type, help[, flag name[, nargs]])."""
+    """Add --flag options: spec is a help string (str type) or (type, help[, flag name(s)[, nargs]])."""
     for dest, spec in specs.items():
-        kind, text, name, nargs = (str, spec, None, None) if isinstance(spec, str) else (tuple(spec) + (None, None))[:4]
-        parser.add_argument(name or "--" + dest.replace("_", "-"), dest=dest, type=kind, help=text, nargs=nargs)
+        kind, text, names, nargs = (str, spec, None, None) if isinstance(spec, str) else (tuple(spec) + (None, None))[:4]
+        names = (names,) if isinstance(names, str) else names or ("--" + dest.replace("_", "-"),)
+        parser.add_argument(*names, dest=dest, type=kind, help=text, nargs=nargs)
 
 
 def _metric_flags(parser, of: str) -> None:
     """--is and --pr/--precision-recall (None when not given, so a recipe's value stands)."""
     parser.add_argument("--is", dest="inception_score", action="store_true", default=None,
                         help=f"also the Inception score (10 splits) {of}")
-    parser.add_argument("--pr", "--precision-recall", dest="pr", metavar="REAL_SRC",
-                        help=f"also precision/recall (k=5) {of} against these real images (spell it "
-                             f"--precision-recall under torchrun)")
+    parser.add_argument("--precision-recall", "--pr", dest="pr", metavar="REAL_SRC",
+                        help=f"also precision/recall (k=5) {of} against these real images")
 
 
 def _deterministic_flag(parser) -> None:
@@ -406,6 +476,29 @@ def _save_resolved(out: str, recipe: Recipe) -> None:
     if distributed.is_main():
         os.makedirs(out, exist_ok=True)
         checkpoint.write_text(os.path.join(out, "config.resolved.yaml"), config.dump_yaml(_resolved(recipe)))
+
+
+@contextlib.contextmanager
+def _claimed(directory: str, command: str, keep=lambda name: True):
+    """Collective: rank 0 holds the output folder for the body (`neon.checkpoint.claim`: the lock,
+    and a first run that fails leaves no folder); every rank raises the same NeonError when it is
+    taken."""
+    stack, error = contextlib.ExitStack(), None
+    if distributed.is_main():
+        try:
+            stack.enter_context(checkpoint.claim(directory, command, keep))
+        except NeonError as e:
+            error = str(e)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise NeonError(error)
+    with stack:
+        yield
+
+
+def _json(record: dict) -> str:
+    """One JSON line; non-finite numbers become null (JSON has no NaN)."""
+    return json.dumps(checkpoint.finite_json(record), allow_nan=False)
 
 
 def _need(**values) -> bool:

@@ -8,6 +8,7 @@ unknown keys are errors. `--section.field VALUE` flags override single fields (l
 """
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -82,8 +83,23 @@ def build(cls, data: dict | None, where: str):
     if unknown:
         raise NeonError(f"unknown key {where}.{unknown[0]} (known: {', '.join(fields)})")
     hints = typing.get_type_hints(cls)
-    values = {name: _coerce(data[name], hints[name], f"{where}.{name}") for name in data}
+    values = {}
+    for name in data:
+        values[name] = _coerce(data[name], hints[name], f"{where}.{name}")
+        _check_finite(values[name], fields[name], f"{where}.{name}")
     return cls(**values)
+
+
+def _check_finite(value, field: dataclasses.Field, where: str) -> None:
+    """Refuse NaN in any float of a recipe value, and ±inf unless the field's default is infinite
+    (an "unbounded" setting such as EDM's S_max)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            default = field.default
+            if math.isinf(item) and isinstance(default, float) and math.isinf(default):
+                continue
+            raise NeonError(f"{where}: must be finite, got {item}")
 
 
 def to_dict(obj) -> dict:

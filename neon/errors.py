@@ -1,11 +1,19 @@
-"""The one exception type for user errors.
+"""The one exception type for user errors, and the one printer of every command's errors.
 
 Library code raises `NeonError` for anything the user can fix (a bad flag, a missing or corrupt file,
 mismatched checkpoints). `run_command`, which every entry point (the `neon` verbs, the families'
-`calculate_fid.py`) runs its body under, prints it as one line, `error: <message>`, and exits with
-code 2. Bugs stay ordinary exceptions with tracebacks.
+`calculate_fid.py`) runs its body under, is the only place errors are printed:
+
+* a NeonError, or an OSError (a path that cannot be read or written; it names the path): one line
+  `error: <message>`, exit code 2;
+* any other exception is a bug: one line `error: internal error: <type>: <message>` with a pointer
+  to `NEON_DEBUG=1`, exit code 1;
+* with NEON_DEBUG=1 set, every error but Ctrl-C shows its traceback instead (for bug reports);
+* Ctrl-C: `error: interrupted`, exit code 130 (every output is resumable or atomic).
 """
 
+import argparse
+import os
 import sys
 
 
@@ -14,17 +22,61 @@ class NeonError(Exception):
     to do instead."""
 
 
+class NonFiniteError(NeonError):
+    """A model produced NaN or inf samples. A command that makes a synthetic set stops on it; the
+    sweep records the point as unscorable (FID null) and goes on."""
+
+
+def one_line(text: str) -> str:
+    """`text` on one line (inner newlines become '; ')."""
+    return "; ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print `error: <message>` as one line on stderr and exit with `code`."""
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the error contract: a usage error is one line `error: …`, exit code 2 (argparse's
+    own prints the usage too)."""
+
+    def error(self, message):
+        fail(f"{message} (see `{self.prog} --help`)")
+
+
 def run_command(body) -> None:
-    """Run `body()` as a command: logging, the process group under torchrun, and a NeonError printed
-    as one line `error: …` with exit code 2."""
+    """Run `body()` as a command: logging, the process group under torchrun, and every error printed
+    as one line (module docstring)."""
     from neon import distributed, log  # both import this module
 
+    debug = os.environ.get("NEON_DEBUG") == "1"
     try:
         log.setup()
         distributed.init()
         body()
-    except NeonError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (NeonError, OSError) as e:
+        if debug:
+            raise
+        fail(str(e) if isinstance(e, NeonError) else _os_message(e))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except MemoryError:
+        if debug:
+            raise
+        fail("out of memory (an input larger than this machine can hold?)")
+    except Exception as e:
+        if debug:
+            raise
+        fail(f"internal error: {type(e).__name__}: {e} (a bug: rerun with NEON_DEBUG=1 and report the "
+             f"traceback)", 1)
     finally:
         distributed.shutdown()
+
+
+def _os_message(e: OSError) -> str:
+    reason = e.strerror or str(e)
+    if e.filename is not None:
+        return f"{e.filename}: {reason.lower() if reason else e}"
+    return reason

@@ -28,12 +28,14 @@ Contracts every family keeps:
 import dataclasses
 import importlib
 import importlib.metadata
+import inspect
+import itertools
 from typing import Protocol
 
 import torch
 
 from neon import checkpoint
-from neon.errors import NeonError
+from neon.errors import NeonError, NonFiniteError
 
 GROUP = "neon.families"  # the entry-point group of pyproject.toml
 
@@ -69,6 +71,9 @@ class ModelConfig:
     """A named architecture preset of the family, for checkpoints that do not carry their kwargs."""
     codec: str | None = None
     """Checkpoint of the frozen tokenizer/VAE, for families that keep it in a file of its own (VAR)."""
+    base_training_images: int | None = None
+    """Images the base was trained on (epochs × dataset size), as its paper states: `neon report`
+    gives the fine-tune and the whole run as a fraction of it."""
 
 
 class Family(Protocol):
@@ -162,15 +167,17 @@ def detect(path: str, spec: str | None = None):
                 raise NeonError(f"{path} is a checkpoint of family {recorded!r}, which is not installed; "
                                 f"pass --family package.module:attribute")
             return get(recorded)
-    readers = {}
+    readers, errors = {}, []
     for name in names():
         fam = get(name)
         try:
             readers[name] = (fam, read_checkpoint(fam, path, mmap=True).weights_key)
-        except NeonError:
-            continue
+        except NeonError as e:
+            errors.append(str(e))
     if not readers:
-        raise NeonError(f"{path}: no installed family reads this file; pass --family")
+        refused = [e for e in errors if "refused" in e]
+        raise NeonError(refused[0] if refused else f"{path}: no installed family reads this file "
+                        f"({errors[0] if errors else 'none installed'}); pass --family")
     if len({key for _, key in readers.values()}) > 1:
         raise NeonError(f"{path}: families {', '.join(sorted(readers))} read θ from different places; pass --family")
     return next(iter(readers.values()))[0]
@@ -195,3 +202,44 @@ def arch_kwargs(container, arch: str | None, presets: dict, family_name: str) ->
     if isinstance(container.data.get("arch"), dict):
         return container.data["arch"]
     return None
+
+
+MAX_NET_BYTES = 64 * 2**30
+"""The largest network a checkpoint's `arch` may describe (parameters and buffers): 64 GiB, 7× the
+paper's largest model (VAR-d36, 2.3B parameters in float32)."""
+
+
+def build_net(constructor, kwargs, path: str, what: str) -> torch.nn.Module:
+    """`constructor(**kwargs)` for the `arch` a checkpoint names, checked first: kwargs a mapping of
+    the constructor's keyword arguments (NeonError naming an unknown one), the network built on the
+    meta device within `MAX_NET_BYTES`, any error of construction reported as one line naming `path`."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise NeonError(f"{path}: arch must be a mapping of {what}'s arguments, got {kwargs!r}")
+    params = inspect.signature(constructor).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise NeonError(f"{path}: unknown arch key {unknown[0]!r} for {what} (known: {', '.join(params)})")
+    try:
+        with torch.device("meta"):
+            probe = constructor(**kwargs)
+        size = sum(t.numel() * t.element_size() for t in itertools.chain(probe.parameters(), probe.buffers()))
+    except NotImplementedError:
+        size = 0  # a layer the meta device cannot build: trust the constructor's own checks
+    except NeonError:
+        raise
+    except Exception as e:
+        raise NeonError(f"{path}: arch {kwargs} does not build {what}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if size > MAX_NET_BYTES:
+        raise NeonError(f"{path}: arch describes a {size / 2**30:,.0f} GiB {what}, above the limit of "
+                        f"{MAX_NET_BYTES / 2**30:.0f} GiB (a damaged or hostile arch?)")
+    return constructor(**kwargs)
+
+
+def check_finite(samples: torch.Tensor, what: str) -> torch.Tensor:
+    """`samples` unchanged when every entry is finite; else NeonError (a family calls it on its
+    float images before the uint8 cast, which would turn NaN into a silent 0)."""
+    if samples.is_floating_point() and not torch.isfinite(samples).all():
+        raise NonFiniteError(f"the {what} produced non-finite values (NaN or inf): a diverged model or sampler setting")
+    return samples

@@ -26,6 +26,7 @@ from neon.errors import NeonError
 logger = logging.getLogger(__name__)
 
 STATE = "state-latest.pt"
+STATE_KEYS = ("images_seen", "identity", "net", "ema", "optimizer", "scaler")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,16 +121,8 @@ def run(family, model, conf: FinetuneConfig, family_name: str | None = None):
     None). The model's weights are modified in place.
     """
     family_name = family_name or family.name
-    if not conf.data or not conf.out:
-        raise NeonError("finetune.data (--data) and finetune.out (--out) are required")
-    data = synthetic.read(conf.data)
-    if len(data) == 0:
-        raise NeonError(f"{conf.data} holds no samples to fine-tune on")
-    if data.manifest["family"] != family_name:
-        raise NeonError(f"{conf.data} was drawn from family {data.manifest['family']!r}, not {family_name!r}")
+    data = open_data(conf, family_name)
     world, rank = distributed.world(), distributed.rank()
-    if conf.batch_size % world:
-        raise NeonError(f"finetune.batch_size={conf.batch_size} is not divisible by {world} processes")
     net = model.net
     device = next(net.parameters()).device
     net.train().requires_grad_(True)
@@ -161,6 +154,10 @@ def run(family, model, conf: FinetuneConfig, family_name: str | None = None):
         generator = torch.Generator().manual_seed(step_seed)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss = family.loss(train_model, data.read(indices).to(device), data.labels[indices].to(device), generator)
+        bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+        if distributed.all_reduce_sum(bad).item() > 0:  # every rank stops, not only the one that saw it
+            raise NeonError(f"the loss became non-finite ({loss.item()}) at {images_seen} images; lower "
+                            f"finetune.lr or check the synthetic set (the last good snapshot is kept)")
         scaler.scale(loss).backward()
         if conf.grad_clip is not None:
             scaler.unscale_(opt)
@@ -181,6 +178,22 @@ def run(family, model, conf: FinetuneConfig, family_name: str | None = None):
             snapshot = _save(conf.out, family, family_name, model, net, ema, opt, scaler, images_seen, identity, loss)
         yield {"images_seen": images_seen, "loss": loss.item(), "lr": lr, "snapshot": snapshot}
     net.eval().requires_grad_(False)
+
+
+def open_data(conf: FinetuneConfig, family_name: str) -> synthetic.SyntheticSet:
+    """Collective: the synthetic set of `conf`, checked to be complete, intact, non-empty and of
+    `family_name`, and the batch size checked against the world size; NeonError otherwise."""
+    if not conf.data or not conf.out:
+        raise NeonError("finetune.data (--data) and finetune.out (--out) are required")
+    data = synthetic.read(conf.data)
+    if len(data) == 0:
+        raise NeonError(f"{conf.data} is empty: a fine-tune needs samples")
+    if data.manifest["family"] != family_name:
+        raise NeonError(f"{conf.data} was drawn from family {data.manifest['family']!r}, not {family_name!r}")
+    if conf.batch_size % distributed.world():
+        raise NeonError(f"finetune.batch_size={conf.batch_size} is not divisible by {distributed.world()} processes")
+    _checked_state(conf.out, _identity(conf, data))
+    return data
 
 
 class _DataOrder:
@@ -221,21 +234,41 @@ def _identity(conf: FinetuneConfig, data) -> dict:
 
 
 def _resume(out, identity, net, ema, opt, scaler) -> int:
-    path = os.path.join(out, STATE)
-    if not os.path.exists(path):
+    state = _checked_state(out, identity)
+    if state is None:
         return 0
-    state = checkpoint.read_state(path)
-    if state["identity"] != identity:
-        changed = sorted(k for k in identity if state["identity"].get(k) != identity[k])
-        raise NeonError(f"{out} holds a fine-tune with other settings ({', '.join(changed)}); "
-                        f"choose another --out or remove it")
-    net.load_state_dict(state["net"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    opt.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    path = os.path.join(out, STATE)
+    try:
+        net.load_state_dict(state["net"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise NeonError(f"{path} does not fit this fine-tune ({str(e).splitlines()[0]}); remove it to start "
+                        f"again") from None
     logger.info("resuming %s at %d images", out, state["images_seen"])
     return state["images_seen"]
+
+
+def _checked_state(out, identity) -> dict | None:
+    """The training state in `out` (None when there is none), checked to be whole and to belong to a
+    fine-tune with these settings."""
+    path = os.path.join(out, STATE)
+    if not os.path.exists(path):
+        return None
+    state = checkpoint.read_state(path)
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise NeonError(f"{path} is damaged (no {', '.join(missing)}); remove it to start the fine-tune again")
+    if state["identity"] != identity:
+        changed = sorted(k for k in identity if not isinstance(state["identity"], dict)
+                         or state["identity"].get(k) != identity[k])
+        raise NeonError(f"{out} holds a fine-tune with other settings ({', '.join(changed)}); "
+                        f"choose another --out or remove it")
+    if not isinstance(state["images_seen"], int) or state["images_seen"] < 0:
+        raise NeonError(f"{path} is damaged (images_seen {state['images_seen']!r})")
+    return state
 
 
 def _save(out, family, family_name, model, net, ema, opt, scaler, images_seen, identity, loss) -> str:
@@ -248,8 +281,8 @@ def _save(out, family, family_name, model, net, ema, opt, scaler, images_seen, i
                           "ema": _cpu(ema.state_dict()) if ema is not None else {},
                           "optimizer": opt.state_dict(), "scaler": scaler.state_dict()},
                          os.path.join(out, STATE))
-        with open(os.path.join(out, "stats.jsonl"), "a") as f:
-            f.write(json.dumps({"images_seen": images_seen, "loss": loss.item(), "snapshot": path}) + "\n")
+        checkpoint.append_jsonl(os.path.join(out, "stats.jsonl"),
+                                {"images_seen": images_seen, "loss": loss.item(), "snapshot": path})
     distributed.barrier()
     return path
 

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def extrapolate(base: Mapping[str, torch.Tensor], self_trained: Mapping[str, torch.Tensor],
-                w: float) -> dict[str, torch.Tensor]:
+                w: float, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
     """Neon paper, Algorithm 1: result[k] = (1 + w) · base[k] − w · self_trained[k].
 
     Floating tensors are computed in float32 (float64 when the base tensor is float64) and cast
@@ -35,6 +35,8 @@ def extrapolate(base: Mapping[str, torch.Tensor], self_trained: Mapping[str, tor
         self_trained: θ_base briefly fine-tuned on its own samples; the same keys and shapes as
             `base` (dtypes may differ).
         w: the extrapolation weight, a finite real number.
+        allow_nonfinite: accept NaN/inf in a self-trained tensor whose base is finite, and results
+            that overflow the base dtype (otherwise a NeonError names the tensor).
 
     Returns:
         A new dict with the keys of `base`, in its order. Raises `NeonError` if w is not finite
@@ -42,15 +44,17 @@ def extrapolate(base: Mapping[str, torch.Tensor], self_trained: Mapping[str, tor
     """
     w = _check_w(w)
     _check_match(_shapes(base), _shapes(self_trained))
-    return {name: _extrapolate_tensor(a, self_trained[name], w)[0] for name, a in base.items()}
+    return {name: _extrapolate_tensor(a, self_trained[name], w, name=name, allow_nonfinite=allow_nonfinite)[0]
+            for name, a in base.items()}
 
 
 def merge_files(base_path: str, self_path: str, w: float, out_path: str, format: str = "same",
-                family=None) -> None:
+                family=None, allow_nonfinite: bool = False) -> None:
     """Extrapolate two checkpoint files (Neon paper, Algorithm 1) into `out_path`.
 
     θ of each file is read as the sweep reads it, `neon.family.read_checkpoint` with the format of
-    `family` (default: `neon.family.detect` on the base). The output
+    `family` (default: `neon.family.detect` on the base); non-finite values are refused as in
+    `extrapolate` unless `allow_nonfinite`. The output
     keeps the base's container: its layout and every non-weight entry for `.pt`, its metadata for
     `.safetensors`; `format='safetensors'` writes plain tensors instead. Everything is validated
     before anything is written, and the write is atomic, so on any error no output file exists.
@@ -73,7 +77,7 @@ def merge_files(base_path: str, self_path: str, w: float, out_path: str, format:
                      {k: shape for k, (_, shape) in self_specs.items()}, base_path, self_path)
         counts = collections.Counter()
         specs = [(name, dtype, shape) for name, (dtype, shape) in base_specs.items()]
-        merged = _streamed(base_path, self_path, list(base_specs), w, counts)
+        merged = _streamed(base_path, self_path, list(base_specs), w, counts, allow_nonfinite)
         checkpoint.write_safetensors(out_path, specs, merged, metadata)
     else:
         fam = family if family is not None else neon_family.detect(base_path)
@@ -89,7 +93,7 @@ def merge_files(base_path: str, self_path: str, w: float, out_path: str, format:
         merged = {}
         for name, a in base_sd.items():
             in_place = owners[a.untyped_storage().data_ptr()] == 1
-            merged[name], done = _extrapolate_tensor(a, self_sd[name], w, in_place)
+            merged[name], done = _extrapolate_tensor(a, self_sd[name], w, in_place, name, allow_nonfinite)
             counts[done] += 1
         del self_sd, self_trained  # release the mapping before writing
         neon_family.write_checkpoint(fam, merged, out_path, like=base, format=format)
@@ -98,29 +102,37 @@ def merge_files(base_path: str, self_path: str, w: float, out_path: str, format:
 
 
 def _streamed(base_path: str, self_path: str, names: list[str], w: float,
-              counts: collections.Counter) -> Iterator[torch.Tensor]:
+              counts: collections.Counter, allow_nonfinite: bool) -> Iterator[torch.Tensor]:
     # Both files are read in the base's order; each base buffer is ours, so it is updated in place.
     pairs = zip(checkpoint.iter_safetensors(base_path, names),
                 checkpoint.iter_safetensors(self_path, names))
-    for (_, a), (_, b) in pairs:
-        out, done = _extrapolate_tensor(a, b, w, in_place=True)
+    for (name, a), (_, b) in pairs:
+        out, done = _extrapolate_tensor(a, b, w, True, name, allow_nonfinite)
         counts[done] += 1
         del a, b  # hold one output, not last step's inputs, while the next pair is read
         yield out
         del out
 
 
-def _extrapolate_tensor(a: torch.Tensor, b: torch.Tensor, w: float,
-                        in_place: bool = False) -> tuple[torch.Tensor, bool]:
+def _extrapolate_tensor(a: torch.Tensor, b: torch.Tensor, w: float, in_place: bool = False, name: str = "",
+                        allow_nonfinite: bool = False) -> tuple[torch.Tensor, bool]:
     """(result, whether it was extrapolated) for one tensor; `in_place` may overwrite `a`."""
     if not a.is_floating_point() or not _all_finite(a):
         return a, False
+    if not allow_nonfinite and not _all_finite(b):
+        raise NeonError(f"the self-trained {name or 'tensor'} holds non-finite values (NaN or inf) where the "
+                        f"base is finite: a diverged fine-tune? (--allow-nonfinite writes it anyway)")
     compute = torch.float64 if a.dtype == torch.float64 else torch.float32
     wb = w * b.to(compute)
     if in_place and a.dtype == compute:
         # The same two roundings as (1 + w) * a - w * b, with one temporary instead of three.
-        return a.mul_(1 + w).sub_(wb), True
-    return ((1 + w) * a.to(compute) - wb).to(a.dtype), True
+        out = a.mul_(1 + w).sub_(wb)
+    else:
+        out = ((1 + w) * a.to(compute) - wb).to(a.dtype)
+    if not allow_nonfinite and not _all_finite(out):
+        raise NeonError(f"w={w:g} overflows {str(a.dtype).replace('torch.', '')} in {name or 'a tensor'}: choose a "
+                        f"smaller |w| (--allow-nonfinite writes it anyway)")
+    return out, True
 
 
 def _all_finite(a: torch.Tensor) -> bool:

@@ -22,8 +22,8 @@ import zipfile
 import numpy as np
 import torch
 
-from neon import checkpoint, distributed
-from neon.errors import NeonError
+from neon import checkpoint, distributed, log
+from neon.errors import NeonError, NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,10 @@ def _write_shard(family, model, sampler, conf, labels, j) -> tuple[str, str, lis
     start, stop = j * conf.shard_size, min((j + 1) * conf.shard_size, conf.num)
     parts = [draw(family, model, sampler, idx, labels, conf.seed_base) for idx in batches(start, stop, conf.batch_size)]
     samples = torch.cat(parts)
+    if samples.is_floating_point() and not torch.isfinite(samples).all():
+        bad = (~torch.isfinite(samples.flatten(1))).any(1).nonzero().flatten()
+        raise NonFiniteError(f"the sampler produced non-finite samples (NaN or inf), first at seed "
+                        f"{conf.seed_base + start + int(bad[0])}: a diverged model or sampler setting")
     if samples.ndim == 4:  # images are stored channels-last, as PNG tools expect
         samples = samples.permute(0, 2, 3, 1)
     path = os.path.join(conf.out, _shard_name(j))
@@ -133,6 +137,9 @@ def _start(out: str, settings: dict) -> dict:
     manifest = None
     if os.path.exists(path):
         manifest = _load_manifest(out)
+        if not manifest["shards"]:  # nothing drawn yet (a run that failed early): start afresh
+            manifest = None
+    if manifest is not None:
         for key, value in settings.items():
             if manifest.get(key) != value:
                 raise NeonError(f"{out} holds a synthetic set with {key}={manifest.get(key)!r}, not "
@@ -195,6 +202,9 @@ def read(directory: str, verify: bool = True) -> SyntheticSet:
     names = _shard_names(directory, manifest)
     if verify:
         _verify(directory, manifest, names)
+    if not names:
+        return SyntheticSet(directory, manifest, [np.empty((0, 2), np.float32)], torch.empty(0, dtype=torch.int64),
+                            torch.empty(0, dtype=torch.int64))
     arrays, labels, seeds = [], [], []
     for name in names:
         path = os.path.join(directory, name)
@@ -265,10 +275,46 @@ class RowFile:
         return np.frombuffer(data, dtype=self.dtype).reshape(count, *self.shape[1:])
 
 
-def npz_array(path: str, key: str):
+MAX_IN_MEMORY = 8 * 2**30
+"""The largest `.npz` member read whole (a compressed one, which cannot be streamed): 8 GiB."""
+
+
+def npz_header(path: str, key: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) that member `key` of an `.npz` declares, read from its header alone."""
+    return _npz_member(path, key)[1:3]
+
+
+def npz_array(path: str, key: str, max_bytes: int = MAX_IN_MEMORY):
     """Member `key` of an `.npz`: a `RowFile` reading rows on demand when it is stored uncompressed
-    (np.savez), else the array read whole (np.savez_compressed). NeonError (one line) when the file
-    or member is unreadable."""
+    (np.savez), else the array read whole (np.savez_compressed) when it declares at most `max_bytes`.
+    NeonError (one line) when the file or member is unreadable, truncated or too large."""
+    info, shape, dtype, fortran, data_start = _npz_member(path, key)
+    declared = math.prod(shape) * dtype.itemsize
+    if info.compress_type != zipfile.ZIP_STORED or fortran or dtype.hasobject:
+        if declared > max_bytes:
+            raise NeonError(f"{path}[{key!r}] declares {list(shape)} {dtype} ({declared / 2**30:,.1f} GiB), above the "
+                            f"limit of {max_bytes / 2**30:.0f} GiB read whole; store it uncompressed (np.savez) to "
+                            f"stream it")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return np.ascontiguousarray(data[key])
+        except (OSError, ValueError) as e:
+            raise NeonError(f"cannot read {path}[{key!r}]: {e}") from None
+    # An uncompressed member's bytes sit in the file as they are, after its local header (30 bytes +
+    # name + extra field) and the .npy header.
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+    offset = info.header_offset + 30 + name_len + extra_len + data_start
+    if offset + declared > os.path.getsize(path):
+        raise NeonError(f"{path}[{key!r}] is truncated: it declares {list(shape)} {dtype} but the file is shorter")
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype=dtype)
+    return RowFile(path, offset, shape, dtype)
+
+
+def _npz_member(path: str, key: str):
+    """(zip info, shape, dtype, fortran order, data offset within the member) of member `key`."""
     try:
         with zipfile.ZipFile(path) as archive:
             info = archive.getinfo(key + ".npy")
@@ -282,21 +328,7 @@ def npz_array(path: str, key: str):
         raise NeonError(f"{path} has no array {key!r}") from None
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise NeonError(f"cannot read {path}: {e}") from None
-    if info.compress_type != zipfile.ZIP_STORED or fortran or dtype.hasobject:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return np.ascontiguousarray(data[key])
-        except (OSError, ValueError) as e:
-            raise NeonError(f"cannot read {path}[{key!r}]: {e}") from None
-    # An uncompressed member's bytes sit in the file as they are, after its local header (30 bytes +
-    # name + extra field) and the .npy header.
-    with open(path, "rb") as f:
-        f.seek(info.header_offset + 26)
-        name_len, extra_len = struct.unpack("<HH", f.read(4))
-    offset = info.header_offset + 30 + name_len + extra_len + data_start
-    if math.prod(shape) == 0:
-        return np.empty(shape, dtype=dtype)
-    return RowFile(path, offset, shape, dtype)
+    return info, tuple(shape), dtype, fortran, data_start
 
 
 def _shard_names(directory: str, manifest: dict) -> list[str]:
@@ -314,10 +346,8 @@ def _verify(directory: str, manifest: dict, names: list[str]) -> None:
     """Collective: check every shard's sha256 against the manifest, once (see `read`)."""
     stamp = _read_stamp(directory)
     todo = [name for name in names if stamp.get(name) != _fingerprint(directory, name, manifest["shards"][name])]
-    if todo:
-        logger.info("checking the sha256 of %d shards of %s", len(todo), directory)
     checked = []
-    for name in distributed.shard(todo):
+    for name in log.progress(distributed.shard(todo), unit="shard", desc="sha256"):
         path = os.path.join(directory, name)
         if not os.path.exists(path):
             checked.append((name, f"{path} is missing"))
@@ -368,7 +398,37 @@ def _load_manifest(directory: str) -> dict:
         raise NeonError(f"{directory} is not a synthetic set (no {MANIFEST})") from None
     except json.JSONDecodeError as e:
         raise NeonError(f"{path} is corrupt: {e}") from None
+    except IsADirectoryError:
+        raise NeonError(f"{path} is a directory, not a manifest") from None
+    _check_manifest(path, manifest)
     return manifest
+
+
+def _check_manifest(path: str, manifest) -> None:
+    """The fields readers rely on, with their types and ranges; NeonError naming the first bad one."""
+    if not isinstance(manifest, dict):
+        raise NeonError(f"{path} is corrupt: the manifest is a {type(manifest).__name__}, not a mapping")
+    def bad(field, expected):
+        raise NeonError(f"{path} is corrupt: {field} should be {expected}, got {manifest.get(field)!r}")
+    for field in ("num", "seed_base", "batch_size"):
+        if not isinstance(manifest.get(field), int) or isinstance(manifest.get(field), bool):
+            bad(field, "an integer")
+    if manifest["num"] < 0:
+        bad("num", ">= 0")
+    if not isinstance(manifest.get("shard_size"), int) or manifest["shard_size"] <= 0:
+        bad("shard_size", "a positive integer")
+    shards = manifest.get("shards")
+    if not isinstance(shards, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in shards.items()):
+        bad("shards", "a mapping of shard names to sha256 digests")
+    expected = {_shard_name(j) for j in range(-(-manifest["num"] // manifest["shard_size"]))}
+    strays = sorted(set(shards) - expected)
+    if strays:  # names are ours (shard-00000.npz, …): a path in the manifest is never followed
+        raise NeonError(f"{path} is corrupt: it lists {strays[0]!r}, not a shard of this set")
+    if not isinstance(manifest.get("family"), str):
+        bad("family", "a family name")
+    shape = manifest.get("sample_shape")
+    if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)):
+        bad("sample_shape", "a list of positive integers")
 
 
 def _shard_name(j: int) -> str:

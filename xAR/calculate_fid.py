@@ -12,18 +12,17 @@ over the processes: sample i has seed `--seed + i` and its own generator, labels
 classes. Prints one JSON line.
 """
 
-import argparse
 import json
 
 from neon import distributed
-from neon.errors import run_command
+from neon.errors import ArgumentParser, run_command
 from neon.metrics import score
 
 from xAR.family import PRESETS, family
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(PRESETS), default=None,
                         help="architecture preset (default: the checkpoint's arch, else read from its weights)")
     parser.add_argument("--model_ckpt", required=True)

@@ -32,7 +32,7 @@ import torch
 
 from neon import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, load_weights, read_checkpoint
+from neon.family import Model, arch_kwargs, check_finite, load_weights, read_checkpoint
 
 from xAR.loss import draw_flow_inputs, encode_images, flow_loss
 from xAR.models.vae import AutoencoderKL, Decoder, Encoder
@@ -145,7 +145,7 @@ class XARFamily:
                                                     enabled=device.type == "cuda" and dtype is not None):
             tokens = sample_tokens(net, labels, sampler.num_steps, sampler.cfg, randn=per_sample_randn(generators))
             images = decode(model.codec, tokens)
-        return to_uint8(images)
+        return to_uint8(check_finite(images, 'xAR sampler'))
 
     def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:

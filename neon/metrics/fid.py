@@ -44,6 +44,10 @@ def frechet_distance(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.n
     import scipy.linalg
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
+    if len(stats_a[0]) != len(stats_b[0]):
+        raise NeonError(f"the features have dimension {len(stats_a[0])} but the reference statistics "
+                        f"{len(stats_b[0])}: a reference made with another feature network?")
+
     (mu_a, sigma_a), (mu_b, sigma_b) = [(np.asarray(mu, np.float64), np.atleast_2d(np.asarray(sigma, np.float64)))
                                         for mu, sigma in (stats_a, stats_b)]
     both = sigma_a + sigma_b
@@ -92,10 +96,10 @@ def reference_statistics(source: str, out: str, conf: FidConfig) -> Iterator[Ste
     """Collective: write the statistics of the pool features of image source `source` to `out`
     (`.npz` with mu, sigma; rank 0 writes). Yields `inception.extract`'s steps; the last one's
     `result` is {'num': N}."""
-    inception.weights_path(conf.inception_weights)  # a missing weights file fails every rank at once
     images = image_sources.source(source)
     if len(images) < 2:
         raise NeonError(f"{source}: statistics need at least 2 images, got {len(images)}")
+    inception.weights_path(conf.inception_weights)  # the inputs first; a missing weights file fails every rank at once
     features = yield from _features(images, conf, len(images))
     if distributed.is_main():
         stats.save(out, *statistics(features["pool"]))
@@ -110,7 +114,6 @@ def evaluate(source: str, ref: str, conf: FidConfig, with_is: bool = False,
     Yields `inception.extract`'s steps (both sources); the last one's `result` is {'images', 'num',
     'ref', 'fid'[, 'is', 'is_std'][, 'real', 'num_real', 'precision', 'recall']}, the same on every
     rank."""
-    inception.weights_path(conf.inception_weights)  # a missing weights file fails every rank at once
     images = image_sources.source(source)
     real_images = image_sources.source(real) if real is not None else None
     mu, sigma = stats.load(ref)
@@ -123,6 +126,7 @@ def evaluate(source: str, ref: str, conf: FidConfig, with_is: bool = False,
     if real_images is not None and min(len(images), len(real_images)) <= PR_NEIGHBOURS:
         raise NeonError(f"precision/recall with k = {PR_NEIGHBOURS} needs more than {PR_NEIGHBOURS} images in "
                         f"each set, got {len(images)} and {len(real_images)}")
+    inception.weights_path(conf.inception_weights)  # the inputs first; a missing weights file fails every rank at once
     total = len(images) + (len(real_images) if real_images is not None else 0)
     features = yield from _features(images, conf, total)
     result = {"images": source, "num": len(images), "ref": ref,

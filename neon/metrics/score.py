@@ -13,7 +13,7 @@ features; the reference is `--ref` (a path or a URL) or the family's own `refere
 import torch
 
 from neon import distributed, synthetic
-from neon.errors import NeonError
+from neon.errors import NeonError, NonFiniteError
 from neon.metrics import fid, inception, stats
 from neon.metrics import images as image_sources
 
@@ -43,15 +43,25 @@ def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_siz
     """Collective: {'fid'} of the samples with seeds [start, start + num) against `ref_stats`, the
     same on every rank. `with_is` adds 'is' and 'is_std'; `real` (pool features [M, 2048]) adds
     'precision' and 'recall'. With either, the samples must be uint8 images and every feature is
-    Inception's (pool features for FID and precision/recall, logits for IS)."""
+    Inception's (pool features for FID and precision/recall, logits for IS). A model whose samples
+    are not finite (NaN or inf, on any rank) scores {'fid': None, 'nonfinite': True}."""
     start, num = seeds
     labels = synthetic.balanced_labels(num, model.num_classes, start)
     inception_only = with_is or real is not None
-    feats = []
+    feats, nonfinite = [], False
     for idx in distributed.shard(synthetic.batches(0, num, batch_size)):
-        samples = synthetic.draw(family, model, sampler, idx, labels, start)
+        try:
+            samples = synthetic.draw(family, model, sampler, idx, labels, start)
+        except NonFiniteError:
+            nonfinite = True
+            break
+        if samples.is_floating_point() and not torch.isfinite(samples).all():
+            nonfinite = True
+            break
         feats.append((idx.start, inception.pool_and_logits(samples, conf) if inception_only
                       else (features(family, samples, conf),)))
+    if distributed.all_reduce_sum(torch.tensor([float(nonfinite)])).item() > 0:
+        return {"fid": None, "nonfinite": True}
     gathered = sorted((item for part in distributed.gather_objects(feats) for item in part), key=lambda t: t[0])
     pool = torch.cat([f[0] for _, f in gathered])
     result = {"fid": fid.frechet_distance(fid.statistics(pool), ref_stats)}

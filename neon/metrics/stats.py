@@ -5,24 +5,39 @@ import os
 
 import numpy as np
 
-from neon import checkpoint, distributed
+from neon import checkpoint, distributed, synthetic
 from neon.errors import NeonError
 
 
+MAX_DIM = 16384
+"""The largest feature dimension of reference statistics (sigma: 2 GiB in float64; Inception's is 2048)."""
+
+
 def load(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) as float64 from a reference `.npz`; NeonError naming what is missing."""
+    """(mu, sigma) as float64 from a reference `.npz`, checked before anything is read whole (shapes
+    [D] and [D, D] with D <= MAX_DIM, real numbers) and after (finite); NeonError otherwise."""
     if not os.path.exists(path):
         raise NeonError(f"no such reference statistics file: {path}")
+    if os.path.isdir(path):
+        raise NeonError(f"{path} is a directory, not reference statistics (.npz)")
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = [key for key in ("mu", "sigma") if key not in data.files]
-            if missing:
-                raise NeonError(f"{path} lacks {' and '.join(missing)} (it has: {', '.join(data.files) or 'nothing'})")
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+            files = data.files
     except (OSError, ValueError) as e:
         raise NeonError(f"cannot read reference statistics {path}: {e}") from None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise NeonError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected [D] and [D, D]")
+    missing = [key for key in ("mu", "sigma") if key not in files]
+    if missing:
+        raise NeonError(f"{path} lacks {' and '.join(missing)} (it has: {', '.join(files) or 'nothing'})")
+    (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = (synthetic.npz_header(path, key) for key in ("mu", "sigma"))
+    if len(mu_shape) != 1 or tuple(sigma_shape) != (mu_shape[0], mu_shape[0]):
+        raise NeonError(f"{path}: mu has shape {list(mu_shape)} and sigma {list(sigma_shape)}; expected [D] and [D, D]")
+    if mu_shape[0] > MAX_DIM:
+        raise NeonError(f"{path}: features of dimension {mu_shape[0]}, above the limit of {MAX_DIM}")
+    if not all(np.issubdtype(d, np.floating) or np.issubdtype(d, np.integer) for d in (mu_dtype, sigma_dtype)):
+        raise NeonError(f"{path}: mu and sigma must hold real numbers, not {mu_dtype} and {sigma_dtype}")
+    mu, sigma = (np.asarray(synthetic.npz_array(path, key)[:], dtype=np.float64) for key in ("mu", "sigma"))
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise NeonError(f"{path}: mu or sigma holds non-finite values (NaN or inf)")
     return mu, sigma
 
 

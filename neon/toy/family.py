@@ -14,7 +14,7 @@ import torch
 
 from neon import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, load_weights, read_checkpoint
+from neon.family import Model, arch_kwargs, build_net, load_weights, read_checkpoint
 from neon.toy import models
 
 
@@ -66,7 +66,11 @@ class ToyFamily:
         kwargs = arch_kwargs(container, arch, PRESETS, "toy")
         if kwargs is None:
             raise NeonError(f"{path} does not say its arch; pass --model.arch diffusion|ar")
-        model = self._model(kwargs)
+        if not isinstance(kwargs, dict) or kwargs.get("model") not in models.ARCHS:
+            raise NeonError(f"{path}: arch must name the model, diffusion or ar, got {kwargs!r}")
+        rest = {k: v for k, v in kwargs.items() if k != "model"}
+        net = build_net(models.ARCHS[kwargs["model"]], rest, path, f"the toy {kwargs['model']} model")
+        model = Model(net=net, arch=dict(kwargs))
         load_weights(model.net, container.weights, path, f"the toy {kwargs['model']} model")
         model.net.to(device).eval().requires_grad_(False)
         return model

@@ -39,7 +39,8 @@ def test_sample_finetune_merge_sweep_through_the_cli(tmp_path, capsys):
     assert len(records) == 1 + 2 * 2 and all(r["fid"] > 0 for r in records)
     capsys.readouterr()
     cli.main(["sweep", *common, "--base", base, "--self", str(r), "--w", "0:1:0.5", "--num", "32",
-              "--batch-size", "32", "--out", str(tmp_path / "sweep"), "--final-num", "16"])
+              "--batch-size", "32", "--out", str(tmp_path / "sweep"), "--final-num", "16",
+              "--sweep.final_seeds", "1"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     finals = {(x["snapshot"], x["w"]): x["fid"] for x in map(json.loads, open(tmp_path / "sweep" / "results.jsonl"))
               if x["num"] == 16}

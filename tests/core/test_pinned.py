@@ -36,7 +36,7 @@ def test_toy_loop_results_are_those_of_the_first_core(tmp_path, one_thread, caps
     snapshot = str(tmp_path / "run" / "snapshot-0000000192.pt")
     cli.main(["merge", "--base", base, "--self", snapshot, "--w", "0.75", "--out", str(tmp_path / "neon.pt")])
     cli.main(["sweep", "--family", "toy", "--base", base, "--self", str(tmp_path / "run"), "--w", "0:1:0.5",
-              "--num", "64", "--batch-size", "32", "--final-num", "32", "--out", str(tmp_path / "sweep")])
+              "--num", "64", "--batch-size", "32", "--final-num", "32", "--sweep.final_seeds", "1", "--out", str(tmp_path / "sweep")])
     data = synthetic.read(str(tmp_path / "S"))
     stats = [json.loads(line) for line in open(tmp_path / "run" / "stats.jsonl")]
     merged = checkpoint.read(str(tmp_path / "neon.pt")).weights

@@ -92,7 +92,7 @@ def test_sweep_final_report_with_is_and_precision_recall_matches_neon_fid(tmp_pa
               "--batch-size", "8", "--lr", "1e-3"])
     cli.main(["fid-stats", "--images", real, "--out", ref, *fid_flags])
     sweep_dir = str(tmp_path / "sweep")
-    sweep = ["sweep", *common, "--base", base, "--self", run, "--w", "1", "--num", "4", "--final-num", "12",
+    sweep = ["sweep", *common, "--base", base, "--self", run, "--w", "1", "--num", "4", "--final-num", "12", "--sweep.final_seeds", "1",
              "--ref", ref, "--out", sweep_dir, *fid_flags]
     cli.main(sweep)  # selection and final report without the extra metrics
     capsys.readouterr()
