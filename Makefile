@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/neon demo $(DEMO_FLAGS)
 
+# Two pytest workers of one intra-op thread each: on 2 cores this is the fastest split (two threads per
+# worker would wait on each other). Tests do not depend on the order or the worker they run in.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 # Another CPU's kernels, simulated: GEMM and convolution kernels one level below this CPU's (MKL's
 # code path, oneDNN's ISA; on AVX-512 CPUs ATen's vector kernels drop to AVX2 too) and one thread per
@@ -33,4 +37,4 @@ test-portability: $(STAMP)
 	case "$$cap" in AVX512*) aten=avx2; mkl=AVX2; dnn=AVX2;; *) aten=avx2; mkl=COMPATIBLE; dnn=AVX;; esac; \
 	echo "portability pass: native $$cap -> ATEN_CPU_CAPABILITY=$$aten MKL_CBWR=$$mkl ONEDNN_MAX_CPU_ISA=$$dnn OMP_NUM_THREADS=1"; \
 	ATEN_CPU_CAPABILITY=$$aten MKL_CBWR=$$mkl ONEDNN_MAX_CPU_ISA=$$dnn OMP_NUM_THREADS=1 \
-		$(BIN)/python -m pytest -q -m numerics -p no:cacheprovider
+		$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m numerics -p no:cacheprovider

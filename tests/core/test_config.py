@@ -61,7 +61,10 @@ def test_recipe_links_sections_and_rejects_unknown_sections():
         build_recipe({"family": "toy", "sweep": {"sampler": {"zta": 1.0}}}, ("sweep",))
 
 
-RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+# configs/digits/edm.yaml holds the settings of `neon demo --digits` (its stages), not a recipe of the
+# single verbs; tests/digits checks it.
+RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+                 if os.sep + "digits" + os.sep not in p)
 
 
 def test_there_are_recipes():

@@ -1,0 +1,101 @@
+"""The `digits` family: the EDM family on the 16×16 digits, scored by the digits classifier.
+
+Sampling, the loss, checkpoints and θ are the EDM family's (`edm.family.family`), unchanged; this
+adapter adds what the core's optional hooks ask for (`neon.family.Family`): `features` (the
+classifier's penultimate layer, float64 [B, 64]), `reference` (the held-out split's statistics of
+those features) and `real` (the train split, for `neon diagnose --real digits:N`). So the sweep,
+`neon fid` and `generate_and_score` score digits through the core's one scoring path.
+
+Images are uint8 [B, 3, 16, 16] with three equal channels (grey), as every image family's; the
+networks are trained without augmentation (`augment_pipe` None: flipped or rotated digits are other
+digits), which `load` keeps.
+
+The classifier is the one given to `DigitsFamily(net)` (the demo passes the one it trained and
+saved), else one trained here in memory on first use with the default settings (seconds; the same
+network on the same machine and thread count).
+"""
+
+import dataclasses
+
+import torch
+
+from neon.family import Model
+from neon.metrics import fid
+
+from edm import networks
+from edm.digits import classifier, data
+from edm.family import EDMSampler
+from edm.family import family as edm
+
+# A model of 46k parameters that runs every code path of the real one (tests).
+TINY = {"class_name": "EDMPrecond", "model_type": "SongUNet", "embedding_type": "positional",
+        "encoder_type": "standard", "decoder_type": "standard", "channel_mult_noise": 1, "resample_filter": [1, 1],
+        "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+        "augment_dim": 0, "use_fp16": False, "img_channels": 3, "img_resolution": data.SIZE,
+        "label_dim": data.NUM_CLASSES}
+
+
+class DigitsFamily:
+    name = "digits"
+    Sampler = EDMSampler
+    format = edm.format
+
+    def __init__(self, net: classifier.Classifier | None = None):
+        self._classifier = net
+        self._reference = None
+
+    def init(self, arch: dict) -> Model:
+        """A fresh network of `arch` (EDM preconditioner kwargs with `class_name`), drawn from
+        torch's global generator, without augmentation."""
+        kwargs = dict(arch)
+        net = {"EDMPrecond": networks.EDMPrecond}[kwargs.pop("class_name", "EDMPrecond")](**kwargs)
+        return Model(net=net, image_size=net.img_resolution, num_classes=net.label_dim, arch=dict(arch),
+                     extras={"augment_pipe": None})
+
+    def tiny(self, seed: int) -> Model:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.init(TINY)
+
+    def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
+             codec: str | None = None) -> Model:
+        model = edm.load(path, arch, device, codec)
+        # edm.load gives a file without an augment pipe EDM's default one; digits have none.
+        return dataclasses.replace(model, extras={"augment_pipe": None})
+
+    def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: EDMSampler) -> torch.Tensor:
+        return edm.sample(model, labels, seeds, sampler)
+
+    def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+        return edm.loss(model, samples, labels, generator)
+
+    def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:
+        return edm.container(model, state_dict)
+
+    def classifier(self) -> classifier.Classifier:
+        """The feature network (trained here on first use when none was given)."""
+        if self._classifier is None:
+            self._classifier = classifier.train(*data.split()["train"])
+        return self._classifier
+
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        """float64 [B, 64]: the classifier's penultimate layer on uint8 images [B, 3, 16, 16]."""
+        net = self.classifier()
+        with torch.no_grad():
+            return net.features(samples.cpu()).double()
+
+    def reference(self) -> tuple:
+        """(mu float64 [64], sigma float64 [64, 64]) of the held-out split's features."""
+        if self._reference is None:
+            self._reference = fid.statistics(self.features(data.split()["heldout"][0]))
+        return self._reference
+
+    def real(self, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`num` train images (uint8 [num, 3, 16, 16]) and labels (int64 [num]), chosen by `seed`."""
+        images, labels = data.split()["train"]
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]
+        return images[pick], labels[pick]
+
+
+family = DigitsFamily()
