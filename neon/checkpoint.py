@@ -380,7 +380,7 @@ def check_output(path: str, kind: str, suffixes: Sequence[str] = ()) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise NeonError(f"cannot create {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK) or parent.startswith(("/proc", "/sys")):
+    if not os.access(parent, os.W_OK | os.X_OK):  # (root passes; its failures come as OSError at creation)
         raise NeonError(f"cannot create {path}: {parent} is not writable")
 
 

@@ -179,8 +179,7 @@ def cmd_sweep(args, overrides):
     conf = recipe.sweep
     if _dry_run(args, recipe) or not _need(base=recipe.model.ckpt, self=conf.self_trained):
         return
-    if not finetune.snapshots(conf.self_trained):
-        raise NeonError(f"no snapshots match {conf.self_trained!r}")
+    sweep.snapshot_paths(conf)  # before the default output folder is derived from them
     out = sweep.output_dir(conf)
     checkpoint.check_output(out, "dir")
     fam, model = _load(recipe)
@@ -194,7 +193,7 @@ def cmd_sweep(args, overrides):
                 _say(_json(done.value))
                 break
         if distributed.is_main():  # the pictures of `neon report`: fid_vs_w.png, fid_w_cfg.png, samples.png
-            report.run(out)
+            report.run(out, model)
 
 
 def cmd_fid_stats(args, overrides):

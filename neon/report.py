@@ -35,7 +35,6 @@ Compute (`compute`), in images and in base forward-pass equivalents:
 """
 
 import dataclasses
-import json
 import os
 import re
 
@@ -53,9 +52,10 @@ STEP_FIELDS = ("num_steps", "steps")  # sampler fields that count network evalua
 _SNAPSHOT = re.compile(r"snapshot-(\d+)\.pt$")
 
 
-def run(sweep_dir: str) -> dict:
+def run(sweep_dir: str, model=None) -> dict:
     """Read a sweep folder (and the run and synthetic set it names), write its pictures; the report
-    (module docstring). NeonError when the folder holds no sweep of `neon sweep`."""
+    (module docstring). `model`: the base already loaded (`neon sweep` passes its own), else it is
+    loaded from the recorded `model` section. NeonError when the folder holds no sweep of `neon sweep`."""
     raw = _resolved(sweep_dir)
     fam = neon_family.get(raw["family"])
     conf = dataclasses.replace(config.build(sweep.SweepConfig, raw.get("sweep"), "sweep"), out=sweep_dir)
@@ -74,7 +74,7 @@ def run(sweep_dir: str) -> dict:
     else:
         pictures["fid_w_cfg"] = None
         notes.append("fid_w_cfg.png: not written (cfg was not swept)")
-    pictures["samples"] = _samples(fam, model_conf, sampler, conf, result, sweep_dir)
+    pictures["samples"] = _samples(fam, model_conf, sampler, conf, result, sweep_dir, model)
     return {"summary": result, "compute": compute(records, result, model_conf, sampler, paths),
             "pictures": pictures, "notes": notes}
 
@@ -179,9 +179,11 @@ def _fid_w_cfg(records, conf, paths, summary, out) -> str:
                            title=f"FID over (w, cfg): {_name(snapshot)}, n = {n:,}")
 
 
-def _samples(fam, model_conf, sampler, conf, summary, out) -> str:
-    """samples.png: the base and the chosen point drawn on the same seeds and labels."""
-    model = fam.load(model_conf.ckpt, model_conf.arch, distributed.device(), codec=model_conf.codec)
+def _samples(fam, model_conf, sampler, conf, summary, out, model=None) -> str:
+    """samples.png: the base and the chosen point drawn on the same seeds and labels (the network's
+    weights are changed)."""
+    if model is None:
+        model = fam.load(model_conf.ckpt, model_conf.arch, distributed.device(), codec=model_conf.codec)
     fields = dict(conf.sampler)
     if summary["best_cfg"] is not None:
         fields["cfg"] = summary["best_cfg"]
@@ -221,11 +223,9 @@ def _synthetic_num(run_dir: str) -> int | None:
     """The number of samples of the synthetic set the run in `run_dir` was fine-tuned on, or None."""
     resolved = os.path.join(run_dir, RESOLVED)
     data = (config.load_yaml(resolved).get("finetune") or {}).get("data") if os.path.exists(resolved) else None
-    manifest = os.path.join(data, synthetic.MANIFEST) if data else None
-    if manifest is None or not os.path.exists(manifest):
+    if not data or not os.path.exists(os.path.join(data, synthetic.MANIFEST)):
         return None
-    with open(manifest) as f:
-        return json.load(f).get("num")
+    return synthetic.load_manifest(data)["num"]
 
 
 def _images_seen(path: str) -> int | None:

@@ -149,7 +149,7 @@ def grid(spec) -> list[float]:
             start, stop, step = (float(v) for v in spec.split(":"))
             if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step)) or step <= 0 or stop < start:
                 raise ValueError
-            if max(abs(start), abs(stop)) > MAX_W:
+            if max(abs(start), abs(stop)) > MAX_W:  # before counting: a huge range would read as too many points
                 raise NeonError(f"{bad}: |w| must be at most {MAX_W:g}")
             count = (stop - start) / step + 1
             if not count <= MAX_POINTS:
@@ -174,9 +174,7 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
     """Collective: the search (`conf.search`), then the final report. Yields each new result record
     (a dict, as written to results.jsonl); records already in the file are skipped, not yielded.
     Returns (as the generator's value) the summary (`summary`)."""
-    paths = finetune.snapshots(conf.self_trained) if conf.self_trained else []
-    if not paths:
-        raise NeonError(f"no snapshots match {conf.self_trained!r}")
+    paths = snapshot_paths(conf)
     out = output_dir(conf)
     ref_stats = score.reference(family, conf.ref)
     if conf.cfg and "cfg" not in {f.name for f in dataclasses.fields(sampler)}:
@@ -261,6 +259,14 @@ def _final(records: list[dict], conf: SweepConfig, best: dict) -> dict:
     result.update(final_gain=gain, final_spread=spread,
                   gain_exceeds_spread=None if spread is None else bool(gain > spread))
     return result
+
+
+def snapshot_paths(conf: SweepConfig) -> list[str]:
+    """The snapshots `conf.self_trained` names, in order of images seen; NeonError when none match."""
+    paths = finetune.snapshots(conf.self_trained) if conf.self_trained else []
+    if not paths:
+        raise NeonError(f"no snapshots match {conf.self_trained!r}")
+    return paths
 
 
 def output_dir(conf: SweepConfig) -> str:

@@ -136,7 +136,7 @@ def _start(out: str, settings: dict) -> dict:
     path = os.path.join(out, MANIFEST)
     manifest = None
     if os.path.exists(path):
-        manifest = _load_manifest(out)
+        manifest = load_manifest(out)
         if not manifest["shards"]:  # nothing drawn yet (a run that failed early): start afresh
             manifest = None
     if manifest is not None:
@@ -198,7 +198,7 @@ def read(directory: str, verify: bool = True) -> SyntheticSet:
     incomplete or corrupt. With `verify`, each shard's sha256 is checked against the manifest once:
     the ranks hash a share of the shards each and rank 0 records them in `verified.json` with their
     size and mtime; later reads trust shards whose size and mtime are unchanged."""
-    manifest = _load_manifest(directory)
+    manifest = load_manifest(directory)
     names = _shard_names(directory, manifest)
     if verify:
         _verify(directory, manifest, names)
@@ -389,7 +389,9 @@ def _fingerprint(directory: str, name: str, digest: str) -> list | None:
     return [digest, info.st_size, info.st_mtime_ns]
 
 
-def _load_manifest(directory: str) -> dict:
+def load_manifest(directory: str) -> dict:
+    """The manifest of the set in `directory`, checked field by field; NeonError (one line) when it is
+    missing, unreadable or malformed."""
     path = os.path.join(directory, MANIFEST)
     try:
         with open(path) as f:
