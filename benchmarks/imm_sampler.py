@@ -1,17 +1,20 @@
 """IMM sampling speed: our path (`imm.sampler.initial_latents` from per-sample generators, then
 `imm.sampler.pushforward_generator_fn` under inference mode, float32 grid and state, one doubled
-network call per guided step) against a straightforward loop written the way lumalabs'
+network call per guided step, on our DiT) against a straightforward loop written the way lumalabs'
 generate_images.py runs it (no_grad, float64 grid and state, c_in, time labels, guidance and the Euler
-map written out), on the same small random DiT and seeds, measured in the same run. Both start from
-the same latents (asserted bitwise) and must end at the same latents (float32 rounding).
+map written out) around the DiT computed the way upstream's dit.py and timm compute it
+(`upstream_dit`), with the same small random weights and seeds, measured in the same run. Both start
+from the same latents (asserted bitwise) and must end at the same latents (float32 rounding).
 
-A third line, "backbone only", times the T doubled backbone calls alone on fixed inputs: the floor
-any loop can reach. Both loops run at it, within the noise: in a profile of one run the backbone's
-ops (GEMMs, GELU, attention, LayerNorm, its elementwise ops) are over 99% of either loop's time, the
-same ops in the same numbers, and the rest (grid, c_in, labels, guidance, the map, float64 or not)
-under 1%. So there is no per-step work left to remove, and the ratio reads 1 up to the machine's
-noise. One intra-op thread by default: a parallel kernel on a shared CPU waits for its slowest
-thread. Even so, on a loaded machine the same loop's rate varies by about ±5% from round to round.
+Where the time goes: the backbone is over 99% of either loop (the grid, c_in, labels, guidance and
+the map, float64 or not, are under 1%), so the gain is the network's. Upstream's tokens are a
+transposed view that every LayerNorm and Linear copies; its adaLN modulate and gated residuals are a
+multiply and an add each (here one fused `addcmul`); its GELU writes a new tensor (here, with no
+autograd recording, it overwrites fc1's output, the largest tensor of a block; fewer fresh buffers
+also means fewer page faults on CPU). The "backbone only" line times the T doubled calls of our
+network alone on fixed inputs: the floor our loop runs at. One intra-op thread by default: a parallel
+kernel on a shared CPU waits for its slowest thread. Even so, on a loaded machine a loop's rate varies
+by about ±10% from round to round, hence the medians.
 
     python benchmarks/imm_sampler.py [--batch 64] [--steps 8] [--cfg 1.5] [--repeats 9] [--threads 1] [--device cpu]
 """
@@ -21,6 +24,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from timing import compare  # benchmarks/timing.py: this folder is first on sys.path
 
@@ -42,6 +46,27 @@ def small_net(device):
     return net.eval().requires_grad_(False).to(device)
 
 
+def upstream_dit(dit, x, tau_t, tau_s, labels):
+    """`dit`'s forward with its own weights, computed the way upstream's dit.py on timm's layers
+    computes it: timm's PatchEmbed leaves the tokens a [N, L, D] view of [N, D, L] memory, and every
+    residual sum keeps that layout, so each LayerNorm and Linear first copies it; adaLN's modulate is
+    h·(1 + scale) + shift and each gated residual x + gate·branch, two passes and a temporary each
+    where the network here makes one fused multiply-add."""
+    def modulate(h, shift, scale):
+        return h * (1 + scale[:, None]) + shift[:, None]
+
+    tokens = dit.x_embedder.proj(x).flatten(2).transpose(1, 2) + dit.pos_embed
+    c = dit.t_embedder(tau_t) + dit.s_embedder(tau_s) + dit.y_embedder(dit.class_index(labels, len(x), x.device), False)
+    for block in dit.blocks:
+        shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c).chunk(6, dim=1)
+        tokens = tokens + gate1[:, None] * block.attn(modulate(block.norm1(tokens), shift1, scale1))
+        hidden = F.gelu(block.mlp.fc1(modulate(block.norm2(tokens), shift2, scale2)), approximate='tanh')
+        tokens = tokens + gate2[:, None] * block.mlp.fc2(hidden)
+    final = dit.final_layer
+    shift, scale = final.adaLN_modulation(c).chunk(2, dim=1)
+    return dit.unpatchify(final.linear(modulate(final.norm_final(tokens), shift, scale)))
+
+
 def straightforward(net, seeds, labels, steps, cfg):
     """Guided pushforward sampling as generate_images.py does it, for comparison only.
     Returns (initial latents, final latents float64)."""
@@ -60,7 +85,7 @@ def straightforward(net, seeds, labels, steps, cfg):
             x_in = (c_in * torch.cat([x, x])).to(torch.float32)
             tau_t = (1000 * t).to(torch.float32).expand(x_in.shape[0])
             tau_s = (1000 * (t - s)).to(torch.float32).expand(x_in.shape[0])
-            F_u, F_c = net.model(x_in, tau_t, tau_s, class_labels=both).to(torch.float64).chunk(2)
+            F_u, F_c = upstream_dit(net.model, x_in, tau_t, tau_s, both).to(torch.float64).chunk(2)
             x = x - (t - s) * net.sigma_data * (F_u + cfg * (F_c - F_u))
     return z, x
 

@@ -29,8 +29,9 @@ from edm import networks as edm_networks
 
 
 def _modulate(x, shift, scale):
-    """adaLN: x [N, T, D] scaled by (1 + scale) and shifted, scale/shift [N, D]."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN: x [N, T, D] scaled by (1 + scale) and shifted, scale/shift [N, D]. One fused
+    multiply-add (upstream's x·(1 + scale) + shift is two passes over x and one more temporary)."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 def sincos_2d(dim, grid_size):
@@ -101,8 +102,12 @@ class Mlp(nn.Module):
         self.drop = drop
 
     def forward(self, x):
-        x = F.dropout(F.gelu(self.fc1(x), approximate='tanh'), self.drop, self.training)
-        return F.dropout(self.fc2(x), self.drop, self.training)
+        hidden = self.fc1(x)
+        if torch.is_grad_enabled():
+            hidden = F.gelu(hidden, approximate='tanh')
+        else:  # nothing records the graph: overwrite fc1's output, the largest tensor of the block
+            hidden = torch.ops.aten.gelu_(hidden, approximate='tanh')
+        return F.dropout(self.fc2(F.dropout(hidden, self.drop, self.training)), self.drop, self.training)
 
 
 class TimestepEmbedder(nn.Module):
@@ -173,8 +178,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1[:, None] * self.attn(_modulate(self.norm1(x), shift1, scale1))
-        return x + gate2[:, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2))
+        # Gated residuals as one fused multiply-add each: x + gate·branch.
+        x = torch.addcmul(x, gate1[:, None], self.attn(_modulate(self.norm1(x), shift1, scale1)))
+        return torch.addcmul(x, gate2[:, None], self.mlp(_modulate(self.norm2(x), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):

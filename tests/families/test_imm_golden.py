@@ -91,6 +91,8 @@ def test_forward(case):
             hook.remove()
         got['out_t64'] = net(x, t.double(), s.double(), labels)
         train_out = net.train()(x, t, s, labels)
+    # With autograd on, the MLP's GELU writes a new tensor instead of overwriting fc1's output.
+    grad_out = net.eval()(x, t, s, labels)
 
     assert got['out'].dtype == torch.float32 and got['out_t64'].dtype == torch.float64
     x_in, c_noise_t, c_noise_s = got.pop('model_in')[:3]
@@ -102,6 +104,7 @@ def test_forward(case):
     for key in expected:
         _close(got[key], golden[key], FORWARD_TOL, key)
     _close(train_out, got['out'], EXACT, 'train mode')
+    _close(grad_out, got['out'], EXACT, 'autograd on')
 
     if 'pos_embed_sincos_init' in golden:
         fresh = imm.IMMPrecond(**{k: v for k, v in case['constructor'].items() if k != 'class_name'})
