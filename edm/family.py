@@ -103,6 +103,19 @@ class EDMSampler:
             raise NeonError("sampler: need num_steps >= 1 and 0 < sigma_min < sigma_max")
 
 
+def _stored_augment(data: dict, arch: dict, path: str) -> dict | None:
+    """The augment pipe a file trains with: its `augment_pipe` kwargs, or none where it stores None
+    (EDM's `--augment=0` runs, such as ImageNet-64). A file without the entry (a bare state dict)
+    gets EDM's default pipe when its network takes augment labels, as EDM sets `augment_dim` only
+    with augmentation."""
+    if "augment_pipe" not in data:
+        return DEFAULT_AUGMENT if arch.get("augment_dim", 0) else None
+    pipe = data["augment_pipe"]
+    if pipe is not None and not isinstance(pipe, dict):
+        raise NeonError(f"{path}: augment_pipe must be AugmentPipe's arguments or None, got {type(pipe).__name__}")
+    return pipe
+
+
 class EDMFamily:
     name = "edm"
     Sampler = EDMSampler
@@ -119,8 +132,7 @@ class EDMFamily:
         kwargs = arch_kwargs(container, arch, PRESETS, "EDM")
         if kwargs is None:
             raise NeonError(f"{path} does not say its arch; pass --model.arch {'|'.join(PRESETS)}")
-        augment = container.data.get("augment_pipe") if isinstance(container.data.get("augment_pipe"), dict) else None
-        model = self._model(kwargs, augment or DEFAULT_AUGMENT, path)
+        model = self._model(kwargs, _stored_augment(container.data, kwargs, path), path)
         load_weights(model.net, container.weights, path, kwargs.get("class_name", "EDMPrecond"))
         model.net.to(device).eval().requires_grad_(False)
         return model

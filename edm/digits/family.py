@@ -15,7 +15,6 @@ saved), else one trained here in memory on first use with the default settings (
 network on the same machine and thread count).
 """
 
-import dataclasses
 
 import torch
 
@@ -59,9 +58,7 @@ class DigitsFamily:
 
     def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
              codec: str | None = None) -> Model:
-        model = edm.load(path, arch, device, codec)
-        # edm.load gives a file without an augment pipe EDM's default one; digits have none.
-        return dataclasses.replace(model, extras={"augment_pipe": None})
+        return edm.load(path, arch, device, codec)
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: EDMSampler) -> torch.Tensor:
         return edm.sample(model, labels, seeds, sampler)

@@ -164,3 +164,27 @@ def test_the_augment_pipe_of_the_base_survives_finetune_and_merge(tmp_path):
     merge.merge_files(base, snapshot.path, 0.5, str(tmp_path / "neon.pt"), family=family)
     assert family.load(str(tmp_path / "neon.pt")).extras["augment_pipe"] == pipe
     assert family.load(snapshot.path).extras["augment_pipe"] == pipe
+
+
+def test_a_base_that_stores_no_augment_pipe_fine_tunes_without_one(tmp_path, monkeypatch):
+    """EDM's --augment=0 pickles (ImageNet-64) store augment_pipe None: no augmentation, not the default
+    pipe. Only a file without the entry falls back, by its network's augment_dim."""
+    model = family.tiny(0)
+    pickled = tmp_path / "noaug.pkl"
+    _write_edm_pickle(pickled, model, monkeypatch, tmp_path)
+    assert family.load(str(pickled)).extras["augment_pipe"] is None
+    cases = {"none.pt": {"augment_pipe": None}, "own.pt": {"augment_pipe": {**DEFAULT_AUGMENT, "p": 0.5}},
+             "absent.pt": {}}
+    for name, extra in cases.items():
+        checkpoint.write({"ema": model.net.state_dict(), "arch": model.arch, **extra}, str(tmp_path / name))
+    assert family.load(str(tmp_path / "none.pt")).extras["augment_pipe"] is None
+    assert family.load(str(tmp_path / "own.pt")).extras["augment_pipe"]["p"] == 0.5
+    assert model.arch["augment_dim"] == 9
+    assert family.load(str(tmp_path / "absent.pt")).extras["augment_pipe"] == DEFAULT_AUGMENT
+    plain = {**model.arch, "augment_dim": 0}
+    net = networks.EDMPrecond(**{k: v for k, v in plain.items() if k != "class_name"})
+    checkpoint.write({"ema": net.state_dict(), "arch": plain}, str(tmp_path / "absent0.pt"))
+    assert family.load(str(tmp_path / "absent0.pt")).extras["augment_pipe"] is None
+    checkpoint.write({"ema": model.net.state_dict(), "arch": model.arch, "augment_pipe": 0.12}, str(tmp_path / "bad.pt"))
+    with pytest.raises(NeonError, match="augment_pipe must be AugmentPipe's arguments or None, got float"):
+        family.load(str(tmp_path / "bad.pt"))
