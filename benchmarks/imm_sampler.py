@@ -51,7 +51,7 @@ def upstream_dit(dit, x, tau_t, tau_s, labels):
     computes it: timm's PatchEmbed leaves the tokens a [N, L, D] view of [N, D, L] memory, and every
     residual sum keeps that layout, so each LayerNorm and Linear first copies it; adaLN's modulate is
     h·(1 + scale) + shift and each gated residual x + gate·branch, two passes and a temporary each
-    where the network here makes one fused multiply-add."""
+    where the network here makes one fused multiply-add; the GELU writes a new tensor."""
     def modulate(h, shift, scale):
         return h * (1 + scale[:, None]) + shift[:, None]
 
