@@ -81,6 +81,16 @@ def toy_ckpt(tmp, name="ckpt.pt", arch=None, weights=None, **entries) -> str:
     return path
 
 
+def edm_ckpt(tmp, name="edm.pt", **entries) -> str:
+    """The tiny EDM network in its container, with `entries` replacing or adding entries."""
+    from edm.family import family as edm
+
+    model = edm.tiny(0)
+    path = os.path.join(tmp, name)
+    torch.save({"ema": model.net.state_dict(), "arch": model.arch, **entries}, path)
+    return path
+
+
 def nan_ckpt(tmp, name="nan.pt") -> str:
     model = toy.tiny(0)
     sd = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in model.net.state_dict().items()}
@@ -171,6 +181,9 @@ CASES = [
                                            "--out", out(t)], "does not fit"),
     ("ckpt-pickle-os-system", lambda P, t: [*SAMPLE, "--ckpt", write(t, "evil.pkl", b"cos\nsystem\n(S'touch pwned'\ntR."),
                                            "--out", out(t)], "refused"),
+    ("ckpt-edm-augment-pipe-not-a-mapping", lambda P, t: ["sample", "--family", "edm", "--ckpt", edm_ckpt(t, augment_pipe=0.12),
+                                                          "--out", out(t), "--num-images", "4"],
+     "augment_pipe must be AugmentPipe's arguments or None, got float"),
     ("sampler-nan", lambda P, t: [*SAMPLE, "--ckpt", P.base, "--out", out(t), "--sampler.zeta", "nan"], "sampler.zeta: must be finite"),
     ("sampler-inf", lambda P, t: [*SAMPLE, "--ckpt", P.base, "--out", out(t), "--sampler.zeta", "inf"], "sampler.zeta: must be finite"),
     ("sampler-unknown-key", lambda P, t: [*SAMPLE, "--ckpt", P.base, "--out", out(t), "--sampler.nope", "1"], "unknown key sampler.nope"),
