@@ -82,18 +82,22 @@ class PixelFamily(CustomFamily):
         return self._reference
 
 
+def self_train(family, base: str, sampler, syn: synthetic.SyntheticConfig, ft: finetune.FinetuneConfig) -> None:
+    """Write S with `sampler` from the base at `base`, then fine-tune a copy of the base on it."""
+    for _ in synthetic.write(family, family.load(base), sampler, syn, family.name, checkpoint.sha256(base)):
+        pass
+    for _ in finetune.run(family, family.load(base), ft, family.name):
+        pass
+
+
 def toy_run(work: str, quick: bool) -> dict:
     """The toy's base, S and fine-tune; the sweep settings."""
     base = appendix.base(work, "diffusion", quick=True)
-    model = toy.load(base)
     syn = synthetic.SyntheticConfig(out=os.path.join(work, "toy-S"), num=1000, batch_size=1000, shard_size=1000,
                                     labels="none")
-    for _ in synthetic.write(toy, model, ToySampler(zeta=1.1), syn, toy.name, checkpoint.sha256(base)):
-        pass
     ft = finetune.FinetuneConfig(data=syn.out, out=os.path.join(work, "toy-run"), total_images=250_000,
                                  batch_size=1000, lr=1e-5, snapshot_every_images=50_000)
-    for _ in finetune.run(toy, toy.load(base), ft, toy.name):
-        pass
+    self_train(toy, base, ToySampler(zeta=1.1), syn, ft)
     num = 5000 if quick else 20_000
     return {"family": toy, "base": base, "sampler": ToySampler(), "self_trained": ft.out,
             "sweep": dict(w="-2:2:0.25", num=num, final_num=num, batch_size=num, sampler={"zeta": 1.0})}
@@ -113,12 +117,9 @@ def pixel_run(work: str, quick: bool) -> dict:
     write_checkpoint(pixels, model.net.state_dict(), base, like=model)
     syn = synthetic.SyntheticConfig(out=os.path.join(work, "pixels-S"), num=2000, batch_size=500, shard_size=2000,
                                     labels="none")
-    for _ in synthetic.write(pixels, pixels.load(base), PixelSampler(cfg=1.3), syn, pixels.name, "sha"):
-        pass
     ft = finetune.FinetuneConfig(data=syn.out, out=os.path.join(work, "pixels-run"), total_images=6000,
                                  batch_size=100, lr=1e-3, snapshot_every_images=2000)
-    for _ in finetune.run(pixels, pixels.load(base), ft, pixels.name):
-        pass
+    self_train(pixels, base, PixelSampler(cfg=1.3), syn, ft)
     num = 1000 if quick else 2000
     return {"family": pixels, "base": base, "sampler": PixelSampler(), "self_trained": ft.out,
             "sweep": dict(w="0:3:0.25", cfg=[1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8], num=num, final_num=num,

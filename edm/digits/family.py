@@ -15,7 +15,6 @@ saved), else one trained here in memory on first use with the default settings (
 network on the same machine and thread count).
 """
 
-
 import torch
 
 from neon.family import Model
