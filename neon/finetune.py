@@ -16,6 +16,7 @@ import glob
 import json
 import logging
 import os
+import re
 
 import torch
 
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 STATE = "state-latest.pt"
 STATE_KEYS = ("images_seen", "identity", "net", "ema", "optimizer", "scaler")
+_SNAPSHOT = re.compile(r"snapshot-(\d+)\.pt$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +103,13 @@ class FinetuneConfig:
 
 def snapshot_name(images_seen: int) -> str:
     return f"snapshot-{images_seen:010d}.pt"
+
+
+def images_seen(path: str) -> int | None:
+    """The images a snapshot has seen, read from its name (`snapshot_name`'s inverse); None when the
+    file is not named as a snapshot."""
+    found = _SNAPSHOT.search(os.path.basename(path))
+    return int(found.group(1)) if found else None
 
 
 def snapshots(pattern: str) -> list[str]:

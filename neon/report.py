@@ -36,7 +36,6 @@ Compute (`compute`), in images and in base forward-pass equivalents:
 
 import dataclasses
 import os
-import re
 
 import numpy as np
 
@@ -49,7 +48,6 @@ SAMPLE_IMAGES = 8  # per row of samples.png, for image families
 SAMPLE_POINTS = 1000  # per panel of samples.png, for point families
 TRAIN_PASSES = 3  # forward-pass equivalents of one training image (forward + backward)
 STEP_FIELDS = ("num_steps", "steps")  # sampler fields that count network evaluations per sample
-_SNAPSHOT = re.compile(r"snapshot-(\d+)\.pt$")
 
 
 def run(sweep_dir: str, model=None) -> dict:
@@ -61,10 +59,10 @@ def run(sweep_dir: str, model=None) -> dict:
     conf = dataclasses.replace(config.build(sweep.SweepConfig, raw.get("sweep"), "sweep"), out=sweep_dir)
     model_conf = config.build(neon_family.ModelConfig, raw.get("model"), "model")
     sampler = config.build(fam.Sampler, raw.get("sampler"), "sampler")
-    paths = finetune.snapshots(conf.self_trained or "")
-    if not paths:
-        raise NeonError(f"{sweep_dir}: no snapshots match sweep.self_trained {conf.self_trained!r} "
-                        f"(run neon report where the sweep ran)")
+    try:
+        paths = sweep.snapshot_paths(conf)
+    except NeonError as e:
+        raise NeonError(f"{sweep_dir}: {e} (run neon report where the sweep ran)") from None
     records = sweep.load_results(sweep_dir)
     result = sweep.summary(records, conf, paths)
     notes = []
@@ -87,8 +85,8 @@ def compute(records: list[dict], summary: dict, model_conf, sampler, paths: list
     every = sum(r["num"] for r in records)  # a point scored twice (a final point redone for IS) was generated twice
     selection, final = summary["selection_images"], summary.get("final_images", 0)
     generated = every + (synthetic_images or 0)
-    run_images = max((_images_seen(p) or 0 for p in finetune.snapshots(run_dir)), default=0) or None
-    chosen = _images_seen(summary["best_snapshot"]) if summary["best_snapshot"] != sweep.BASE else 0
+    run_images = max((finetune.images_seen(p) or 0 for p in finetune.snapshots(run_dir)), default=0) or None
+    chosen = finetune.images_seen(summary["best_snapshot"]) if summary["best_snapshot"] != sweep.BASE else 0
     steps = next((getattr(sampler, f) for f in STEP_FIELDS if isinstance(getattr(sampler, f, None), int)), None)
     result = {"synthetic_images": synthetic_images, "selection_images": selection, "final_images": final,
               "other_images": every - selection - final, "generated_images": generated,
@@ -226,12 +224,6 @@ def _synthetic_num(run_dir: str) -> int | None:
     if not data or not os.path.exists(os.path.join(data, synthetic.MANIFEST)):
         return None
     return synthetic.load_manifest(data)["num"]
-
-
-def _images_seen(path: str) -> int | None:
-    """The images a fine-tune snapshot has seen, from its name (`snapshot-<images>.pt`)."""
-    found = _SNAPSHOT.search(os.path.basename(path))
-    return int(found.group(1)) if found else None
 
 
 def _cell(s: dict, name: str, metric: str) -> str:

@@ -265,7 +265,7 @@ def snapshot_paths(conf: SweepConfig) -> list[str]:
     """The snapshots `conf.self_trained` names, in order of images seen; NeonError when none match."""
     paths = finetune.snapshots(conf.self_trained) if conf.self_trained else []
     if not paths:
-        raise NeonError(f"no snapshots match {conf.self_trained!r}")
+        raise NeonError(f"no snapshots match sweep.self_trained {conf.self_trained!r}")
     return paths
 
 

@@ -303,6 +303,11 @@ CASES = [
                                                  "--synthetic", out(t, "none")], "not a synthetic set"),
     ("diagnose-batches-zero", lambda P, t: ["diagnose", "--family", "toy", "--ckpt", P.base, "--real", "toy:64",
                                             "--synthetic", P.S, "--batches", "0"], "batches"),
+    # report
+    ("report-no-sweep", lambda P, t: ["report", folder(t)], "holds no config.resolved.yaml"),
+    ("report-snapshots-gone", lambda P, t: ["report", os.path.dirname(write(t, "sw/config.resolved.yaml",
+                                            f"family: toy\nsweep:\n  self_trained: {out(t, 'gone')}\n"))],
+     "no snapshots match sweep.self_trained"),
     # demo
     ("demo-out-a-file", lambda P, t: ["demo", "--quick", "--out", write(t, "out", "x")], "not a directory"),
     ("demo-overrides", lambda P, t: ["demo", "--sampler.zeta", "1"], "takes no recipe overrides"),
