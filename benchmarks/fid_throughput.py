@@ -33,7 +33,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from neon import checkpoint, distributed  # noqa: E402
+from neon import distributed  # noqa: E402
+from neon.io import checkpoint
 from neon.metrics import fid, images, inception  # noqa: E402
 
 

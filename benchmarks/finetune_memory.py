@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from neon import checkpoint, synthetic
+from neon import synthetic
+from neon.io import checkpoint
 from neon.family import Model
 
 SIDE, LATENT = 64, 8

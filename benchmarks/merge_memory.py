@@ -31,7 +31,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from neon import checkpoint  # noqa: E402
+from neon.io import checkpoint, safetensors  # noqa: E402
 
 MEASURE = "import resource, sys\n{body}\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
 IDLE = "import torch, neon.merge"
@@ -66,7 +66,7 @@ print(peaks["RssAnon"], peaks["RssFile"])
 """
 NAIVE_PT = """
 import torch
-from neon import checkpoint, merge
+from neon import merge
 base, self_sd = checkpoint.read(sys.argv[1]), checkpoint.read(sys.argv[2])
 checkpoint.write({"ema": merge.extrapolate(base.weights, self_sd.weights, float(sys.argv[3]))}, sys.argv[4])
 """
@@ -92,7 +92,7 @@ def peak_rss(body: str, *args) -> tuple[int, float]:
 def write_checkpoint(path: str, num_tensors: int, numel: int, seed: int) -> None:
     specs = [(f"block{i}.weight", torch.float32, (numel,)) for i in range(num_tensors)]
     g = torch.Generator().manual_seed(seed)
-    checkpoint.write_safetensors(path, specs, (torch.randn(numel, generator=g) for _ in range(num_tensors)))
+    safetensors.write(path, specs, (torch.randn(numel, generator=g) for _ in range(num_tensors)))
 
 
 def main():
@@ -115,9 +115,9 @@ def main():
         streamed, streamed_s = peak_rss(STREAMED, base, self_path, 0.5, os.path.join(tmp, "neon.safetensors"))
         naive_out = os.path.join(tmp, "naive.safetensors")
         streamed_out = os.path.join(tmp, "neon.safetensors")
-        names = list(checkpoint.safetensors_header(streamed_out)[0])
-        pairs = zip(checkpoint.iter_safetensors(naive_out, names),
-                    checkpoint.iter_safetensors(streamed_out, names))
+        names = list(safetensors.header(streamed_out)[0])
+        pairs = zip(safetensors.iterate(naive_out, names),
+                    safetensors.iterate(streamed_out, names))
         same = all(torch.equal(a, b) for (_, a), (_, b) in pairs)
 
     gib = 2**30

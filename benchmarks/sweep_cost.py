@@ -37,7 +37,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from neon import checkpoint, finetune, sweep, synthetic  # noqa: E402
+from neon import finetune, sweep, synthetic  # noqa: E402
+from neon.io import files
 from neon.family import write_checkpoint  # noqa: E402
 from neon.metrics import fid  # noqa: E402
 from neon.toy import appendix  # noqa: E402
@@ -84,7 +85,7 @@ class PixelFamily(CustomFamily):
 
 def self_train(family, base: str, sampler, syn: synthetic.SyntheticConfig, ft: finetune.FinetuneConfig) -> None:
     """Write S with `sampler` from the base at `base`, then fine-tune a copy of the base on it."""
-    for _ in synthetic.write(family, family.load(base), sampler, syn, family.name, checkpoint.sha256(base)):
+    for _ in synthetic.write(family, family.load(base), sampler, syn, family.name, files.sha256(base)):
         pass
     for _ in finetune.run(family, family.load(base), ft, family.name):
         pass

@@ -2,7 +2,7 @@
 
 θ is the `ema` network of an EDM checkpoint. Checkpoints read: official and Neon network pickles
 (`edm-*.pkl`, `Neon_EDM_*.pkl`: NVlabs persistence pickles, read as data by the restricted unpickler
-of `neon.checkpoint` with the allowlist declared here, never running the source they embed), our
+of `neon.io.unpickle` with the allowlist declared here, never running the source they embed), our
 `.pt` files (`{'ema': state_dict, 'arch': kwargs, 'augment_pipe': kwargs}`, fine-tune snapshots,
 merges) and plain `.safetensors` (the arch then comes from `--model.arch`). `arch` holds the
 preconditioner's class name and its constructor kwargs. IMM's pickles share this format
@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from neon import checkpoint
+from neon.io import checkpoint, unpickle
 from neon.errors import NeonError
 from neon.family import Model, arch_kwargs, build_net, check_finite, load_weights, read_checkpoint
 
@@ -43,19 +43,19 @@ DEFAULT_AUGMENT = {"p": 0.12, "xflip": 1e8, "yflip": 1, "scale": 1, "rotate_frac
 _CLASSES = {"EDMPrecond": networks.EDMPrecond, "VPPrecond": networks.VPPrecond, "VEPrecond": networks.VEPrecond}
 
 
-def _persistent_object(meta) -> checkpoint.Record:
+def _persistent_object(meta) -> unpickle.Record:
     """What `torch_utils.persistence._reconstruct_persistent_obj(meta)` stands for in an NVlabs
     pickle, as data: the class name and the object's state. Upstream's loader would execute
     `meta['module_src']` here; nothing of it is run or kept."""
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
         raise ValueError("malformed persistent object record")
-    return checkpoint.Record(str(meta.get("class_name", "")), meta["state"])
+    return unpickle.Record(str(meta.get("class_name", "")), meta["state"])
 
 
-# The globals an NVlabs network pickle may name, beyond tensors (`neon.checkpoint.TENSOR_GLOBALS`).
+# The globals an NVlabs network pickle may name, beyond tensors (`neon.unpickle.TENSOR_GLOBALS`).
 NVLABS_PICKLE_GLOBALS = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
-    **{("torch.nn.modules.container", name): checkpoint.record_class(name)
+    **{("torch.nn.modules.container", name): unpickle.record_class(name)
        for name in ("ModuleDict", "ModuleList", "Sequential")},
 }
 
@@ -68,14 +68,14 @@ def from_network_pickle(raw) -> dict:
         raise ValueError(f"top level is a {type(raw).__name__}, not a dict")
     data, arch = {}, None
     for key, value in raw.items():
-        if isinstance(value, checkpoint.Record) and "_parameters" in value.state:
-            data[key] = checkpoint.module_state_dict(value)
+        if isinstance(value, unpickle.Record) and "_parameters" in value.state:
+            data[key] = unpickle.module_state_dict(value)
             if arch is None or key == "ema":
-                arch = {"class_name": value.class_name, **checkpoint.plain(value.state.get("_init_kwargs", {}))}
-        elif isinstance(value, checkpoint.Record):
-            data[key] = checkpoint.plain(value.state.get("_init_kwargs", {}))
+                arch = {"class_name": value.class_name, **unpickle.plain(value.state.get("_init_kwargs", {}))}
+        elif isinstance(value, unpickle.Record):
+            data[key] = unpickle.plain(value.state.get("_init_kwargs", {}))
         else:
-            data[key] = checkpoint.plain(value)
+            data[key] = unpickle.plain(value)
     if arch is not None:
         data["arch"] = arch
     return data

@@ -3,7 +3,7 @@
 θ is the `ema` network (an `IMMPrecond` over a DiT) of an IMM checkpoint. Checkpoints read: the
 official `imagenet256_ts_a2.pkl` (HF lumaai/imm) and the authors' `Neon_imm_imagenet256.pkl`
 (NVlabs persistence pickles, like EDM's, whose modules also name timm and torch layer classes: read
-as data by the restricted unpickler of `neon.checkpoint` with the allowlist declared here, never
+as data by the restricted unpickler of `neon.io.unpickle` with the allowlist declared here, never
 running the source they embed), our `.pt`/`.pth` files (`{'ema': state_dict, 'arch': kwargs,
 'raw_mean', 'raw_std', 'vae_config'}`: fine-tune snapshots, merges) and plain `.safetensors` (the
 arch then comes from `--model.arch im256`). `arch` holds the class name and the constructor kwargs
@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from neon import checkpoint
+from neon.io import checkpoint, unpickle
 from neon.errors import NeonError
 from neon.family import Model, arch_kwargs, check_finite, load_weights, read_checkpoint
 
@@ -88,7 +88,7 @@ _LAYER_CLASSES = {
 }
 IMM_PICKLE_GLOBALS = {
     **NVLABS_PICKLE_GLOBALS,
-    **{(module, name): checkpoint.record_class(name) for module, names in _LAYER_CLASSES.items() for name in names},
+    **{(module, name): unpickle.record_class(name) for module, names in _LAYER_CLASSES.items() for name in names},
     ("timm.layers.format", "Format"): _timm_format,
     # IMMPrecond keeps its autocast dtype as an attribute (torch.float32 when mixed_precision is None).
     **{("torch", name): getattr(torch, name) for name in ("float16", "bfloat16", "float32", "float64")},

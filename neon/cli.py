@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-from neon import checkpoint, config, diagnose, distributed, family, finetune, log, merge, report, sweep, synthetic
+from neon import config, diagnose, distributed, family, finetune, log, merge, report, sweep, synthetic
+from neon.io import files
 from neon.errors import ArgumentParser, NeonError, run_command
 from neon.metrics import fid, inception
 
@@ -121,9 +122,9 @@ def cmd_sample(args, overrides):
     conf = recipe.synthetic
     if _dry_run(args, recipe) or not _need(model=recipe.model.ckpt, out=conf.out):
         return
-    checkpoint.check_output(conf.out, "dir")
+    files.check_output(conf.out, "dir")
     fam, model = _load(recipe)
-    base_sha = distributed.broadcast_object(checkpoint.sha256(recipe.model.ckpt) if distributed.is_main() else None)
+    base_sha = distributed.broadcast_object(files.sha256(recipe.model.ckpt) if distributed.is_main() else None)
     with _claimed(conf.out, "neon sample", keep=lambda name: name.startswith("shard-")):
         with log.progress(total=conf.num, unit="sample", desc="sample") as bar:
             for count in synthetic.write(fam, model, recipe.sampler, conf, fam.name, base_sha):
@@ -137,7 +138,7 @@ def cmd_finetune(args, overrides):
     conf = recipe.finetune
     if _dry_run(args, recipe) or not _need(model=recipe.model.ckpt, data=conf.data, out=conf.out):
         return
-    checkpoint.check_output(conf.out, "dir")
+    files.check_output(conf.out, "dir")
     fam, model = _load(recipe)
     finetune.open_data(conf, fam.name)  # checked before anything is written
     last = None
@@ -167,7 +168,7 @@ def cmd_merge(args, overrides):
     _need(base=base, self=args.self_trained, w=args.w, out=args.out)
     if distributed.world() > 1:
         raise NeonError("neon merge runs in one process; launch it without torchrun")
-    checkpoint.check_output(args.out, "file")
+    files.check_output(args.out, "file")
     fam = family.get(name) if name else None  # else found from the base (neon.family.detect)
     merge.merge_files(base, args.self_trained, args.w, args.out, args.format, family=fam,
                       allow_nonfinite=args.allow_nonfinite)
@@ -181,7 +182,7 @@ def cmd_sweep(args, overrides):
         return
     sweep.snapshot_paths(conf)  # before the default output folder is derived from them
     out = sweep.output_dir(conf)
-    checkpoint.check_output(out, "dir")
+    files.check_output(out, "dir")
     fam, model = _load(recipe)
     with _claimed(out, "neon sweep"):
         steps = sweep.run(fam, model, recipe.model.ckpt, recipe.sampler, conf, recipe.fid)
@@ -202,7 +203,7 @@ def cmd_fid_stats(args, overrides):
         print(json.dumps({"images": args.images, "out": args.out, "fid": dataclasses.asdict(conf)}))
         return
     _need(images=args.images, out=args.out)
-    checkpoint.check_output(args.out, "file", suffixes=(".npz",))
+    files.check_output(args.out, "file", suffixes=(".npz",))
     result = _drain(fid.reference_statistics(args.images, args.out, conf), "fid-stats")
     _say(f"wrote {args.out}: mu and sigma of the Inception features of {result['num']} images")
 
@@ -270,7 +271,7 @@ def cmd_demo(args, overrides):
         return
     if distributed.world() > 1:
         raise NeonError("neon demo runs in one process; launch it without torchrun")
-    checkpoint.check_output(out, "dir")
+    files.check_output(out, "dir")
     result = demo.run(out, quick=args.quick)
     _say(demo.table(result))
     pictures = "fid_vs_w.png, samples.png" if args.digits else "curves.png"
@@ -474,18 +475,18 @@ def _resolved(recipe: Recipe) -> dict:
 def _save_resolved(out: str, recipe: Recipe) -> None:
     if distributed.is_main():
         os.makedirs(out, exist_ok=True)
-        checkpoint.write_text(os.path.join(out, "config.resolved.yaml"), config.dump_yaml(_resolved(recipe)))
+        files.write_text(os.path.join(out, "config.resolved.yaml"), config.dump_yaml(_resolved(recipe)))
 
 
 @contextlib.contextmanager
 def _claimed(directory: str, command: str, keep=lambda name: True):
-    """Collective: rank 0 holds the output folder for the body (`neon.checkpoint.claim`: the lock,
+    """Collective: rank 0 holds the output folder for the body (`neon.files.claim`: the lock,
     and a first run that fails leaves no folder); every rank raises the same NeonError when it is
     taken."""
     stack, error = contextlib.ExitStack(), None
     if distributed.is_main():
         try:
-            stack.enter_context(checkpoint.claim(directory, command, keep))
+            stack.enter_context(files.claim(directory, command, keep))
         except NeonError as e:
             error = str(e)
     error = distributed.broadcast_object(error)
@@ -497,7 +498,7 @@ def _claimed(directory: str, command: str, keep=lambda name: True):
 
 def _json(record: dict) -> str:
     """One JSON line; non-finite numbers become null (JSON has no NaN)."""
-    return json.dumps(checkpoint.finite_json(record), allow_nan=False)
+    return json.dumps(files.finite_json(record), allow_nan=False)
 
 
 def _need(**values) -> bool:

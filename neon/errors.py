@@ -32,6 +32,21 @@ def one_line(text: str) -> str:
     return "; ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
 
 
+def first_sentence(e: object) -> str:
+    """The first sentence of an error message (at most 200 characters), for a one-line NeonError."""
+    text = str(e)
+    # torch's weights_only errors run to a dozen lines; the reason follows this marker.
+    marker = "WeightsUnpickler error:"
+    prefix = ""
+    if marker in text:
+        text, prefix = text.split(marker, 1)[1], "weights_only=True refused it: "
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0].split(". ")[0] if lines else type(e).__name__
+    line = prefix + line
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print `error: <message>` as one line on stderr and exit with `code`."""
     print(f"error: {one_line(message)}", file=sys.stderr, flush=True)

@@ -34,7 +34,7 @@ from typing import Protocol
 
 import torch
 
-from neon import checkpoint
+from neon.io import checkpoint
 from neon.errors import NeonError, NonFiniteError
 
 GROUP = "neon.families"  # the entry-point group of pyproject.toml
@@ -88,7 +88,7 @@ class Family(Protocol):
     Sampler: type
     """Frozen dataclass of sampler settings; a guidance scale is the field `cfg`."""
     format: checkpoint.Format
-    """Where θ sits in the family's containers, its pickle allowlist (`neon.checkpoint.Format`)."""
+    """Where θ sits in the family's containers, its pickle allowlist (`neon.io.checkpoint.Format`)."""
 
     def tiny(self, seed: int) -> Model:
         """A model of at most ~1M parameters that runs every code path of the real one."""

@@ -20,7 +20,8 @@ import re
 
 import torch
 
-from neon import checkpoint, config, distributed, synthetic
+from neon import config, distributed, synthetic
+from neon.io import checkpoint, files
 from neon import family as neon_family
 from neon.errors import NeonError
 
@@ -290,7 +291,7 @@ def _save(out, family, family_name, model, net, ema, opt, scaler, images_seen, i
                           "ema": _cpu(ema.state_dict()) if ema is not None else {},
                           "optimizer": opt.state_dict(), "scaler": scaler.state_dict()},
                          os.path.join(out, STATE))
-        checkpoint.append_jsonl(os.path.join(out, "stats.jsonl"),
+        files.append_jsonl(os.path.join(out, "stats.jsonl"),
                                 {"images_seen": images_seen, "loss": loss.item(), "snapshot": path})
     distributed.barrier()
     return path

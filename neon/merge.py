@@ -2,7 +2,7 @@
 
 `extrapolate` applies it to two state dicts in memory; `merge_files` applies it to two checkpoint
 files and writes the result in the base's container, so the merged file is evaluated with the same
-command as the base. All file I/O goes through `neon.checkpoint`.
+command as the base. All file I/O goes through `neon.io`.
 """
 
 import collections
@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from neon import checkpoint
+from neon.io import checkpoint, safetensors
 from neon import family as neon_family
 from neon.errors import NeonError
 
@@ -71,14 +71,14 @@ def merge_files(base_path: str, self_path: str, w: float, out_path: str, format:
         raise NeonError(f"{out_path}: the output must not overwrite an input")
 
     if base_format == self_format == "safetensors":  # then the output is .safetensors too
-        base_specs, metadata = checkpoint.safetensors_header(base_path)
-        self_specs, _ = checkpoint.safetensors_header(self_path)
+        base_specs, metadata = safetensors.header(base_path)
+        self_specs, _ = safetensors.header(self_path)
         _check_match({k: shape for k, (_, shape) in base_specs.items()},
                      {k: shape for k, (_, shape) in self_specs.items()}, base_path, self_path)
         counts = collections.Counter()
         specs = [(name, dtype, shape) for name, (dtype, shape) in base_specs.items()]
         merged = _streamed(base_path, self_path, list(base_specs), w, counts, allow_nonfinite)
-        checkpoint.write_safetensors(out_path, specs, merged, metadata)
+        safetensors.write(out_path, specs, merged, metadata)
     else:
         fam = family if family is not None else neon_family.detect(base_path)
         base = neon_family.read_checkpoint(fam, base_path)
@@ -104,8 +104,8 @@ def merge_files(base_path: str, self_path: str, w: float, out_path: str, format:
 def _streamed(base_path: str, self_path: str, names: list[str], w: float,
               counts: collections.Counter, allow_nonfinite: bool) -> Iterator[torch.Tensor]:
     # Both files are read in the base's order; each base buffer is ours, so it is updated in place.
-    pairs = zip(checkpoint.iter_safetensors(base_path, names),
-                checkpoint.iter_safetensors(self_path, names))
+    pairs = zip(safetensors.iterate(base_path, names),
+                safetensors.iterate(self_path, names))
     for (name, a), (_, b) in pairs:
         out, done = _extrapolate_tensor(a, b, w, True, name, allow_nonfinite)
         counts[done] += 1

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from neon import checkpoint
+from neon.io import files
 
 DPI = 100
 SIZE_FID = (640, 400)
@@ -94,7 +94,7 @@ def sample_grid(rows: dict, path: str, columns: int | None = None) -> str:
         ax.set_yticks([])
         ax.set_ylabel(str(title), rotation=0, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=110 / (fig_w * DPI), right=0.99, top=0.98, bottom=0.02, hspace=0.1)
-    with checkpoint.atomic(path) as tmp:
+    with files.atomic(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     plt.close(fig)
     return path
@@ -121,7 +121,7 @@ def scatter(sets: dict, path: str, title: str | None = None) -> str:
 
 def _save(plt, fig, path: str) -> str:
     fig.tight_layout()
-    with checkpoint.atomic(path) as tmp:
+    with files.atomic(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     plt.close(fig)
     return path

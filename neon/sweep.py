@@ -37,7 +37,8 @@ import time
 
 import torch
 
-from neon import checkpoint, distributed, finetune, merge, search
+from neon import distributed, finetune, merge, search
+from neon.io import files
 from neon import family as neon_family
 from neon.errors import NeonError
 from neon.metrics import fid, inception, score
@@ -133,7 +134,7 @@ class SweepConfig:
     def overrides(self) -> dict:
         """The sampler overrides every evaluation applies besides its cfg (a swept cfg replaces a
         `cfg` here), as recorded in results.jsonl: part of each result's key."""
-        return checkpoint.finite_json({k: v for k, v in sorted(self.sampler.items()) if not (k == "cfg" and self.cfg)})
+        return files.finite_json({k: v for k, v in sorted(self.sampler.items()) if not (k == "cfg" and self.cfg)})
 
 
 def grid(spec) -> list[float]:
@@ -278,7 +279,7 @@ def output_dir(conf: SweepConfig) -> str:
 
 def load_results(out: str) -> list[dict]:
     """The records of `out/results.jsonl` (empty when there is none)."""
-    return checkpoint.read_jsonl(os.path.join(out, RESULTS))
+    return files.read_jsonl(os.path.join(out, RESULTS))
 
 
 def best_point(records: list[dict], conf: SweepConfig, paths: list[str] | None = None) -> dict:
@@ -324,13 +325,13 @@ def _evaluate(family, model, net, base_sd, snapshot, w, c, seeds, sampler, conf,
         fields["cfg"] = c
     metrics = score.generate_and_score(family, model, dataclasses.replace(sampler, **fields), seeds, conf.batch_size,
                                        fid_conf, ref_stats, with_is, real)
-    record = checkpoint.finite_json({**_point(conf, snapshot, w, c, seeds), **metrics,
+    record = files.finite_json({**_point(conf, snapshot, w, c, seeds), **metrics,
                                      "seconds": round(time.time() - started, 3)})
     if real is not None:
         record["real"] = conf.precision_recall
     if distributed.is_main():
         os.makedirs(out, exist_ok=True)
-        checkpoint.append_jsonl(os.path.join(out, RESULTS), record)
+        files.append_jsonl(os.path.join(out, RESULTS), record)
     distributed.barrier()
     return record
 

@@ -14,16 +14,14 @@ the set is bitwise identical for 1 or N processes (the pattern of `NVlabs/edm2:g
 import dataclasses
 import json
 import logging
-import math
 import os
-import struct
-import zipfile
 
 import numpy as np
 import torch
 
-from neon import checkpoint, distributed, log
+from neon import distributed, log
 from neon.errors import NeonError, NonFiniteError
+from neon.io import files, rows
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +105,7 @@ def write(family, model, sampler, conf: SyntheticConfig, family_name: str, base_
                 manifest["sample_shape"] = shape
         if distributed.is_main():
             manifest["shards"] = dict(sorted(manifest["shards"].items()))
-            checkpoint.write_json(os.path.join(conf.out, MANIFEST), manifest)
+            files.write_json(os.path.join(conf.out, MANIFEST), manifest)
             # the writer hashed these shards itself: readers need not hash them again
             _stamp(conf.out, {name: manifest["shards"][name] for name in map(_shard_name, todo)})
         distributed.barrier()
@@ -125,10 +123,10 @@ def _write_shard(family, model, sampler, conf, labels, j) -> tuple[str, str, lis
     if samples.ndim == 4:  # images are stored channels-last, as PNG tools expect
         samples = samples.permute(0, 2, 3, 1)
     path = os.path.join(conf.out, _shard_name(j))
-    with checkpoint.atomic(path) as tmp:
+    with files.atomic(path) as tmp:
         np.savez(tmp, samples=samples.contiguous().numpy(), labels=labels[start:stop].numpy(),
                  seeds=np.arange(start, stop, dtype=np.int64) + conf.seed_base)
-    return _shard_name(j), checkpoint.sha256(path), list(samples.shape[1:])
+    return _shard_name(j), files.sha256(path), list(samples.shape[1:])
 
 
 def _start(out: str, settings: dict) -> dict:
@@ -149,7 +147,7 @@ def _start(out: str, settings: dict) -> dict:
         manifest = {**settings, "sample_shape": None, "shards": {}}
         if distributed.is_main():
             os.makedirs(out, exist_ok=True)
-            checkpoint.write_json(path, manifest)
+            files.write_json(path, manifest)
     distributed.barrier()
     return manifest
 
@@ -208,7 +206,7 @@ def read(directory: str, verify: bool = True) -> SyntheticSet:
     arrays, labels, seeds = [], [], []
     for name in names:
         path = os.path.join(directory, name)
-        arrays.append(npz_array(path, "samples"))
+        arrays.append(rows.npz_array(path, "samples"))
         with np.load(path, allow_pickle=False) as shard:  # reads only the two small members
             labels.append(torch.from_numpy(shard["labels"]))
             seeds.append(torch.from_numpy(shard["seeds"]))
@@ -228,107 +226,9 @@ def export_png(directory: str, out: str) -> int:
         images = data.read(part).permute(0, 2, 3, 1).numpy()
         for image, seed in zip(images, data.seeds[part.start:part.stop].tolist()):
             path = os.path.join(out, f"{seed:06d}.png")
-            with checkpoint.atomic(path) as tmp:
+            with files.atomic(path) as tmp:
                 Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp, format="PNG")
     return len(data)
-
-
-class RowFile:
-    """An array stored uncompressed in a file, read row by row on demand with `os.pread`: indexing
-    with an int, a slice or an index array returns an ndarray of just those rows. (A memory map
-    would do the same reads, but its pages count toward the process's resident memory as they are
-    touched, about a megabyte a random row here, through the kernel's read-around.)"""
-
-    def __init__(self, path: str, offset: int, shape: tuple, dtype: np.dtype):
-        self.path, self.offset, self.shape, self.dtype = path, offset, tuple(shape), np.dtype(dtype)
-        self.ndim = len(self.shape)
-        self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index) -> np.ndarray:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            if step == 1:
-                return self._read_run(start, max(stop - start, 0))
-            index = np.arange(start, stop, step)
-        if np.isscalar(index):
-            return self[np.array([index])][0]
-        rows = np.asarray(index, dtype=np.int64)
-        if len(rows) > 1 and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
-            return self._read_run(int(rows[0]), len(rows))  # consecutive rows: one read
-        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
-        with open(self.path, "rb", buffering=0) as f:
-            for k, row in enumerate(rows.tolist()):
-                out[k] = self._read(f, row, 1)[0]
-        return out
-
-    def _read_run(self, start: int, count: int) -> np.ndarray:
-        with open(self.path, "rb", buffering=0) as f:
-            return self._read(f, start, count)
-
-    def _read(self, f, start: int, count: int) -> np.ndarray:
-        data = os.pread(f.fileno(), count * self.row_bytes, self.offset + start * self.row_bytes)
-        if len(data) != count * self.row_bytes:
-            raise NeonError(f"{self.path} is truncated")
-        return np.frombuffer(data, dtype=self.dtype).reshape(count, *self.shape[1:])
-
-
-MAX_IN_MEMORY = 8 * 2**30
-"""The largest `.npz` member read whole (a compressed one, which cannot be streamed): 8 GiB."""
-
-
-def npz_header(path: str, key: str) -> tuple[tuple, np.dtype]:
-    """(shape, dtype) that member `key` of an `.npz` declares, read from its header alone."""
-    return _npz_member(path, key)[1:3]
-
-
-def npz_array(path: str, key: str, max_bytes: int = MAX_IN_MEMORY):
-    """Member `key` of an `.npz`: a `RowFile` reading rows on demand when it is stored uncompressed
-    (np.savez), else the array read whole (np.savez_compressed) when it declares at most `max_bytes`.
-    NeonError (one line) when the file or member is unreadable, truncated or too large."""
-    info, shape, dtype, fortran, data_start = _npz_member(path, key)
-    declared = math.prod(shape) * dtype.itemsize
-    if info.compress_type != zipfile.ZIP_STORED or fortran or dtype.hasobject:
-        if declared > max_bytes:
-            raise NeonError(f"{path}[{key!r}] declares {list(shape)} {dtype} ({declared / 2**30:,.1f} GiB), above the "
-                            f"limit of {max_bytes / 2**30:.0f} GiB read whole; store it uncompressed (np.savez) to "
-                            f"stream it")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return np.ascontiguousarray(data[key])
-        except (OSError, ValueError) as e:
-            raise NeonError(f"cannot read {path}[{key!r}]: {e}") from None
-    # An uncompressed member's bytes sit in the file as they are, after its local header (30 bytes +
-    # name + extra field) and the .npy header.
-    with open(path, "rb") as f:
-        f.seek(info.header_offset + 26)
-        name_len, extra_len = struct.unpack("<HH", f.read(4))
-    offset = info.header_offset + 30 + name_len + extra_len + data_start
-    if offset + declared > os.path.getsize(path):
-        raise NeonError(f"{path}[{key!r}] is truncated: it declares {list(shape)} {dtype} but the file is shorter")
-    if math.prod(shape) == 0:
-        return np.empty(shape, dtype=dtype)
-    return RowFile(path, offset, shape, dtype)
-
-
-def _npz_member(path: str, key: str):
-    """(zip info, shape, dtype, fortran order, data offset within the member) of member `key`."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            info = archive.getinfo(key + ".npy")
-            with archive.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, fortran, dtype = read_header(member)
-                data_start = member.tell()
-    except KeyError:
-        raise NeonError(f"{path} has no array {key!r}") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise NeonError(f"cannot read {path}: {e}") from None
-    return info, tuple(shape), dtype, fortran, data_start
 
 
 def _shard_names(directory: str, manifest: dict) -> list[str]:
@@ -351,7 +251,7 @@ def _verify(directory: str, manifest: dict, names: list[str]) -> None:
         path = os.path.join(directory, name)
         if not os.path.exists(path):
             checked.append((name, f"{path} is missing"))
-        elif checkpoint.sha256(path) != manifest["shards"][name]:
+        elif files.sha256(path) != manifest["shards"][name]:
             checked.append((name, f"{path} does not match the sha256 in its manifest"))
         else:
             checked.append((name, None))
@@ -377,7 +277,7 @@ def _stamp(directory: str, digests: dict[str, str]) -> None:
     """Record shards as checked (their sha256 matched `digests`) with their current size and mtime."""
     stamp = _read_stamp(directory)
     stamp.update({name: _fingerprint(directory, name, digest) for name, digest in digests.items()})
-    checkpoint.write_json(os.path.join(directory, STAMP), dict(sorted(stamp.items())))
+    files.write_json(os.path.join(directory, STAMP), dict(sorted(stamp.items())))
 
 
 def _fingerprint(directory: str, name: str, digest: str) -> list | None:

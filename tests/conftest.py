@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from neon import checkpoint, synthetic
+from neon import synthetic
+from neon.io import checkpoint
 from neon.family import write_checkpoint
 from neon.metrics import inception
 from neon.toy import appendix

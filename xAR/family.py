@@ -30,7 +30,7 @@ import types
 
 import torch
 
-from neon import checkpoint
+from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import Model, arch_kwargs, check_finite, load_weights, read_checkpoint
 

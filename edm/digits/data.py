@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from neon import checkpoint, synthetic
+from neon import synthetic
+from neon.io import files
 from neon.errors import NeonError
 
 SIZE = 16
@@ -59,10 +60,10 @@ def write_set(out: str, images: torch.Tensor, labels: torch.Tensor, family_name:
     os.makedirs(out, exist_ok=True)
     name = "shard-00000.npz"
     samples = images.permute(0, 2, 3, 1).contiguous().numpy()  # stored channels-last, as S is
-    with checkpoint.atomic(os.path.join(out, name)) as tmp:
+    with files.atomic(os.path.join(out, name)) as tmp:
         np.savez(tmp, samples=samples, labels=labels.numpy(), seeds=np.arange(len(images), dtype=np.int64))
-    checkpoint.write_json(manifest_path, {
+    files.write_json(manifest_path, {
         "family": family_name, "base_sha256": None, "sampler": None, "num": len(images), "labels": "real",
         "num_classes": NUM_CLASSES, "seed_base": 0, "shard_size": len(images), "batch_size": len(images),
-        "sample_shape": list(samples.shape[1:]), "shards": {name: checkpoint.sha256(os.path.join(out, name))}})
+        "sample_shape": list(samples.shape[1:]), "shards": {name: files.sha256(os.path.join(out, name))}})
     return out

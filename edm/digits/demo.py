@@ -30,7 +30,8 @@ import time
 import numpy as np
 import torch
 
-from neon import checkpoint, config, diagnose, finetune, log, merge, plots, synthetic
+from neon import config, diagnose, finetune, log, merge, plots, synthetic
+from neon.io import checkpoint, files
 from neon import family as neon_family
 from neon.metrics import fid, inception, score
 
@@ -115,7 +116,7 @@ def _run(out: str, s: dict) -> dict:
                              for other in ("base", "control")}
     result["files"] = _pictures(out, fam, base, sampler, scorer, best_w, curve, ws, result, s["samples"])
     result["seconds"] = round(time.time() - start, 1)
-    checkpoint.write_json(os.path.join(out, "results.json"), result)
+    files.write_json(os.path.join(out, "results.json"), result)
     return result
 
 
@@ -182,7 +183,7 @@ def _synthetic(out: str, fam, base, base_path: str, sampler, section: dict) -> s
     """S: `section['num']` samples of the base with `sampler`, balanced labels (resumable)."""
     conf = synthetic.SyntheticConfig(out=os.path.join(out, "synthetic"), **section)
     bar = log.progress(total=conf.num, unit="img", desc="S")
-    for done in synthetic.write(fam, base, sampler, conf, fam.name, checkpoint.sha256(base_path)):
+    for done in synthetic.write(fam, base, sampler, conf, fam.name, files.sha256(base_path)):
         bar.update(done)
     bar.close()
     return conf.out
@@ -197,7 +198,7 @@ def _diagnose(out: str, fam, base, train: tuple, s_dir: str, section: dict) -> d
     s_set = synthetic.read(s_dir)
     result = diagnose.run(fam, base, train, (s_set, s_set.labels), config.build(diagnose.DiagnoseConfig, section,
                                                                                     "diagnose"))
-    checkpoint.write_json(path, result)
+    files.write_json(path, result)
     logger.info("diagnose: cos_P %+.4f [%+.4f, %+.4f]: %s", result["cos_p"], result["low"], result["high"],
                 diagnose.ADVICE[result["advice"]])
     return result
@@ -248,9 +249,9 @@ class _Scorer:
         self.fam, self.model, self.sampler, self.batch_size = fam, model, sampler, batch_size
         self.heldout = fam.features(heldout_images)
         self.paths = paths
-        self.ids = {name: checkpoint.sha256(p)[:16] for name, p in paths.items()}
+        self.ids = {name: files.sha256(p)[:16] for name, p in paths.items()}
         self.thetas = {}
-        self.done = {self._key(r): r for r in checkpoint.read_jsonl(self.path)}
+        self.done = {self._key(r): r for r in files.read_jsonl(self.path)}
 
     def score(self, name: str, w: float | None, seeds: tuple[int, int], bar=None) -> dict:
         """{fid, label_accuracy, precision, recall} of model `name` ('neon' at w, 'control') on seeds."""
@@ -265,7 +266,7 @@ class _Scorer:
                                                 inception.FidConfig(), self.fam.reference())
             record.update(fid_only, **_from_features(self.fam, torch.cat(keeping.kept), seeds, self.model.num_classes,
                                                      self.heldout), seconds=round(time.time() - began, 2))
-            checkpoint.append_jsonl(self.path, record)
+            files.append_jsonl(self.path, record)
             self.done[key] = record
             logger.info("%s w=%s seeds %s: FID %.3f, label accuracy %.3f", name, w, list(seeds), record["fid"],
                         record["label_accuracy"])

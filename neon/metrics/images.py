@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from neon import synthetic
+from neon.io import rows
 from neon.errors import NeonError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -151,7 +152,7 @@ def _npz_images(path: str) -> np.ndarray:
     if key is None:
         raise NeonError(f"{path} has no images under {' or '.join(NPZ_KEYS)} "
                         f"(it has: {', '.join(members) or 'nothing'})")
-    array = synthetic.npz_array(path, key)
+    array = rows.npz_array(path, key)
     where = f"{path}[{key!r}]"
     if array.dtype != np.uint8:
         raise NeonError(f"{where} holds {array.dtype} images; expected uint8 [N,H,W,3] in 0..255")

@@ -7,7 +7,7 @@ precision/recall) and the 1008 unbiased logits (Inception score).
 
 Weights: a local file when given (`fid.inception_weights`, `--inception-weights`), else
 `checkpoints/weights-inception-2015-12-05-6726825d.pth` when present, else torch-fidelity's own
-download. Local files are read by `neon.checkpoint` with `weights_only=True`.
+download. Local files are read by `neon.io.checkpoint` with `weights_only=True`.
 
 `shared(conf)` keeps one extractor per process for the weights of an explicit `FidConfig` (the
 recipe's `fid` section); nothing here is set module-wide.
@@ -20,7 +20,8 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from neon import checkpoint, distributed, synthetic
+from neon import distributed, synthetic
+from neon.io import checkpoint
 from neon.errors import NeonError
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from neon import checkpoint, distributed, synthetic
+from neon import distributed
+from neon.io import files, rows
 from neon.errors import NeonError
 
 
@@ -28,14 +29,14 @@ def load(path: str) -> tuple[np.ndarray, np.ndarray]:
     missing = [key for key in ("mu", "sigma") if key not in files]
     if missing:
         raise NeonError(f"{path} lacks {' and '.join(missing)} (it has: {', '.join(files) or 'nothing'})")
-    (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = (synthetic.npz_header(path, key) for key in ("mu", "sigma"))
+    (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = (rows.npz_header(path, key) for key in ("mu", "sigma"))
     if len(mu_shape) != 1 or tuple(sigma_shape) != (mu_shape[0], mu_shape[0]):
         raise NeonError(f"{path}: mu has shape {list(mu_shape)} and sigma {list(sigma_shape)}; expected [D] and [D, D]")
     if mu_shape[0] > MAX_DIM:
         raise NeonError(f"{path}: features of dimension {mu_shape[0]}, above the limit of {MAX_DIM}")
     if not all(np.issubdtype(d, np.floating) or np.issubdtype(d, np.integer) for d in (mu_dtype, sigma_dtype)):
         raise NeonError(f"{path}: mu and sigma must hold real numbers, not {mu_dtype} and {sigma_dtype}")
-    mu, sigma = (np.asarray(synthetic.npz_array(path, key)[:], dtype=np.float64) for key in ("mu", "sigma"))
+    mu, sigma = (np.asarray(rows.npz_array(path, key)[:], dtype=np.float64) for key in ("mu", "sigma"))
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise NeonError(f"{path}: mu or sigma holds non-finite values (NaN or inf)")
     return mu, sigma
@@ -43,7 +44,7 @@ def load(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def save(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Write (mu, sigma) as float64 to `path` atomically."""
-    with checkpoint.atomic(path) as tmp:
+    with files.atomic(path) as tmp:
         np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
@@ -53,5 +54,5 @@ def fetch(spec: str, cache_dir: str = "fid_stats") -> tuple[np.ndarray, np.ndarr
     if "://" not in spec:
         return load(spec)
     with distributed.main_first():
-        path = checkpoint.download(spec, cache_dir)
+        path = files.download(spec, cache_dir)
     return load(path)

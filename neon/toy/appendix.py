@@ -21,7 +21,8 @@ import os
 import numpy as np
 import torch
 
-from neon import checkpoint, diagnose, finetune, log, sweep, synthetic
+from neon import diagnose, finetune, log, sweep, synthetic
+from neon.io import files
 from neon.errors import NeonError
 from neon.family import write_checkpoint
 from neon.toy import models
@@ -75,7 +76,7 @@ def run_setting(out: str, setting: dict, epochs: tuple[int, ...], w_grid: str, e
     model = family.load(base_path)
     syn = synthetic.SyntheticConfig(out=os.path.join(folder, "synthetic"), num=NUM_SYNTHETIC,
                                     batch_size=NUM_SYNTHETIC, shard_size=NUM_SYNTHETIC, labels="none")
-    for _ in synthetic.write(family, model, sampler, syn, family.name, checkpoint.sha256(base_path)):
+    for _ in synthetic.write(family, model, sampler, syn, family.name, files.sha256(base_path)):
         pass
     step = int(np.gcd.reduce(epochs)) * NUM_SYNTHETIC
     ft = finetune.FinetuneConfig(data=syn.out, out=os.path.join(folder, "run"), total_images=max(epochs) * NUM_SYNTHETIC,
@@ -103,7 +104,7 @@ def run_curves(out: str = "outputs/appendix", quick: bool = False, method: str =
         rows = [row for setting in SETTINGS
                 for row in run_setting(out, setting, (50, 250), W_GRID[quick][setting["model"]], EVAL_NUM[quick],
                                        quick, method)]
-    checkpoint.write_json(os.path.join(out, "curves.json"), rows)
+    files.write_json(os.path.join(out, "curves.json"), rows)
     return rows
 
 
@@ -122,7 +123,7 @@ def run_cosines(out: str = "outputs/appendix", quick: bool = False, method: str 
                 syn = family.sample(model, real[1], seeds, _sampler(kind, method, **{name: value}))
                 result = diagnose.run(family, model, real, (syn, real[1]), conf)
                 rows.append({"model": kind, "sampler": {name: value}, **result})
-    checkpoint.write_json(os.path.join(out, "cosines.json"), rows)
+    files.write_json(os.path.join(out, "cosines.json"), rows)
     return rows
 
 
@@ -189,7 +190,7 @@ def _claim(out: str, quick: bool) -> None:
                                 f"choose another --out or remove it")
     else:
         os.makedirs(out, exist_ok=True)
-        checkpoint.write_json(path, settings)
+        files.write_json(path, settings)
 
 
 def _pyplot():
@@ -207,6 +208,6 @@ def _pyplot():
 def _finish(fig, path):
     fig.tight_layout()
     if path is not None:
-        with checkpoint.atomic(path) as tmp:
+        with files.atomic(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
     return fig

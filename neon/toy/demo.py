@@ -11,7 +11,7 @@ run and the sweep under `<out>/<model>-<sampler>/`; the bases are `<out>/diffusi
 
 import os
 
-from neon import checkpoint
+from neon.io import files
 from neon.toy import appendix
 
 SETTINGS = appendix.SETTINGS
@@ -27,7 +27,7 @@ def run(out: str, quick: bool = False) -> list[dict]:
                 for s in SETTINGS]
     for row in rows:
         del row["epochs"]
-    checkpoint.write_json(os.path.join(out, "results.json"), rows)
+    files.write_json(os.path.join(out, "results.json"), rows)
     try:
         appendix.plot_curves([{**r, "epochs": EPOCHS} for r in rows], os.path.join(out, "curves.png"))
     except ImportError:

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from neon import checkpoint
+from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import Model, arch_kwargs, build_net, load_weights, read_checkpoint
 from neon.toy import models

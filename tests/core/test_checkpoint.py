@@ -1,4 +1,4 @@
-"""neon.checkpoint: containers, safetensors streaming (and interop with the safetensors library),
+"""neon.io: θ containers, safetensors streaming (and interop with the safetensors library),
 atomic writes, hashing and downloads."""
 
 import hashlib
@@ -8,10 +8,11 @@ import struct
 
 import numpy as np
 import pytest
-import safetensors.torch
+import safetensors.torch as safetensors_torch
+from safetensors import safe_open
 import torch
 
-from neon import checkpoint
+from neon.io import checkpoint, files, safetensors
 from neon.errors import NeonError
 
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
@@ -50,11 +51,11 @@ def test_safetensors_written_by_us_load_in_the_library(tmp_path, dtype):
     tensors = {"x": _sample(dtype), "scalar": _sample(dtype, ()), "empty": _sample(dtype, (0, 4))}
     path = tmp_path / "ours.safetensors"
     specs = [(name, t.dtype, t.shape) for name, t in tensors.items()]
-    checkpoint.write_safetensors(path, specs, iter(tensors.values()), {"source": "neon"})
-    loaded = safetensors.torch.load_file(path)
+    safetensors.write(path, specs, iter(tensors.values()), {"source": "neon"})
+    loaded = safetensors_torch.load_file(path)
     for name, t in tensors.items():
         assert loaded[name].dtype == dtype and torch.equal(loaded[name], t), name
-    with safetensors.safe_open(path, "pt") as f:
+    with safe_open(path, "pt") as f:
         assert f.metadata() == {"source": "neon"}
 
 
@@ -63,11 +64,11 @@ def test_safetensors_written_by_the_library_read_by_us(tmp_path, dtype):
     tensors = {"b": _sample(dtype, (2, 3, 4), seed=1), "a": _sample(dtype, (5,), seed=2),
                "s": _sample(dtype, ())}
     path = tmp_path / "theirs.safetensors"
-    safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
-    header, metadata = checkpoint.safetensors_header(path)
+    safetensors_torch.save_file(tensors, path, metadata={"format": "pt"})
+    header, metadata = safetensors.header(path)
     assert metadata == {"format": "pt"}
     assert header == {name: (dtype, tuple(t.shape)) for name, t in tensors.items()}
-    streamed = dict(checkpoint.iter_safetensors(path))
+    streamed = dict(safetensors.iterate(path))
     assert list(streamed) == list(header)  # file order
     for name, t in tensors.items():
         assert streamed[name].dtype == dtype and torch.equal(streamed[name], t), name
@@ -86,13 +87,13 @@ def test_safetensors_header_order_padding_and_selection(tmp_path):
     path = tmp_path / "hand.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + a.numpy().tobytes() + b.numpy().tobytes())
 
-    names, metadata = checkpoint.safetensors_header(path)
+    names, metadata = safetensors.header(path)
     assert list(names) == ["a", "b"] and names["b"] == (torch.int64, (1, 2))
     assert metadata == {"note": "hand-made"}
-    assert [(n, t.tolist()) for n, t in checkpoint.iter_safetensors(path, ["b", "a"])] == [
+    assert [(n, t.tolist()) for n, t in safetensors.iterate(path, ["b", "a"])] == [
         ("b", [[3, 4]]), ("a", [1.5, -2.0])]
     with pytest.raises(NeonError, match="no tensor named c"):
-        list(checkpoint.iter_safetensors(path, ["a", "c"]))
+        list(safetensors.iterate(path, ["a", "c"]))
 
 
 def test_write_safetensors_streams_from_a_generator_and_checks_specs(tmp_path):
@@ -105,18 +106,18 @@ def test_write_safetensors_streams_from_a_generator_and_checks_specs(tmp_path):
             yield torch.full((3, 2), float(i)).t()  # non-contiguous on purpose
 
     path = tmp_path / "gen.safetensors"
-    checkpoint.write_safetensors(path, specs, tensors())
+    safetensors.write(path, specs, tensors())
     assert produced == [0, 1, 2]
-    loaded = safetensors.torch.load_file(path)
+    loaded = safetensors_torch.load_file(path)
     assert [loaded[f"t{i}"].tolist() for i in range(3)] == [[[float(i)] * 3] * 2 for i in range(3)]
 
     bad = tmp_path / "bad.safetensors"
     with pytest.raises(ValueError, match=r"t1: got torch.float32 \[2, 2\]"):
-        checkpoint.write_safetensors(bad, specs, [torch.zeros(2, 3), torch.zeros(2, 2), torch.zeros(2, 3)])
+        safetensors.write(bad, specs, [torch.zeros(2, 3), torch.zeros(2, 2), torch.zeros(2, 3)])
     with pytest.raises(ValueError, match="ran out before 't2'"):
-        checkpoint.write_safetensors(bad, specs, [torch.zeros(2, 3)] * 2)
+        safetensors.write(bad, specs, [torch.zeros(2, 3)] * 2)
     with pytest.raises(ValueError, match="more tensors"):
-        checkpoint.write_safetensors(bad, specs, [torch.zeros(2, 3)] * 4)
+        safetensors.write(bad, specs, [torch.zeros(2, 3)] * 4)
     assert _leftovers(tmp_path) == ["gen.safetensors"]
 
 
@@ -190,14 +191,14 @@ def test_write_like_safetensors_from_pt_and_same_for_safetensors(tmp_path):
     checkpoint.write({"model": _state_dict(seed=3), "ema": sd}, tmp_path / "base.pt")
     container = checkpoint.read(tmp_path / "base.pt")
     checkpoint.write_like(container, sd, tmp_path / "plain.safetensors", format="safetensors")
-    _assert_same(safetensors.torch.load_file(tmp_path / "plain.safetensors"), sd)
+    _assert_same(safetensors_torch.load_file(tmp_path / "plain.safetensors"), sd)
 
-    safetensors.torch.save_file(sd, tmp_path / "base.safetensors", metadata={"format": "pt", "w": "1"})
+    safetensors_torch.save_file(sd, tmp_path / "base.safetensors", metadata={"format": "pt", "w": "1"})
     container = checkpoint.read(tmp_path / "base.safetensors")
     new_sd = {name: t + 1 for name, t in container.weights.items()}
     checkpoint.write_like(container, new_sd, tmp_path / "same.safetensors")
     assert checkpoint.read(tmp_path / "same.safetensors").metadata == {"format": "pt", "w": "1"}
-    _assert_same(safetensors.torch.load_file(tmp_path / "same.safetensors"), new_sd)
+    _assert_same(safetensors_torch.load_file(tmp_path / "same.safetensors"), new_sd)
 
     with pytest.raises(NeonError, match="must end in .safetensors"):
         checkpoint.write_like(container, new_sd, tmp_path / "wrong.pt")
@@ -229,7 +230,7 @@ def _no_weights_pt(path):
 
 
 def _truncated_st(path):
-    safetensors.torch.save_file(_state_dict(), path)
+    safetensors_torch.save_file(_state_dict(), path)
     path.write_bytes(path.read_bytes()[:-4])
 
 
@@ -268,7 +269,7 @@ def test_read_missing_file(tmp_path):
     with pytest.raises(NeonError, match=f"no such checkpoint: {missing}"):
         checkpoint.read(missing)
     with pytest.raises(NeonError, match="no such checkpoint"):
-        checkpoint.safetensors_header(tmp_path / "nope.safetensors")
+        safetensors.header(tmp_path / "nope.safetensors")
 
 
 class _Callback:
@@ -284,7 +285,7 @@ def test_read_refuses_arbitrary_pickles(tmp_path):
 
 def test_atomic_replaces_on_success_and_cleans_up_on_error(tmp_path):
     target = tmp_path / "deep" / "dir" / "shard-00000.npz"
-    with checkpoint.atomic(target) as tmp:
+    with files.atomic(target) as tmp:
         assert os.path.dirname(tmp) == str(target.parent) and tmp.endswith(".npz")
         assert os.path.basename(tmp).startswith(".")  # hidden from snapshot globs
         np.savez(tmp, samples=np.arange(3))
@@ -292,7 +293,7 @@ def test_atomic_replaces_on_success_and_cleans_up_on_error(tmp_path):
     assert _leftovers(target.parent) == ["shard-00000.npz"]
 
     with pytest.raises(RuntimeError, match="boom"):
-        with checkpoint.atomic(target) as tmp:
+        with files.atomic(target) as tmp:
             np.savez(tmp, samples=np.arange(5))
             raise RuntimeError("boom")
     assert np.load(target)["samples"].tolist() == [0, 1, 2]  # the old file is untouched
@@ -300,13 +301,13 @@ def test_atomic_replaces_on_success_and_cleans_up_on_error(tmp_path):
 
 
 def test_write_json_and_text(tmp_path):
-    checkpoint.write_json(tmp_path / "m" / "manifest.json", {"shards": ["a", "b"], "n": 3})
+    files.write_json(tmp_path / "m" / "manifest.json", {"shards": ["a", "b"], "n": 3})
     expected = '{\n  "shards": [\n    "a",\n    "b"\n  ],\n  "n": 3\n}\n'
     assert (tmp_path / "m" / "manifest.json").read_text() == expected
-    checkpoint.write_text(tmp_path / "note.txt", "fid 2.5\n")
+    files.write_text(tmp_path / "note.txt", "fid 2.5\n")
     assert (tmp_path / "note.txt").read_text() == "fid 2.5\n"
     with pytest.raises(TypeError):
-        checkpoint.write_json(tmp_path / "bad.json", {"x": object()})
+        files.write_json(tmp_path / "bad.json", {"x": object()})
     assert not (tmp_path / "bad.json").exists()
     assert sorted(os.listdir(tmp_path)) == ["m", "note.txt"]
 
@@ -322,7 +323,7 @@ def test_write_is_atomic(tmp_path):
 def test_sha256_streams_whole_file(tmp_path):
     data = bytes(range(256)) * (5 * 2**12 + 3)  # > 1 MiB, not a multiple of the chunk
     (tmp_path / "blob").write_bytes(data)
-    assert checkpoint.sha256(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
+    assert files.sha256(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
 
 
 def test_download_file_url_once(tmp_path):
@@ -331,20 +332,20 @@ def test_download_file_url_once(tmp_path):
     source.write_bytes(b"weights-v1")
     dest_dir = tmp_path / "cache"
     url = source.as_uri()  # file:///.../model%20v1.pt
-    path = checkpoint.download(url, dest_dir)
+    path = files.download(url, dest_dir)
     assert path == os.path.join(dest_dir, "model v1.pt")
     assert open(path, "rb").read() == b"weights-v1"
     source.write_bytes(b"weights-v2")
-    assert checkpoint.download(url, dest_dir) == path
+    assert files.download(url, dest_dir) == path
     assert open(path, "rb").read() == b"weights-v1"  # fetched once, not again
-    assert checkpoint.download(str(source), dest_dir) == str(source)  # a local path as it is
+    assert files.download(str(source), dest_dir) == str(source)  # a local path as it is
 
 
 def test_download_errors(tmp_path):
     with pytest.raises(NeonError, match="cannot download file:///.*missing.pt: ") as info:
-        checkpoint.download((tmp_path / "missing.pt").as_uri(), tmp_path / "cache")
+        files.download((tmp_path / "missing.pt").as_uri(), tmp_path / "cache")
     assert "\n" not in str(info.value)
     assert not os.path.exists(tmp_path / "cache" / "missing.pt")
     assert os.listdir(tmp_path / "cache") == []
     with pytest.raises(NeonError, match="no such file"):
-        checkpoint.download(str(tmp_path / "missing.pt"), tmp_path / "cache")
+        files.download(str(tmp_path / "missing.pt"), tmp_path / "cache")

@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 
-from neon import checkpoint, cli
+from neon import cli
+from neon.io import checkpoint
 from neon.family import names as family_names
 from neon.family import read_checkpoint
 from neon.toy.family import family as toy_family

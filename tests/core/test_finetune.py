@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from neon import checkpoint, finetune
+from neon import finetune
+from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.toy.family import family
 from neon.family import read_checkpoint

@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-import safetensors.torch
+import safetensors.torch as safetensors_torch
 import torch
 
-from neon import checkpoint
+from neon.io import checkpoint, safetensors
 from neon.errors import NeonError
 from neon.merge import extrapolate, merge_files
 
@@ -199,13 +199,13 @@ def _plain(value):
 
 def test_merge_files_safetensors_streams_and_keeps_metadata(tmp_path):
     base, self_path, out = (tmp_path / f"{name}.safetensors" for name in ("base", "self", "neon"))
-    safetensors.torch.save_file(BASE, base, metadata={"format": "pt", "arch": "tiny"})
-    checkpoint.write_safetensors(self_path, [(k, t.dtype, t.shape) for k, t in SELF.items()], SELF.values())
+    safetensors_torch.save_file(BASE, base, metadata={"format": "pt", "arch": "tiny"})
+    safetensors.write(self_path, [(k, t.dtype, t.shape) for k, t in SELF.items()], SELF.values())
     merge_files(base, self_path, 0.5, out, family=LAYOUT_FAMILY)
-    header, metadata = checkpoint.safetensors_header(tmp_path / "neon.safetensors")
+    header, metadata = safetensors.header(tmp_path / "neon.safetensors")
     assert metadata == {"format": "pt", "arch": "tiny"}
-    assert header == checkpoint.safetensors_header(tmp_path / "base.safetensors")[0]
-    merged = safetensors.torch.load_file(tmp_path / "neon.safetensors")
+    assert header == safetensors.header(tmp_path / "base.safetensors")[0]
+    merged = safetensors_torch.load_file(tmp_path / "neon.safetensors")
     _assert_merged(merged)
 
 
@@ -219,7 +219,7 @@ def test_merge_files_mixed_formats(tmp_path):
     assert out.weights_key == () and out.metadata == {}
     _assert_merged(out.weights)
 
-    safetensors.torch.save_file(BASE, tmp_path / "base.safetensors")
+    safetensors_torch.save_file(BASE, tmp_path / "base.safetensors")
     merge_files(tmp_path / "base.safetensors", tmp_path / "self.pt", 0.5, tmp_path / "neon2.safetensors", family=LAYOUT_FAMILY)
     _assert_merged(checkpoint.read(tmp_path / "neon2.safetensors").weights)
 
@@ -259,7 +259,7 @@ def _missing_base(d, suffix):
 
 def _save(sd, path):
     if str(path).endswith(".safetensors"):
-        safetensors.torch.save_file(sd, path)
+        safetensors_torch.save_file(sd, path)
     else:
         checkpoint.write(sd, path)
 
@@ -315,7 +315,7 @@ def test_merge_files_streams_two_1gib_checkpoints_in_bounded_memory(tmp_path):
     ramp = torch.arange(1024, dtype=torch.float32).repeat(n // 1024, 1)
     for name, sign in [("base", 1.0), ("self", -1.0)]:
         tensors = (sign * ramp + i for i in range(num_tensors))
-        checkpoint.write_safetensors(tmp_path / f"{name}.safetensors", specs, tensors)
+        safetensors.write(tmp_path / f"{name}.safetensors", specs, tensors)
     assert os.path.getsize(tmp_path / "base.safetensors") > 2**30
 
     result = subprocess.run(
@@ -327,10 +327,10 @@ def test_merge_files_streams_two_1gib_checkpoints_in_bounded_memory(tmp_path):
     assert peak_bytes < 2.5e9, f"peak RSS {peak_bytes / 2**30:.2f} GiB"
 
     # 1.5·base − 0.5·self = 2·(j mod 1024) + i
-    header, _ = checkpoint.safetensors_header(tmp_path / "neon.safetensors")
+    header, _ = safetensors.header(tmp_path / "neon.safetensors")
     assert list(header) == [name for name, _, _ in specs]
     for i in (0, 5, 7):
-        (_, t), = checkpoint.iter_safetensors(tmp_path / "neon.safetensors", [f"block{i}.weight"])
+        (_, t), = safetensors.iterate(tmp_path / "neon.safetensors", [f"block{i}.weight"])
         flat = t.view(-1)
         assert [flat[j].item() for j in (0, 1, 1023, 1024, 2047, n - 1)] == [
             i, 2 + i, 2046 + i, i, 2046 + i, 2046 + i]

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from neon import checkpoint, cli, distributed, family, synthetic
+from neon import cli, distributed, family, synthetic
+from neon.io import files
 from neon.errors import NeonError
 from neon.metrics import fid, images, inception, score, stats
 from tests.conftest import inception_weights, noise, smooth
@@ -219,7 +220,7 @@ def test_toy_and_incomplete_synthetic_sets_are_refused(synthetic_set, tmp_path):
         images.source(synthetic_set)
     manifest = json.load(open(os.path.join(synthetic_set, "manifest.json")))
     manifest["shards"].pop("shard-00003.npz")
-    checkpoint.write_json(os.path.join(synthetic_set, "manifest.json"), manifest)
+    files.write_json(os.path.join(synthetic_set, "manifest.json"), manifest)
     with pytest.raises(NeonError, match=r"is incomplete \(3 of 4 shards\)"):
         images.source(synthetic_set)
 

@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from neon import checkpoint, cli, synthetic
+from neon import cli, synthetic
+from neon.io import checkpoint
 from tests.conftest import save_base
 
 pytestmark = pytest.mark.numerics

@@ -1,4 +1,4 @@
-"""The two checks of DESIGN.md "Conventions", plus the core/family boundary."""
+"""The two checks of DESIGN.md "Conventions", plus the core/family boundary and the size of core modules."""
 
 import ast
 import os
@@ -34,10 +34,23 @@ def _calls_and_imports(tree):
 FORBIDDEN_IO = {"torch.load", "torch.save", "pickle", "os.replace", "safetensors", "safetensors.torch"}
 
 
-def test_only_checkpoint_module_does_weight_io():
-    offenders = [(path, name) for path, tree in _modules(*CODE_DIRS) if not path.endswith(os.path.join("neon", "checkpoint.py"))
+IO_PACKAGE = os.path.join("neon", "io") + os.sep
+
+
+def test_only_the_io_package_does_file_io():
+    offenders = [(path, name) for path, tree in _modules(*CODE_DIRS) if not path.startswith(IO_PACKAGE)
                  for name in _calls_and_imports(tree) if name in FORBIDDEN_IO]
     assert offenders == []
+    inside = {name for path, tree in _modules("neon") if path.startswith(IO_PACKAGE) for name in _calls_and_imports(tree)}
+    assert {"torch.load", "torch.save", "os.replace", "pickle"} <= inside  # the check looks where the calls are
+
+
+MAX_LINES = 400  # a core module holds one job (STYLE.md): about 400 lines at most
+
+
+def test_no_core_module_is_over_the_size_limit():
+    sizes = {path: len(open(os.path.join(REPO, path)).read().splitlines()) for path, _ in _modules("neon")}
+    assert len(sizes) > 20 and {p: n for p, n in sizes.items() if n > MAX_LINES} == {}
 
 
 def test_family_modules_do_not_import_torch_distributed():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from neon import checkpoint, finetune, merge, sweep
+from neon import finetune, merge, sweep
+from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import Model, read_checkpoint, write_checkpoint
 from neon.metrics import fid, score

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from neon import synthetic
+from neon.io import rows
 from neon.errors import NeonError
 from neon.toy.family import ToySampler, family
 from tests.conftest import Crashing
@@ -90,13 +91,13 @@ def test_npz_members_are_read_row_by_row_as_numpy_reads_them(tmp_path, save):
     array = np.arange(7 * 4 * 3, dtype=np.float32).reshape(7, 4, 3)
     path = str(tmp_path / "a.npz")
     save(path, samples=array, labels=np.arange(7))
-    rows = synthetic.npz_array(path, "samples")
-    assert isinstance(rows, synthetic.RowFile) == (save is np.savez)  # compressed members are read whole
-    assert rows.shape == (7, 4, 3) and rows.dtype == np.float32 and len(rows) == 7
+    member = rows.npz_array(path, "samples")
+    assert isinstance(member, rows.RowFile) == (save is np.savez)  # compressed members are read whole
+    assert member.shape == (7, 4, 3) and member.dtype == np.float32 and len(member) == 7
     for index in (slice(2, 5), slice(0, 7, 3), [6, 0, 6], np.array([3, 4, 5]), 4):
-        np.testing.assert_array_equal(rows[index], array[index])
+        np.testing.assert_array_equal(member[index], array[index])
     with pytest.raises(NeonError, match="has no array 'images'"):
-        synthetic.npz_array(path, "images")
+        rows.npz_array(path, "images")
 
 
 def test_the_reader_reads_any_rows_in_any_order_across_shards(synthetic_set):

@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from neon import checkpoint, config, synthetic
+from neon import config, synthetic
+from neon.io import checkpoint
 from neon.metrics import fid, inception, score
 from neon.toy import appendix
 

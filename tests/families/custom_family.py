@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from neon import checkpoint
+from neon.io import checkpoint
 from neon.family import Model, read_checkpoint
 
 SIDE, LATENT = 8, 16

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from neon import checkpoint
+from neon.io import checkpoint
 from neon import family as registry
 from neon.metrics import inception, score
 

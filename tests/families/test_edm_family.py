@@ -11,7 +11,8 @@ import torch
 
 from edm import networks
 from edm.family import DEFAULT_AUGMENT, TINY, family
-from neon import checkpoint, merge, synthetic
+from neon import merge, synthetic
+from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import write_checkpoint
 

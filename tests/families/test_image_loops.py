@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from neon import checkpoint, cli, synthetic
+from neon import cli, synthetic
+from neon.io import checkpoint
 from neon import family as registry
 from neon.family import write_checkpoint
 from tests.dist.test_world_size import TORCHRUN, _shards, _torchrun

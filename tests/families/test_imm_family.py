@@ -18,7 +18,8 @@ from imm import networks
 from imm.family import LOSS, TINY, _TargetInFloat32, family
 from imm.loss import IMMLoss
 from imm.sampler import generators, initial_latents, pushforward_generator_fn
-from neon import checkpoint, cli
+from neon import cli
+from neon.io import safetensors
 from neon import family as registry
 from neon.errors import NeonError
 from neon.family import write_checkpoint
@@ -276,7 +277,7 @@ def test_pth_spelling_and_a_codec_weights_file_load(tmp_path):
     path = str(tmp_path / "imm.pth")
     write_checkpoint(family, model.net.state_dict(), path, like=model)
     codec = str(tmp_path / "vae.safetensors")
-    checkpoint.write_safetensors(codec, [(k, v.dtype, v.shape) for k, v in model.codec.state_dict().items()],
+    safetensors.write(codec, [(k, v.dtype, v.shape) for k, v in model.codec.state_dict().items()],
                                  model.codec.state_dict().values())
     loaded = family.load(path, None, "cpu", codec=codec)
     assert loaded.extras == model.extras and loaded.image_size == 16

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from neon import checkpoint, merge
+from neon import merge
+from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import write_checkpoint
 from VAR.family import PRESETS, TINY, family, infer_arch

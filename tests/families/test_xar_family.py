@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from neon import checkpoint, cli, merge
+from neon import cli, merge
+from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import read_checkpoint, write_checkpoint
 from neon.toy import appendix

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from neon import checkpoint, cli, synthetic
+from neon import cli, synthetic
+from neon.io import checkpoint, files
 from neon.family import write_checkpoint
 from neon.toy.family import ToySampler
 from neon.toy.family import family as toy
@@ -38,7 +39,7 @@ def P(tmp_path_factory):
     p.ar = save_base(root / "ar.pt", kind="ar")
     p.S = str(root / "S")
     conf = synthetic.SyntheticConfig(out=p.S, num=48, batch_size=16, shard_size=16, labels="none")
-    for _ in synthetic.write(toy, toy.load(p.base), ToySampler(zeta=1.1), conf, "toy", checkpoint.sha256(p.base)):
+    for _ in synthetic.write(toy, toy.load(p.base), ToySampler(zeta=1.1), conf, "toy", files.sha256(p.base)):
         pass
     p.run = str(root / "run")
     cli.main(["finetune", "--family", "toy", "--ckpt", p.base, "--data", p.S, "--out", p.run, "--images", "32",
@@ -357,7 +358,7 @@ def locked(tmp) -> str:
     """An output folder another writer holds (the lock taken here, in another open file)."""
     path = os.path.join(tmp, "out")
     os.makedirs(path)
-    f = open(os.path.join(path, checkpoint.LOCK), "w")
+    f = open(os.path.join(path, files.LOCK), "w")
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     f.write(json.dumps({"pid": 999999, "host": "elsewhere", "command": "neon sample"}))
     f.flush()
@@ -395,9 +396,9 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(P, tmp_path, monkeypatc
 def _listing(root) -> dict:
     """Every file below `root` with its size and mtime (a changed file counts too)."""
     found = {}
-    for directory, folders, files in os.walk(root):
-        for name in files + folders:
+    for directory, folders, names in os.walk(root):
+        for name in names + folders:
             path = os.path.join(directory, name)
             info = os.stat(path)
-            found[os.path.relpath(path, root)] = (info.st_size, info.st_mtime_ns) if name in files else None
+            found[os.path.relpath(path, root)] = (info.st_size, info.st_mtime_ns) if name in names else None
     return found

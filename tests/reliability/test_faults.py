@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from neon import checkpoint, cli
+from neon import cli
+from neon.io import files
 from neon.family import read_checkpoint
 from neon.toy.family import family as toy
 from tests.conftest import REPO, run_neon, save_base
@@ -99,11 +100,11 @@ def test_neon_debug_shows_the_traceback_of_a_user_error(tmp_path):
 
 def test_a_torn_jsonl_line_is_skipped_and_appends_go_on(tmp_path, caplog):
     path = str(tmp_path / "results.jsonl")
-    checkpoint.append_jsonl(path, {"w": 0.5, "fid": 1.0})
+    files.append_jsonl(path, {"w": 0.5, "fid": 1.0})
     with open(path, "a") as f:
         f.write('{"w": 1.0, "fi')  # a killed append
-    checkpoint.append_jsonl(path, {"w": 1.5, "fid": float("nan"), "nested": [float("inf"), 2.0]})
-    assert checkpoint.read_jsonl(path) == [{"w": 0.5, "fid": 1.0}, {"w": 1.5, "fid": None, "nested": [None, 2.0]}]
+    files.append_jsonl(path, {"w": 1.5, "fid": float("nan"), "nested": [float("inf"), 2.0]})
+    assert files.read_jsonl(path) == [{"w": 0.5, "fid": 1.0}, {"w": 1.5, "fid": None, "nested": [None, 2.0]}]
     assert "line 2 is not a JSON record" in caplog.text
     assert all("NaN" not in line and "Infinity" not in line for line in open(path))
 
@@ -120,7 +121,7 @@ def test_a_sweep_resumes_over_a_torn_results_line(tmp_path, base_ckpt, synthetic
     results.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # the last record torn
     capsys.readouterr()
     cli.main(args)
-    records = checkpoint.read_jsonl(str(results))
+    records = files.read_jsonl(str(results))
     redone = {k: v for k, v in records[-1].items() if k != "seconds"}
     assert len(records) == len(lines) and redone == {k: v for k, v in json.loads(lines[-1]).items() if k != "seconds"}
 
@@ -130,8 +131,8 @@ def test_stale_temporaries_of_a_killed_merge_are_removed(tmp_path):
     out = tmp_path / "neon.pt"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    stale = tmp_path / f".neon.pt.{checkpoint._HOST}-{pid}-0123abcd.tmp.pt"
-    alive = tmp_path / f".neon.pt.{checkpoint._HOST}-{os.getpid()}-0123abcd.tmp.pt"  # a writer still running
+    stale = tmp_path / f".neon.pt.{files._HOST}-{pid}-0123abcd.tmp.pt"
+    alive = tmp_path / f".neon.pt.{files._HOST}-{os.getpid()}-0123abcd.tmp.pt"  # a writer still running
     other_host = tmp_path / f".neon.pt.elsewhere-{pid}-0123abcd.tmp.pt"
     for path in (stale, alive, other_host):
         path.write_bytes(b"half a checkpoint")
@@ -142,8 +143,8 @@ def test_stale_temporaries_of_a_killed_merge_are_removed(tmp_path):
 def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path, base_ckpt):
     out = tmp_path / "S"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from neon import checkpoint\n"
-        "with checkpoint.claim(sys.argv[1], 'neon sample'):\n"
+        "import sys, time; from neon.io import files\n"
+        "with files.claim(sys.argv[1], 'neon sample'):\n"
         "    print('held', flush=True); time.sleep(60)\n"), str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -151,14 +152,14 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path, b
                           "--batch-size", "8", "--synthetic.labels", "none")
         assert result.returncode == 2 and result.stderr.count("\n") == 1
         assert f"is in use by neon sample (pid {holder.pid} on " in result.stderr
-        assert sorted(os.listdir(out)) == [checkpoint.LOCK]
+        assert sorted(os.listdir(out)) == [files.LOCK]
     finally:
         holder.kill()
         holder.wait()
     result = run_neon("sample", "--family", "toy", "--ckpt", base_ckpt, "--out", out, "--num-images", "8",
                       "--batch-size", "8", "--synthetic.labels", "none")  # a dead holder's lock is free
     assert result.returncode == 0, result.stderr
-    assert checkpoint.LOCK not in os.listdir(out)
+    assert files.LOCK not in os.listdir(out)
 
 
 def test_a_failed_first_sample_does_not_block_the_corrected_rerun(tmp_path, base_ckpt, capsys):

@@ -1,0 +1,266 @@
+"""Plain files: atomic writes, stale temporaries, the output check and lock, JSON and JSON lines, sha256, downloads.
+
+Every output of the project reaches its final name through `atomic` (a temporary file renamed into
+place), so an interrupted run never leaves a partial file under a final name; `remove_stale_temporaries`
+cleans the temporaries of writers that died. `check_output` refuses an unwritable output before any work
+and `claim` holds an output folder for one writer. JSON-lines files (`results.jsonl`) are appended one
+record per `write` call and read torn-line tolerant.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+
+from neon.errors import NeonError, first_sentence
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def atomic(path: str) -> Iterator[str]:
+    """Yield a temporary path next to `path`; on success rename it onto `path`.
+
+    On an exception the temporary file is removed and the exception re-raised, so `path` is
+    either untouched or complete. The temporary name starts with '.' (snapshot globs skip it)
+    and ends with the suffix of `path` (numpy's `savez` would otherwise append '.npz').
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(name)[1]
+    remove_stale_temporaries(directory, name)
+    tmp = os.path.join(directory, f".{name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp(\.[^.]*)?$")
+
+
+def remove_stale_temporaries(directory: str, name: str | None = None) -> list[str]:
+    """Remove the temporaries `atomic` left in `directory` (for `name`, or any) when the process that
+    wrote them, on this host, is gone (a killed merge or sample). Returns the removed paths."""
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry)
+        if not match or (name is not None and match["name"] != name) or match["host"] != _HOST:
+            continue
+        if _alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, entry))
+            removed.append(os.path.join(directory, entry))
+            logger.info("removed %s, left by an interrupted run", removed[-1])
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_output(path: str, kind: str, suffixes: Sequence[str] = ()) -> None:
+    """Refuse, before any work, an output path that cannot be written: `kind` 'dir' (a folder that
+    may exist) or 'file' (a file that may exist, not a folder; with one of `suffixes` when given). A
+    missing parent folder is fine (it is created) unless a file stands in its way or the nearest
+    existing one is not writable."""
+    path = os.fspath(path)
+    if not path:
+        raise NeonError("an output path is empty")
+    if kind == "dir" and os.path.exists(path) and not os.path.isdir(path):
+        raise NeonError(f"{path} exists and is not a directory; choose another output folder")
+    if kind == "file":
+        if os.path.isdir(path):
+            raise NeonError(f"{path} is a directory; the output is a file")
+        if suffixes and not path.lower().endswith(tuple(suffixes)):
+            raise NeonError(f"{path}: the output file must end in {' or '.join(suffixes)}")
+    parent = os.path.abspath(path if kind == "dir" else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NeonError(f"cannot create {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):  # (root passes; its failures come as OSError at creation)
+        raise NeonError(f"cannot create {path}: {parent} is not writable")
+
+
+LOCK = ".neon.lock"
+
+
+BOOKKEEPING = {LOCK, "config.resolved.yaml", "log.txt"}  # files that hold no work of a run
+
+
+@contextlib.contextmanager
+def claim(directory: str, command: str, keep_on_error: Callable[[str], bool] = lambda name: True):
+    """Hold the output folder `directory` for one writer: creates it when missing, takes an advisory
+    lock (`.neon.lock`, holding the writer's host, pid and command; a second writer gets a NeonError
+    naming it) and releases it at the end. On an exception, a folder this call created is removed
+    again when it holds nothing but bookkeeping and files for which `keep_on_error(name)` is false,
+    so a failed first run leaves nothing behind. Not collective: call it on one rank."""
+    check_output(directory, "dir")
+    created = not os.path.exists(directory)
+    os.makedirs(directory, exist_ok=True)
+    lock_path = os.path.join(directory, LOCK)
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        try:
+            info = json.loads(holder)
+            who = f"{info['command']} (pid {info['pid']} on {info['host']})"
+        except (ValueError, KeyError, TypeError):
+            who = "another neon process"
+        raise NeonError(f"{directory} is in use by {who}; wait for it to finish or choose another output") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    handle.flush()
+    try:
+        yield directory
+    except BaseException:
+        _release(lock_path, handle)
+        if created:
+            left = [n for n in os.listdir(directory) if n not in BOOKKEEPING and keep_on_error(n)]
+            if not left:
+                shutil.rmtree(directory, ignore_errors=True)
+        raise
+    _release(lock_path, handle)
+
+
+def _release(lock_path: str, handle) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(lock_path)
+    handle.close()
+
+
+def write_json(path: str, obj: object) -> None:
+    """Write `obj` as indented JSON with a trailing newline, atomically."""
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `text` to `path` atomically."""
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append `record` as one JSON line (NaN and ±inf written as null) in one `write` call on an
+    O_APPEND descriptor, so a crash leaves at most a torn last line, which `read_jsonl` drops."""
+    line = json.dumps(finite_json(record), allow_nan=False) + "\n"
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size and not _ends_with_newline(fd):
+            line = "\n" + line  # a torn line before us stays on a line of its own
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file written by `append_jsonl` ([] when there is none). A line that
+    does not parse (the torn tail of an interrupted append) is skipped with a warning."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                logger.warning("%s: line %d is not a JSON record (an interrupted write?); skipped", path, number)
+                continue
+            records.append(record)
+    return records
+
+
+def finite_json(value):
+    """A JSON-able `value` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def _ends_with_newline(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, 1, size - 1) == b"\n"
+
+
+def sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, dest_dir: str) -> str:
+    """Fetch `url` into `dest_dir` once and return the local path.
+
+    A local path that exists is returned as it is. A URL (http(s)://, file://) is fetched with
+    urllib into `dest_dir/<last path component>`, atomically, unless that file already exists.
+    Not collective: wrap it in `distributed.main_first()` when every rank needs the file.
+    """
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "" or os.path.exists(url):
+        if not os.path.exists(url):
+            raise NeonError(f"no such file: {url}")
+        return url
+    name = os.path.basename(urllib.parse.unquote(parsed.path))
+    if not name:
+        raise NeonError(f"cannot download {url}: the URL does not end in a file name")
+    dest = os.path.join(dest_dir, name)
+    if os.path.exists(dest):
+        return dest
+    logger.info("downloading %s to %s", url, dest)
+    try:
+        with atomic(dest) as tmp, urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f, 2**20)
+    except (OSError, ValueError) as e:
+        reason = e.reason if type(e) is urllib.error.URLError else e  # HTTPError reads better whole
+        raise NeonError(f"cannot download {url}: {first_sentence(reason)}") from None
+    return dest
