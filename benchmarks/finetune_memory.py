@@ -69,8 +69,8 @@ from benchmarks.finetune_memory import family
 from neon import finetune
 conf = finetune.FinetuneConfig(data=sys.argv[1], out=sys.argv[2], total_images=64 * int(sys.argv[3]), batch_size=64,
                                lr=1e-4)
-steps = finetune.run(family, family.tiny(), conf, "bench")
-next(steps)
+steps = finetune.run(family, family.tiny(), conf)
+next(steps), next(steps)  # the starting position, then the first step
 startup = time.perf_counter() - start
 for _ in steps:
     pass
@@ -81,7 +81,7 @@ print(json.dumps({"startup_s": startup, "peak_rss": resource.getrusage(resource.
 def write_set(out: str, num: int) -> int:
     conf = synthetic.SyntheticConfig(out=out, num=num, batch_size=1000, shard_size=10_000, labels="none")
     if not os.path.exists(os.path.join(out, synthetic.MANIFEST)):
-        for _ in synthetic.write(family, family.tiny(), Sampler(), conf, "bench", "none"):
+        for _ in synthetic.write(family, family.tiny(), Sampler(), conf, "none"):
             pass
     return sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out) if n.startswith("shard-"))
 

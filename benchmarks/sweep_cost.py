@@ -37,8 +37,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from neon import finetune, sweep, synthetic  # noqa: E402
-from neon.io import files
+from neon import finetune, progress, sweep, synthetic  # noqa: E402
+from neon.io import files  # noqa: E402
 from neon.family import write_checkpoint  # noqa: E402
 from neon.metrics import fid  # noqa: E402
 from neon.toy import appendix  # noqa: E402
@@ -85,9 +85,9 @@ class PixelFamily(CustomFamily):
 
 def self_train(family, base: str, sampler, syn: synthetic.SyntheticConfig, ft: finetune.FinetuneConfig) -> None:
     """Write S with `sampler` from the base at `base`, then fine-tune a copy of the base on it."""
-    for _ in synthetic.write(family, family.load(base), sampler, syn, family.name, files.sha256(base)):
+    for _ in synthetic.write(family, family.load(base), sampler, syn, files.sha256(base)):
         pass
-    for _ in finetune.run(family, family.load(base), ft, family.name):
+    for _ in finetune.run(family, family.load(base), ft):
         pass
 
 
@@ -135,33 +135,31 @@ def sweep_once(setup: dict, out: str, strategy: dict) -> dict:
     conf = sweep.SweepConfig(self_trained=setup["self_trained"], out=out, **fields)
     fam = setup["family"]
     started = time.perf_counter()
-    steps = sweep.run(fam, fam.load(setup["base"]), setup["base"], setup["sampler"], conf)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return {**done.value, "seconds": time.perf_counter() - started}
+    summary = progress.last(sweep.run(fam, fam.load(setup["base"]), setup["base"], setup["sampler"], conf))
+    return {"summary": summary, "seconds": time.perf_counter() - started}
 
 
 def table(name: str, rows: dict) -> str:
-    grid = rows["grid"]
-    lines = [f"{name}: {grid['evidence'][-1]['points']} grid points at n = "
-             f"{grid['best_num']:,}; final report: 3 seed ranges of {grid['final_seeds'][0][1]:,}",
+    grid = rows["grid"]["summary"]
+    lines = [f"{name}: {grid.evidence[-1]['points']} grid points at n = "
+             f"{grid.num:,}; final report: 3 seed ranges of {grid.final.seeds[0][1]:,}",
              f"  {'strategy':<22} {'images to choose':>16} {'ratio':>6}  {'chosen (snapshot, w, cfg)':<32} "
              f"{'final FID, mean ± sd':>22} {'minus grid':>15} {'spread':>8} {'within':>6} {'s':>5}"]
-    for label, s in rows.items():
-        cfg = "" if s["best_cfg"] is None else f", {s['best_cfg']:g}"
-        point = f"{os.path.basename(s['best_snapshot'])[9:-3].lstrip('0')}, {s['best_w']:+g}{cfg}"
-        diff = s["final_best_fid"] - grid["final_best_fid"]
-        spread = max(s["final_best_fid_sd"], grid["final_best_fid_sd"])
-        ratio = s["selection_images"] / grid["selection_images"]
-        lines.append(f"  {label:<22} {s['selection_images']:>16,} {ratio:>6.3f}"
-                     f"  {point:<32} {s['final_best_fid']:>11.4g} ± {s['final_best_fid_sd']:<8.2g} {diff:>+15.2g} "
-                     f"{spread:>8.2g} {'yes' if diff <= spread else 'no':>6} {s['seconds']:>5.0f}")
-    base = grid
-    lines.append(f"  base: final FID {base['final_base_fid']:.4g} ± {base['final_base_fid_sd']:.2g}; the grid's gain "
-                 f"{base['final_gain']:+.3g} {'exceeds' if base['gain_exceeds_spread'] else 'does not exceed'} "
-                 f"the spread {base['final_spread']:.2g}")
+    for label, row in rows.items():
+        s = row["summary"]
+        cfg = "" if s.cfg is None else f", {s.cfg:g}"
+        point = f"{os.path.basename(s.snapshot)[9:-3].lstrip('0')}, {s.w:+g}{cfg}"
+        neon, grid_neon = s.final.neon["fid"], grid.final.neon["fid"]
+        diff = neon.mean - grid_neon.mean
+        spread = max(neon.sd, grid_neon.sd)
+        ratio = s.selection_images / grid.selection_images
+        lines.append(f"  {label:<22} {s.selection_images:>16,} {ratio:>6.3f}"
+                     f"  {point:<32} {neon.mean:>11.4g} ± {neon.sd:<8.2g} {diff:>+15.2g} "
+                     f"{spread:>8.2g} {'yes' if diff <= spread else 'no':>6} {row['seconds']:>5.0f}")
+    final = grid.final
+    lines.append(f"  base: final FID {final.base['fid'].mean:.4g} ± {final.base['fid'].sd:.2g}; the grid's gain "
+                 f"{final.gain:+.3g} {'exceeds' if final.gain_exceeds_spread else 'does not exceed'} "
+                 f"the spread {final.spread:.2g}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.metadata
-import itertools
 import re
 import json
 import os
@@ -22,7 +21,7 @@ import sys
 
 import torch
 
-from neon import config, diagnose, distributed, family, finetune, log, merge, report, sweep, synthetic
+from neon import config, diagnose, distributed, family, finetune, log, merge, progress, report, sweep, synthetic
 from neon.io import files
 from neon.errors import ArgumentParser, NeonError, run_command
 from neon.metrics import fid, inception
@@ -126,9 +125,7 @@ def cmd_sample(args, overrides):
     fam, model = _load(recipe)
     base_sha = distributed.broadcast_object(files.sha256(recipe.model.ckpt) if distributed.is_main() else None)
     with _claimed(conf.out, "neon sample", keep=lambda name: name.startswith("shard-")):
-        with log.progress(total=conf.num, unit="sample", desc="sample") as bar:
-            for count in synthetic.write(fam, model, recipe.sampler, conf, fam.name, base_sha):
-                bar.update(count)
+        progress.drain(synthetic.write(fam, model, recipe.sampler, conf, base_sha), "sample")
         _save_resolved(conf.out, recipe)
     _say(f"synthetic set of {conf.num} samples in {conf.out}")
 
@@ -141,16 +138,12 @@ def cmd_finetune(args, overrides):
     files.check_output(conf.out, "dir")
     fam, model = _load(recipe)
     finetune.open_data(conf, fam.name)  # checked before anything is written
-    last = None
     with _claimed(conf.out, "neon finetune", keep=lambda name: name != "stats.jsonl"):
         _save_resolved(conf.out, recipe)
         log.setup(conf.out)
-        with log.progress(total=conf.total_images, unit="img", desc="finetune") as bar:
-            for last in finetune.run(fam, model, conf, fam.name):
-                bar.update(conf.batch_size)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
+        result = progress.drain(finetune.run(fam, model, conf), "finetune")
     _say(f"fine-tuned to {conf.total_images} images; snapshots in {conf.out}"
-         + (f" (last loss {last['loss']:.4f})" if last else " (already complete)"))
+         + (f" (last loss {result['loss']:.4f})" if result["loss"] is not None else " (already complete)"))
 
 
 def cmd_merge(args, overrides):
@@ -185,14 +178,10 @@ def cmd_sweep(args, overrides):
     files.check_output(out, "dir")
     fam, model = _load(recipe)
     with _claimed(out, "neon sweep"):
-        steps = sweep.run(fam, model, recipe.model.ckpt, recipe.sampler, conf, recipe.fid)
         _save_resolved(out, recipe)
-        while True:
-            try:
-                _say(_json(next(steps)), err=True)
-            except StopIteration as done:
-                _say(_json(done.value))
-                break
+        result = progress.drain(sweep.run(fam, model, recipe.model.ckpt, recipe.sampler, conf, recipe.fid), "sweep",
+                                on_info=lambda record: _say(_json(record), err=True))
+        _say(_json(result.to_dict()))
         if distributed.is_main():  # the pictures of `neon report`: fid_vs_w.png, fid_w_cfg.png, samples.png
             report.run(out, model)
 
@@ -204,7 +193,7 @@ def cmd_fid_stats(args, overrides):
         return
     _need(images=args.images, out=args.out)
     files.check_output(args.out, "file", suffixes=(".npz",))
-    result = _drain(fid.reference_statistics(args.images, args.out, conf), "fid-stats")
+    result = progress.drain(fid.reference_statistics(args.images, args.out, conf), "fid-stats")
     _say(f"wrote {args.out}: mu and sigma of the Inception features of {result['num']} images")
 
 
@@ -215,7 +204,7 @@ def cmd_fid(args, overrides):
                           "fid": dataclasses.asdict(conf)}))
         return
     _need(images=args.images, ref=args.ref)
-    _say(_json(_drain(fid.evaluate(args.images, args.ref, conf, bool(args.inception_score), args.pr), "fid")))
+    _say(_json(progress.drain(fid.evaluate(args.images, args.ref, conf, bool(args.inception_score), args.pr), "fid")))
 
 
 def cmd_diagnose(args, overrides):
@@ -451,15 +440,6 @@ def _fid_config(args, overrides) -> inception.FidConfig:
             raise NeonError(f"neon {args.verb} takes only --fid.* recipe overrides (got --{key})")
         config.set_dotted(raw, key, value)
     return config.build(inception.FidConfig, raw["fid"], "fid")
-
-
-def _drain(steps, desc: str) -> dict:
-    """Run a metric computation under a rank-0 progress bar; its result (the last step's)."""
-    first = next(steps)  # every step carries the total, so the bar starts with it
-    with log.progress(total=first.total, unit="img", desc=desc) as bar:
-        for step in itertools.chain([first], steps):
-            bar.update(step.images)
-    return step.result
 
 
 def _dry_run(args, recipe) -> bool:

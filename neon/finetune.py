@@ -1,7 +1,7 @@
 """The self-training step: fine-tune a copy of θ_base on the synthetic set S.
 
 Shaped after `NVlabs/edm2:training/training_loop.py`: intervals are counted in images, the random
-state is re-derived from (seed, step, rank) at every step instead of being carried along, snapshots
+state is re-derived from (seed, step, rank) at every step (`neon.rng.derive`) instead of being carried along, snapshots
 (`snapshot-<images_seen:010d>.pt`: what inference and merging need) are kept apart from the
 training state (`state-latest.pt`: optimizer, scaler, data position), and running the same command
 again resumes from the training state. A run killed after a snapshot and resumed ends with exactly
@@ -17,13 +17,15 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 
 import torch
 
-from neon import config, distributed, synthetic
-from neon.io import checkpoint, files
+from neon import config, distributed, rng, synthetic
 from neon import family as neon_family
 from neon.errors import NeonError
+from neon.io import checkpoint, files
+from neon.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -121,17 +123,18 @@ def snapshots(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern))
 
 
-def run(family, model, conf: FinetuneConfig, family_name: str | None = None):
+def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
     """Collective: fine-tune `model.net` on the synthetic set `conf.data`, writing snapshots and the
     training state into `conf.out`; resumes from `conf.out/state-latest.pt`.
 
     Snapshots hold θ (the EMA when one is kept, else the trained weights) in the family's own
     container (`neon.family.write_checkpoint`), plus `family` and `images_seen`.
-    Yields one dict per optimizer step: images_seen, loss (this rank's), lr, and snapshot (path or
-    None). The model's weights are modified in place.
+    Yields progress in images: a first record at the images already seen (a resumed run), then one per
+    optimizer step whose `info` is {images_seen, loss (this rank's), lr, snapshot (path or None)}; the
+    last record's `result` is {images_seen, loss (the last step's, None when there was nothing left to
+    do), snapshots (every snapshot of the run)}. The model's weights are modified in place.
     """
-    family_name = family_name or family.name
-    data = open_data(conf, family_name)
+    data = open_data(conf, family.name)
     world, rank = distributed.world(), distributed.rank()
     net = model.net
     device = next(net.parameters()).device
@@ -153,13 +156,16 @@ def run(family, model, conf: FinetuneConfig, family_name: str | None = None):
     local = conf.batch_size // world
     order = _DataOrder(len(data), conf.seed)
 
+    loss = None
+    if images_seen < conf.total_images:
+        yield Progress(images_seen, conf.total_images, "img")
     while images_seen < conf.total_images:
         step = images_seen // conf.batch_size
         lr = conf.lr * min(1.0, (images_seen + conf.batch_size) / conf.ramp_images) if conf.ramp_images else conf.lr
         for group in opt.param_groups:
             group["lr"] = lr
         indices = order.take(images_seen, conf.batch_size)[rank * local:(rank + 1) * local]
-        step_seed = _derive(conf.seed, step, rank)
+        step_seed = rng.derive(conf.seed, step, rank)
         torch.manual_seed(step_seed)  # dropout / drop-path inside the network draw from the global RNG
         generator = torch.Generator().manual_seed(step_seed)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -185,9 +191,15 @@ def run(family, model, conf: FinetuneConfig, family_name: str | None = None):
         images_seen += conf.batch_size
         snapshot = None
         if images_seen // every > (images_seen - conf.batch_size) // every or images_seen >= conf.total_images:
-            snapshot = _save(conf.out, family, family_name, model, net, ema, opt, scaler, images_seen, identity, loss)
-        yield {"images_seen": images_seen, "loss": loss.item(), "lr": lr, "snapshot": snapshot}
+            snapshot = _save(conf.out, family, model, net, ema, opt, scaler, images_seen, identity, loss)
+        step_info = {"images_seen": images_seen, "loss": loss.item(), "lr": lr, "snapshot": snapshot}
+        if images_seen < conf.total_images:
+            yield Progress(images_seen, conf.total_images, "img", info=step_info)
     net.eval().requires_grad_(False)
+    result = {"images_seen": images_seen, "loss": None if loss is None else loss.item(),
+              "snapshots": snapshots(conf.out)}
+    yield Progress(images_seen, conf.total_images, "img", info=step_info if loss is not None else None,
+                   result=result)
 
 
 def open_data(conf: FinetuneConfig, family_name: str) -> synthetic.SyntheticSet:
@@ -214,7 +226,7 @@ class _DataOrder:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(_derive(self.seed, epoch, -1))
+            generator = torch.Generator().manual_seed(rng.derive(self.seed, epoch, -1))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
         return self._perm
 
@@ -227,11 +239,6 @@ class _DataOrder:
             parts.append(chunk)
             position, count = position + len(chunk), count - len(chunk)
         return torch.cat(parts)
-
-
-def _derive(*ints: int) -> int:
-    """A 63-bit seed from a tuple of ints (tuples of ints hash the same in every process)."""
-    return hash(tuple(ints)) & ((1 << 63) - 1)
 
 
 def _identity(conf: FinetuneConfig, data) -> dict:
@@ -281,12 +288,12 @@ def _checked_state(out, identity) -> dict | None:
     return state
 
 
-def _save(out, family, family_name, model, net, ema, opt, scaler, images_seen, identity, loss) -> str:
+def _save(out, family, model, net, ema, opt, scaler, images_seen, identity, loss) -> str:
     """Rank 0 writes the snapshot and then the training state; every rank waits for it."""
     path = os.path.join(out, snapshot_name(images_seen))
     if distributed.is_main():
         theta = _cpu((ema if ema is not None else net).state_dict())
-        neon_family.write_checkpoint(family, theta, path, like=model, family=family_name, images_seen=images_seen)
+        neon_family.write_checkpoint(family, theta, path, like=model, family=family.name, images_seen=images_seen)
         checkpoint.write({"images_seen": images_seen, "identity": identity, "net": _cpu(net.state_dict()),
                           "ema": _cpu(ema.state_dict()) if ema is not None else {},
                           "optimizer": opt.state_dict(), "scaler": scaler.state_dict()},

@@ -48,6 +48,25 @@ def extrapolate(base: Mapping[str, torch.Tensor], self_trained: Mapping[str, tor
             for name, a in base.items()}
 
 
+@torch.no_grad()
+def extrapolate_into(module: torch.nn.Module, base: Mapping[str, torch.Tensor],
+                     self_trained: Mapping[str, torch.Tensor] | None, w: float) -> None:
+    """Load θ_neon = (1 + w) base − w self_trained (`extrapolate`'s arithmetic and checks) into
+    `module`'s own parameters and buffers, on their device, one tensor at a time: no second copy of
+    the network is built, and the inputs (CPU or memory-mapped) are moved a tensor at a time. With
+    `self_trained` None or w = 0 it loads `base`. Keys must be exactly the module's (strict)."""
+    target = module.state_dict()
+    _check_match(_shapes(target), _shapes(base), "the network", "base")
+    if self_trained is not None and w != 0:
+        w = _check_w(w)
+        _check_match(_shapes(base), _shapes(self_trained))
+    for name, out in target.items():
+        a = base[name].to(out.device)
+        if self_trained is not None and w != 0:
+            a = _extrapolate_tensor(a, self_trained[name].to(out.device), w, name=name)[0]
+        out.copy_(a)
+
+
 def merge_files(base_path: str, self_path: str, w: float, out_path: str, format: str = "same",
                 family=None, allow_nonfinite: bool = False) -> None:
     """Extrapolate two checkpoint files (Neon paper, Algorithm 1) into `out_path`.

@@ -6,8 +6,9 @@ they have seen, and its own `config.resolved.yaml`); through that run's `finetun
 set's `manifest.json`. Paths recorded relative are read relative to the working directory, so run it
 where the sweep ran.
 
-`run(sweep_dir)` returns {'summary': `neon.sweep.summary` (the chosen point, the evidence, the final
-metrics as mean, sd and min over the seed ranges, the gain and whether it exceeds the spread),
+`run(sweep_dir)` returns {'summary': the `neon.sweep.Summary` (the chosen point, the evidence, the final
+metrics as mean, sd and min over the seed ranges, the paired comparison and its verdict, the gain and
+whether it exceeds the spread),
 'compute': `compute`, 'pictures': name -> path written (None when not written), 'notes': lines
 saying what was left out and why}, and writes into `sweep_dir`:
 
@@ -39,7 +40,7 @@ import os
 
 import numpy as np
 
-from neon import config, distributed, finetune, merge, plots, sweep, synthetic
+from neon import config, distributed, evaluate, finetune, plots, search, sweep, synthetic
 from neon import family as neon_family
 from neon.errors import NeonError
 
@@ -83,10 +84,10 @@ def compute(records: list[dict], summary: dict, model_conf, sampler, paths: list
     run_dir = os.path.dirname(paths[0])
     synthetic_images = _synthetic_num(run_dir)
     every = sum(r["num"] for r in records)  # a point scored twice (a final point redone for IS) was generated twice
-    selection, final = summary["selection_images"], summary.get("final_images", 0)
+    selection, final = summary.selection_images, summary.final.images if summary.final else 0
     generated = every + (synthetic_images or 0)
     run_images = max((finetune.images_seen(p) or 0 for p in finetune.snapshots(run_dir)), default=0) or None
-    chosen = finetune.images_seen(summary["best_snapshot"]) if summary["best_snapshot"] != sweep.BASE else 0
+    chosen = finetune.images_seen(summary.snapshot) if summary.snapshot != sweep.BASE else 0
     steps = next((getattr(sampler, f) for f in STEP_FIELDS if isinstance(getattr(sampler, f, None), int)), None)
     result = {"synthetic_images": synthetic_images, "selection_images": selection, "final_images": final,
               "other_images": every - selection - final, "generated_images": generated,
@@ -108,25 +109,31 @@ def compute(records: list[dict], summary: dict, model_conf, sampler, paths: list
 
 def table(result: dict) -> str:
     """The report as text: the chosen point and its evidence, the final table (mean ± sd and min per
-    metric over the seed ranges, the gain against the spread), the compute lines and the pictures."""
+    metric over the seed ranges, the paired comparison, the gain against the spread), the compute lines
+    and the pictures."""
     s, c = result["summary"], result["compute"]
-    cfg = "" if s["best_cfg"] is None else f", cfg {s['best_cfg']:g}"
-    lines = [f"search {s['search']}: chosen {_name(s['best_snapshot'])}, w {s['best_w']:+g}{cfg}: "
-             f"FID {_num(s['best_fid'])} at n = {s['best_num']:,}",
-             "evidence: " + "; ".join(f"{e['points']} points at n = {e['n']:,}" for e in s["evidence"])]
-    if "final_seeds" in s:
-        ranges = s["final_seeds"]
+    cfg = "" if s.cfg is None else f", cfg {s.cfg:g}"
+    lines = [f"search {s.search}: chosen {_name(s.snapshot)}, w {s.w:+g}{cfg}: FID {_num(s.fid)} at n = {s.num:,}",
+             "evidence: " + "; ".join(f"{e['points']} points at n = {e['n']:,}" for e in s.evidence)]
+    final = s.final
+    if final is not None:
+        ranges = final.seeds
         lines += ["", f"final report: {len(ranges)} seed range{'s' if len(ranges) > 1 else ''} of "
                       f"{ranges[0][1]:,} samples from seed {ranges[0][0]:,}",
                   f"{'metric':<10} {'base':>30} {'neon':>30}"]
         for metric in sweep.METRICS:
-            if f"final_base_{metric}" in s or f"final_best_{metric}" in s:
-                lines.append(f"{metric:<10} {_cell(s, 'base', metric):>30} {_cell(s, 'best', metric):>30}")
-        if s["final_gain"] is not None:
-            verdict = ("(one range: no spread)" if s["final_spread"] is None else
-                       f"{'exceeds' if s['gain_exceeds_spread'] else 'does not exceed'} the spread "
-                       f"{_num(s['final_spread'])} (the larger sd)")
-            lines.append(f"gain (base − neon, mean FID): {s['final_gain']:+.4g} {verdict}")
+            if metric in final.base or metric in final.neon:
+                lines.append(f"{metric:<10} {_cell(final.base.get(metric)):>30} {_cell(final.neon.get(metric)):>30}")
+        pair = final.paired.get("fid")
+        if pair is not None and pair.low is not None:
+            lines.append(f"neon − base, paired by range: FID {pair.mean:+.4g} ± {pair.sd:.2g}, 95% interval "
+                         f"[{pair.low:+.4g}, {pair.high:+.4g}], {pair.improved} of {len(pair.differences)} ranges "
+                         f"improved: {final.verdict}")
+        if final.gain is not None:
+            verdict = ("(one range: no spread)" if final.spread is None else
+                       f"{'exceeds' if final.gain_exceeds_spread else 'does not exceed'} the spread "
+                       f"{_num(final.spread)} (the larger sd)")
+            lines.append(f"gain (base − neon, mean FID): {final.gain:+.4g} {verdict}")
     else:
         lines += ["", "final report: none (sweep.final_num is 0)"]
     other = f" + {c['other_images']:,} (other results)" if c["other_images"] else ""
@@ -151,24 +158,24 @@ def table(result: dict) -> str:
 
 def _fid_vs_w(records, conf, paths, summary, out) -> str:
     curves = {}
-    ns = sorted({e["n"] for e in summary["evidence"]}, reverse=True)
+    ns = sorted({e["n"] for e in summary.evidence}, reverse=True)
     for path in paths:
         for n in ns:
-            ws, fids = sweep.curve(records, conf, path, summary["best_cfg"], n)
+            ws, fids = sweep.curve(records, conf, path, summary.cfg, n)
             if len(ws) > 1 or (ws and ws != [0.0]):
                 curves[f"{_name(path)}" + (f" (n = {n:,})" if len(ns) > 1 else "")] = (ws, _nan(fids))
-    cfg = "" if summary["best_cfg"] is None else f", cfg {summary['best_cfg']:g}"
+    cfg = "" if summary.cfg is None else f", cfg {summary.cfg:g}"
     return plots.fid_vs_w(curves, os.path.join(out, "fid_vs_w.png"), title=f"FID against w ({conf.search}{cfg})")
 
 
 def _fid_w_cfg(records, conf, paths, summary, out) -> str:
     """The heat map of the chosen snapshot (of the first snapshot when the base was chosen), at the
     n with the most points scored."""
-    snapshot = summary["best_snapshot"] if summary["best_snapshot"] != sweep.BASE else paths[0]
+    snapshot = summary.snapshot if summary.snapshot != sweep.BASE else paths[0]
     rows = [r for r in sweep.selection(records, conf, paths) if r["snapshot"] in (snapshot, sweep.BASE)]
     ns = [r["num"] for r in rows]
     n = max(set(ns), key=lambda m: (ns.count(m), m))
-    ws, cfgs = sorted(set(sweep.grid(conf.w)) | {0.0}), sorted(conf.cfg)
+    ws, cfgs = sorted(set(search.grid(conf.w)) | {0.0}), sorted(conf.cfg)
     values = np.full((len(cfgs), len(ws)), np.nan)
     for r in rows:
         if r["num"] == n and r["fid"] is not None:
@@ -178,27 +185,22 @@ def _fid_w_cfg(records, conf, paths, summary, out) -> str:
 
 
 def _samples(fam, model_conf, sampler, conf, summary, out, model=None) -> str:
-    """samples.png: the base and the chosen point drawn on the same seeds and labels (the network's
-    weights are changed)."""
+    """samples.png: the base and the chosen point drawn on the same seeds and labels, through
+    `neon.evaluate.evaluate` (the network's weights are changed)."""
     if model is None:
         model = fam.load(model_conf.ckpt, model_conf.arch, distributed.device(), codec=model_conf.codec)
     fields = dict(conf.sampler)
-    if summary["best_cfg"] is not None:
-        fields["cfg"] = summary["best_cfg"]
+    if summary.cfg is not None:
+        fields["cfg"] = summary.cfg
     sampler = dataclasses.replace(sampler, **fields)
     count = SAMPLE_POINTS if model.image_size is None else SAMPLE_IMAGES
     start = conf.final_seed_base if conf.final_num else conf.seed_base
-    labels = synthetic.balanced_labels(count, model.num_classes, start)
-    base_sd = {k: v.clone() for k, v in neon_family.read_checkpoint(fam, model_conf.ckpt).weights.items()}
-    drawn = {}
-    for name, w in (("base", 0.0), (f"neon (w {summary['best_w']:+g})", summary["best_w"])):
-        if w == 0:
-            model.net.load_state_dict(base_sd)
-        else:
-            self_sd = neon_family.read_checkpoint(fam, summary["best_snapshot"]).weights
-            model.net.load_state_dict(merge.extrapolate(base_sd, self_sd, w))
-        drawn[name] = np.concatenate([synthetic.draw(fam, model, sampler, idx, labels, start).numpy()
-                                      for idx in synthetic.batches(0, count, conf.batch_size)])
+    base = neon_family.read_checkpoint(fam, model_conf.ckpt).weights
+    self_trained = (neon_family.read_checkpoint(fam, summary.snapshot).weights
+                    if summary.snapshot != sweep.BASE else None)
+    drawn = {name: evaluate.evaluate(fam, model, base, sampler, (start, count), conf.batch_size, None,
+                                     self_trained=self_trained, w=w, keep_samples=True)["samples"].numpy()
+             for name, w in (("base", 0.0), (f"neon (w {summary.w:+g})", summary.w))}
     path = os.path.join(out, "samples.png")
     if model.image_size is None:
         if hasattr(fam, "real"):
@@ -226,11 +228,10 @@ def _synthetic_num(run_dir: str) -> int | None:
     return synthetic.load_manifest(data)["num"]
 
 
-def _cell(s: dict, name: str, metric: str) -> str:
-    mean, sd, low = (s.get(f"final_{name}_{metric}{suffix}") for suffix in ("", "_sd", "_min"))
-    if mean is None:
+def _cell(stats) -> str:
+    if stats is None or stats.mean is None:
         return "-"
-    return f"{mean:.4g}" + (f" ± {sd:.2g}" if sd is not None else "") + f" (min {low:.4g})"
+    return f"{stats.mean:.4g}" + (f" ± {stats.sd:.2g}" if stats.sd is not None else "") + f" (min {stats.min:.4g})"
 
 
 def _name(snapshot: str) -> str:

@@ -36,6 +36,16 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
+def derive(*ints: int) -> int:
+    """A 63-bit seed from a tuple of ints (negative ones allowed): SplitMix64 chained over them, the same
+    in every process and Python version. The one seed derivation of the project (a fine-tune step's
+    generator from (seed, step, shard), an epoch's data order from (seed, epoch, -1))."""
+    state = torch.tensor([_signed(len(ints))], dtype=torch.int64)
+    for value in ints:
+        state = _splitmix64(state ^ _signed(value))
+    return int(state.item()) & ((1 << 63) - 1)
+
+
 def uniform(seeds: torch.Tensor, count: int, stream: int = 0) -> torch.Tensor:
     """float64 [B, count] uniform in (0, 1) on the seeds' device; row i depends only on (seeds[i], stream)."""
     seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1, 1)

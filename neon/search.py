@@ -41,6 +41,8 @@ from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 
+from neon.errors import NeonError
+
 BASE = "base"  # the snapshot of every w = 0 point: the base does not depend on the snapshot
 STRATEGIES = ("grid", "brent", "coordinate")
 GOLDEN = (3 - math.sqrt(5)) / 2  # 0.382: the golden-section fraction
@@ -48,8 +50,43 @@ DIRECTIONS = ((1, 0), (0, 1), (1, 1), (1, -1))  # coordinate search: w, cfg and 
 MAX_STEPS = 100  # coordinate search: quadratic steps at most
 QUADRATIC_POINTS = 12  # coordinate search: the scored cells a quadratic is fitted to
 
+MAX_POINTS = 10_000  # a w grid holds at most this many values
+MAX_W = 1e6  # |w| at most: (1 + w) θ − w θ_s loses float32's precision long before it overflows
 Point = tuple  # (snapshot, w, cfg)
 Choice = dict  # {'snapshot', 'w', 'cfg', 'fid', 'n', 'evidence': [{'n', 'points': [[snapshot, w, cfg, fid], ...]}]}
+
+
+def grid(spec) -> list[float]:
+    """The w values of a spec: '0:2:0.25' → [0, 0.25, …, 2]; '0,0.5' or [0, 0.5] as given. At most
+    MAX_POINTS values (counted before any is made), each with |w| <= MAX_W."""
+    bad = f"bad w grid {spec!r}"
+    try:
+        if isinstance(spec, (int, float)):
+            values = [float(spec)]
+        elif isinstance(spec, (list, tuple)):
+            values = [float(v) for v in spec]
+        elif ":" in spec:
+            start, stop, step = (float(v) for v in spec.split(":"))
+            if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step)) or step <= 0 or stop < start:
+                raise ValueError
+            if max(abs(start), abs(stop)) > MAX_W:  # before counting: a huge range would read as too many points
+                raise NeonError(f"{bad}: |w| must be at most {MAX_W:g}")
+            count = (stop - start) / step + 1
+            if not count <= MAX_POINTS:
+                raise NeonError(f"{bad}: {count:.3g} points, more than {MAX_POINTS}")
+            values = [round(start + i * step, 10) for i in range(int(round(count)))
+                      if start + i * step <= stop + 1e-9]
+        else:
+            values = [float(v) for v in spec.split(",")]
+    except (ValueError, TypeError):
+        raise NeonError(f"{bad}: use start:stop:step, a,b,c or a list") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise NeonError(f"{bad}: values must be finite")
+    if len(values) > MAX_POINTS:
+        raise NeonError(f"{bad}: {len(values)} points, more than {MAX_POINTS}")
+    if max(abs(v) for v in values) > MAX_W:
+        raise NeonError(f"{bad}: |w| must be at most {MAX_W:g}")
+    return values
 
 
 def point(snapshot: str, w: float, cfg) -> Point:
@@ -235,10 +272,6 @@ def _golden(a: int, x: int, b: int) -> int:
     if b - x >= x - a:
         return min(b - 1, x + max(1, round(GOLDEN * (b - x))))
     return max(a + 1, x - max(1, round(GOLDEN * (x - a))))
-
-
-def _number(value) -> float:
-    return 0.0 if value is None else float(value)
 
 
 def _order(value) -> float:

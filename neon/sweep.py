@@ -8,9 +8,9 @@ fraction of what it scored is scored again at n = `num`. The chosen point is the
 n = num among the grid's points in results.jsonl.
 
 Every evaluation of n samples uses the seeds [seed_base, seed_base + n): the same seeds for every
-point, so differences between points are not sampling noise. It scores them through
-`neon.metrics.score` (the project's one scoring path) by the Fréchet distance between the samples'
-features and reference statistics. θ of the base and of every snapshot is read with
+point, so differences between points are not sampling noise. Each point is scored by
+`neon.evaluate.evaluate` (the project's one path from θ_neon(w) to a score) by the Fréchet distance
+between the samples' features and reference statistics. θ of the base and of every snapshot is read with
 `neon.family.read_checkpoint`, as `neon merge` reads it. Each evaluation is one line of
 `results.jsonl` (snapshot, w, cfg, num, seeds, the sampler overrides `sampler`, the metrics, wall
 time; a metric that is not finite is written as null). A line already there, with the same key
@@ -20,11 +20,13 @@ search resumes, and a grid after a search reuses its points.
 The final report scores the chosen point and the base on `final_seeds` disjoint seed ranges of
 `final_num` samples, [final_seed_base + i·final_num, final_seed_base + (i + 1)·final_num), where
 asked with the Inception score and precision/recall as well (image families: those points take all
-their features from Inception). The summary gives mean, sd and min of each metric over the ranges,
-and says whether the gain (the base's mean FID − the chosen point's) exceeds the spread (the larger
-of the two FID sds).
+their features from Inception). The `Summary` gives mean, sd and min of each metric over the ranges
+(`neon.evaluate.summarize`), the paired comparison range by range (`neon.evaluate.paired`: mean
+difference, sd, 95% interval, ranges improved) and its verdict, and whether the gain (the base's mean
+FID − the chosen point's) exceeds the spread (the larger of the two FID sds).
 
-Merged weights are built in memory (no files); `neon merge` writes the chosen one to disk.
+Merged weights are built in the network's own memory on its device (no files); `neon merge` writes the
+chosen one to disk.
 """
 
 import dataclasses
@@ -32,23 +34,20 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
+from collections.abc import Iterator
 
-import torch
-
-from neon import distributed, finetune, merge, search
-from neon.io import files
+from neon import distributed, evaluate, finetune, merge, search
 from neon import family as neon_family
 from neon.errors import NeonError
+from neon.io import checkpoint, files
 from neon.metrics import fid, inception, score
+from neon.progress import Progress
 
 logger = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
 BASE = search.BASE  # the `snapshot` of w = 0 evaluations: they do not depend on the snapshot
-MAX_POINTS = 10_000  # a w grid holds at most this many values
-MAX_W = 1e6  # |w| at most: (1 + w) θ − w θ_s loses float32's precision long before it overflows
 METRICS = ("fid", "is", "is_std", "precision", "recall")
 EVIDENCE = 10  # the summary lists the best this many points of each n
 
@@ -119,7 +118,7 @@ class SweepConfig:
             raise NeonError(f"sweep.inception_score needs sweep.final_num >= {fid.IS_SPLITS}")
         if self.precision_recall and self.final_num <= fid.PR_NEIGHBOURS:
             raise NeonError(f"sweep.precision_recall needs sweep.final_num > {fid.PR_NEIGHBOURS}")
-        grid(self.w)
+        search.grid(self.w)
 
     def screen(self) -> int:
         """Samples per evaluation of the search's first round (num: no screening)."""
@@ -137,57 +136,24 @@ class SweepConfig:
         return files.finite_json({k: v for k, v in sorted(self.sampler.items()) if not (k == "cfg" and self.cfg)})
 
 
-def grid(spec) -> list[float]:
-    """The w values of a spec: '0:2:0.25' → [0, 0.25, …, 2]; '0,0.5' or [0, 0.5] as given. At most
-    MAX_POINTS values (counted before any is made), each with |w| <= MAX_W."""
-    bad = f"bad w grid {spec!r}"
-    try:
-        if isinstance(spec, (int, float)):
-            values = [float(spec)]
-        elif isinstance(spec, (list, tuple)):
-            values = [float(v) for v in spec]
-        elif ":" in spec:
-            start, stop, step = (float(v) for v in spec.split(":"))
-            if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step)) or step <= 0 or stop < start:
-                raise ValueError
-            if max(abs(start), abs(stop)) > MAX_W:  # before counting: a huge range would read as too many points
-                raise NeonError(f"{bad}: |w| must be at most {MAX_W:g}")
-            count = (stop - start) / step + 1
-            if not count <= MAX_POINTS:
-                raise NeonError(f"{bad}: {count:.3g} points, more than {MAX_POINTS}")
-            values = [round(start + i * step, 10) for i in range(int(round(count)))
-                      if start + i * step <= stop + 1e-9]
-        else:
-            values = [float(v) for v in spec.split(",")]
-    except (ValueError, TypeError):
-        raise NeonError(f"{bad}: use start:stop:step, a,b,c or a list") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise NeonError(f"{bad}: values must be finite")
-    if len(values) > MAX_POINTS:
-        raise NeonError(f"{bad}: {len(values)} points, more than {MAX_POINTS}")
-    if max(abs(v) for v in values) > MAX_W:
-        raise NeonError(f"{bad}: |w| must be at most {MAX_W:g}")
-    return values
-
-
 def run(family, model, base_path: str, sampler, conf: SweepConfig,
-        fid_conf: inception.FidConfig = inception.FidConfig()):
-    """Collective: the search (`conf.search`), then the final report. Yields each new result record
-    (a dict, as written to results.jsonl); records already in the file are skipped, not yielded.
-    Returns (as the generator's value) the summary (`summary`)."""
+        fid_conf: inception.FidConfig = inception.FidConfig()) -> Iterator[Progress]:
+    """Collective: the search (`conf.search`), then the final report. Yields progress in evaluations
+    (the total is None: a search decides as it goes), each new result record (as written to
+    results.jsonl) as a record's `info`; records already in the file are reused, not yielded. The last
+    record's `result` is the `Summary`."""
     paths = snapshot_paths(conf)
     out = output_dir(conf)
-    ref_stats = score.reference(family, conf.ref)
+    metrics = evaluate.Metrics(score.reference(family, conf.ref), fid_conf)
     if conf.cfg and "cfg" not in {f.name for f in dataclasses.fields(sampler)}:
         raise NeonError(f"sweep.cfg: the {family.name} sampler has no guidance scale `cfg`")
-    base_sd = {k: v.clone() for k, v in neon_family.read_checkpoint(family, base_path).weights.items()}
-    net = model.net
+    thetas = _Thetas(family, base_path)
     cache = {_key(r): r for r in load_results(out)}
-    scoring = (sampler, conf, fid_conf, ref_stats, out)
     start_cfg = conf.sampler.get("cfg", getattr(sampler, "cfg", None))  # the evaluation sampler's own
-    steps = search.search(conf.search, paths, grid(conf.w), conf.cfg or [None], conf.num, conf.screen(),
+    steps = search.search(conf.search, paths, search.grid(conf.w), conf.cfg or [None], conf.num, conf.screen(),
                           conf.screen_keep, start_cfg)
-    value = None
+    value, done = None, 0
+    yield Progress(done, None, "eval")
     while True:
         try:
             snapshot, w, c, n = steps.send(value)
@@ -195,71 +161,137 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
             break
         key = _key(_point(conf, snapshot, w, c, (conf.seed_base, n)))
         if key not in cache:
-            cache[key] = _evaluate(family, model, net, base_sd, snapshot, w, c, (conf.seed_base, n), *scoring)
-            yield cache[key]
+            cache[key] = _evaluate(family, model, thetas, snapshot, w, c, (conf.seed_base, n), sampler, conf,
+                                   metrics, out)
+            done += 1
+            yield Progress(done, None, "eval", info=cache[key])
         value = cache[key]["fid"]
     if conf.final_num:
         records = load_results(out)
         best = best_point(records, conf, paths)
         asked = _asked(conf)
-        done = {_key(r) for r in records if asked <= set(r)}  # a final point lacking an asked metric is redone
-        real = None  # read once, and only when a final point needs it
+        finished = {_key(r) for r in records if asked <= set(r)}  # a final point lacking an asked metric is redone
+        final_metrics = None  # real features are read once, and only when a final point needs them
         for seeds in conf.final_ranges():
             for snapshot, w in sorted({(BASE, 0.0), (best["snapshot"], best["w"])}):
-                if _key(_point(conf, snapshot, w, best["cfg"], seeds)) not in done:
-                    if conf.precision_recall and real is None:
-                        real = score.real_features(conf.precision_recall, fid_conf)
-                    yield _evaluate(family, model, net, base_sd, snapshot, w, best["cfg"], seeds, *scoring,
-                                    conf.inception_score, real)
-    net.load_state_dict(base_sd)
-    return summary(load_results(out), conf, paths)
+                if _key(_point(conf, snapshot, w, best["cfg"], seeds)) not in finished:
+                    if final_metrics is None:
+                        real = score.real_features(conf.precision_recall, fid_conf) if conf.precision_recall else None
+                        final_metrics = dataclasses.replace(metrics, inception_score=conf.inception_score, real=real)
+                    record = _evaluate(family, model, thetas, snapshot, w, best["cfg"], seeds, sampler, conf,
+                                       final_metrics, out)
+                    done += 1
+                    yield Progress(done, None, "eval", info=record)
+    merge.extrapolate_into(model.net, thetas.base, None, 0.0)
+    yield Progress(done, done, "eval", result=summary(load_results(out), conf, paths))
 
 
-def summary(records: list[dict], conf: SweepConfig, paths: list[str] | None = None) -> dict:
-    """The sweep's summary: the chosen point (`best_*`: the lowest FID at n = num), the evidence (per
-    n, how many points were scored and the best EVIDENCE of them as [snapshot, w, cfg, fid]), the
-    images the selection generated, and, with a final report, per metric of the base and of the
-    chosen point the mean (`final_base_fid`), sd (`…_sd`, None for one range) and min (`…_min`) over
-    the seed ranges, the gain of the mean FID, the spread and whether the gain exceeds it."""
+@dataclasses.dataclass(frozen=True)
+class FinalReport:
+    """The final report: the base and the chosen point on the same k disjoint seed ranges."""
+
+    seeds: list[list[int]]
+    """[first seed, samples] per range."""
+    base: dict[str, evaluate.Stats]
+    """Per metric (fid, and is, is_std, precision, recall where scored), over the ranges."""
+    neon: dict[str, evaluate.Stats]
+    paired: dict[str, evaluate.Paired | None]
+    """Per metric, neon − base range by range (None until both sides have every range)."""
+    images: int
+    """Images the final report generated."""
+    gain: float | None
+    """The base's mean FID − the chosen point's (None until every range is scored)."""
+    spread: float | None
+    """The larger of the two FID sds (None with one range)."""
+    gain_exceeds_spread: bool | None
+    verdict: str | None
+    """From the paired 95% interval of the FID differences (`neon.evaluate.verdict`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What a sweep found: the chosen point, the evidence, the selection's cost and the final report."""
+
+    search: str
+    snapshot: str
+    """The chosen snapshot (`BASE` when no snapshot beat the base)."""
+    w: float
+    cfg: float | None
+    fid: float
+    """The chosen point's FID at n = num on the selection seeds."""
+    num: int
+    evidence: list[dict]
+    """Per n: how many points were scored and the best EVIDENCE of them as [snapshot, w, cfg, fid]."""
+    selection_images: int
+    final: FinalReport | None
+    results: str
+    """The path of results.jsonl."""
+
+    def to_dict(self) -> dict:
+        """The summary as JSON-able data (what `neon sweep` prints)."""
+        return files.finite_json(dataclasses.asdict(self))
+
+
+def summary(records: list[dict], conf: SweepConfig, paths: list[str] | None = None) -> Summary:
+    """The sweep's `Summary` from its results: the chosen point (the lowest FID at n = num), the
+    evidence, the images the selection generated and, with a final report, its statistics."""
     best = best_point(records, conf, paths)
     scored = selection(records, conf, paths)
     evidence = [{"n": n, "points": sum(r["num"] == n for r in scored),
                  "best": [[r["snapshot"], r["w"], r["cfg"], r["fid"]]
                           for r in sorted((r for r in scored if r["num"] == n), key=_fid)[:EVIDENCE]]}
                 for n in sorted({r["num"] for r in scored})]
-    result = {"search": conf.search, "best_snapshot": best["snapshot"], "best_w": best["w"], "best_cfg": best["cfg"],
-              "best_fid": best["fid"], "best_num": conf.num, "evidence": evidence,
-              "selection_images": sum(r["num"] for r in scored)}
-    if conf.final_num:
-        result.update(_final(records, conf, best))
-    result["results"] = os.path.join(output_dir(conf), RESULTS)
-    return result
+    return Summary(search=conf.search, snapshot=best["snapshot"], w=best["w"], cfg=best["cfg"], fid=best["fid"],
+                   num=conf.num, evidence=evidence, selection_images=sum(r["num"] for r in scored),
+                   final=_final(records, conf, best) if conf.final_num else None,
+                   results=os.path.join(output_dir(conf), RESULTS))
 
 
-def _final(records: list[dict], conf: SweepConfig, best: dict) -> dict:
-    """The final report's part of the summary (`summary`)."""
+def _final(records: list[dict], conf: SweepConfig, best: dict) -> FinalReport:
+    """The final report's statistics (`FinalReport`)."""
     latest = {_key(r): r for r in records}
-    result = {"final_seeds": [list(seeds) for seeds in conf.final_ranges()]}
-    fids, used = {}, {}
-    for name, (snapshot, w) in (("base", (BASE, 0.0)), ("best", (best["snapshot"], best["w"]))):
+    sides, used = {}, {}
+    for name, (snapshot, w) in (("base", (BASE, 0.0)), ("neon", (best["snapshot"], best["w"]))):
         keys = [_key(_point(conf, snapshot, w, best["cfg"], seeds)) for seeds in conf.final_ranges()]
-        found = [latest[k] for k in keys if k in latest]
+        sides[name] = [latest.get(k) for k in keys]
         used.update((k, latest[k]["num"]) for k in keys if k in latest)
-        for metric in METRICS:
-            values = [r[metric] for r in found if r.get(metric) is not None]
-            if metric == "fid" or values:
-                stats = _stats(values)
-                result[f"final_{name}_{metric}"] = stats["mean"]
-                result[f"final_{name}_{metric}_sd"] = stats["sd"]
-                result[f"final_{name}_{metric}_min"] = stats["min"]
-        fids[name] = [r["fid"] for r in found if r.get("fid") is not None]
-    result["final_images"] = sum(used.values())
-    complete = all(len(v) == conf.final_seeds for v in fids.values())
-    gain = statistics.fmean(fids["base"]) - statistics.fmean(fids["best"]) if complete else None
-    spread = max(_stats(fids["base"])["sd"], _stats(fids["best"])["sd"]) if complete and conf.final_seeds > 1 else None
-    result.update(final_gain=gain, final_spread=spread,
-                  gain_exceeds_spread=None if spread is None else bool(gain > spread))
-    return result
+    stats, comparisons = {"base": {}, "neon": {}}, {}
+    for metric in METRICS:
+        values = {name: [r.get(metric) for r in rows if r is not None] for name, rows in sides.items()}
+        if metric != "fid" and not any(v is not None for vs in values.values() for v in vs):
+            continue
+        for name in stats:
+            stats[name][metric] = evaluate.summarize([v for v in values[name] if v is not None])
+        complete = all(r is not None and r.get(metric) is not None for rows in sides.values() for r in rows)
+        comparisons[metric] = (evaluate.paired([r[metric] for r in sides["neon"]], [r[metric] for r in sides["base"]])
+                               if complete else None)
+    fid_pair = comparisons["fid"]
+    gain = -fid_pair.mean if fid_pair is not None else None
+    spread = (max(stats["base"]["fid"].sd, stats["neon"]["fid"].sd)
+              if fid_pair is not None and conf.final_seeds > 1 else None)
+    return FinalReport(seeds=[list(seeds) for seeds in conf.final_ranges()], base=stats["base"], neon=stats["neon"],
+                       paired=comparisons, images=sum(used.values()), gain=gain, spread=spread,
+                       gain_exceeds_spread=None if spread is None else bool(gain > spread),
+                       verdict=evaluate.verdict(fid_pair) if fid_pair is not None else None)
+
+
+class _Thetas:
+    """θ of the base (read once) and of the snapshot in use (memory-mapped where the file allows it, so the
+    ranks of a node share its pages), for `evaluate.evaluate`."""
+
+    def __init__(self, family, base_path: str):
+        self.family = family
+        self.base = neon_family.read_checkpoint(family, base_path).weights
+        self.path, self.weights = None, None
+
+    def of(self, snapshot: str):
+        if snapshot == BASE:
+            return None
+        if snapshot != self.path:
+            self.path, self.weights = None, None  # drop the last mapping before the next one is made
+            mmap = checkpoint.format_of(snapshot) == "pt"
+            self.path, self.weights = snapshot, neon_family.read_checkpoint(self.family, snapshot, mmap=mmap).weights
+        return self.weights
 
 
 def snapshot_paths(conf: SweepConfig) -> list[str]:
@@ -305,29 +337,25 @@ def selection(records: list[dict], conf: SweepConfig, paths: list[str] | None = 
     """This sweep's selection records, at any n: the grid's points on the selection seeds with this
     sweep's sampler overrides; the latest of each key."""
     paths = set(paths if paths is not None else finetune.snapshots(conf.self_trained or ""))
-    ws, cfgs, overrides = set(grid(conf.w)) | {0.0}, set(conf.cfg or [None]), _sampler_key(conf.overrides())
+    ws, cfgs, overrides = set(search.grid(conf.w)) | {0.0}, set(conf.cfg or [None]), _sampler_key(conf.overrides())
     latest = {_key(r): r for r in records
               if r["seeds"][0] == conf.seed_base and _sampler_key(r.get("sampler")) == overrides
               and r["w"] in ws and r["cfg"] in cfgs and (r["snapshot"] == BASE or r["snapshot"] in paths)}
     return list(latest.values())
 
 
-def _evaluate(family, model, net, base_sd, snapshot, w, c, seeds, sampler, conf, fid_conf, ref_stats, out,
-              with_is: bool = False, real: torch.Tensor | None = None) -> dict:
+def _evaluate(family, model, thetas: _Thetas, snapshot, w, c, seeds, sampler, conf: SweepConfig,
+              metrics: evaluate.Metrics, out: str) -> dict:
+    """Score one point through `neon.evaluate.evaluate` and append its record to results.jsonl (rank 0)."""
     started = time.time()
-    if snapshot == BASE:
-        net.load_state_dict(base_sd)
-    else:
-        self_sd = neon_family.read_checkpoint(family, snapshot).weights
-        net.load_state_dict(merge.extrapolate(base_sd, self_sd, w))
     fields = dict(conf.sampler)
     if c is not None:
         fields["cfg"] = c
-    metrics = score.generate_and_score(family, model, dataclasses.replace(sampler, **fields), seeds, conf.batch_size,
-                                       fid_conf, ref_stats, with_is, real)
-    record = files.finite_json({**_point(conf, snapshot, w, c, seeds), **metrics,
-                                     "seconds": round(time.time() - started, 3)})
-    if real is not None:
+    scores = evaluate.evaluate(family, model, thetas.base, dataclasses.replace(sampler, **fields), seeds,
+                               conf.batch_size, metrics, self_trained=thetas.of(snapshot), w=w)
+    record = files.finite_json({**_point(conf, snapshot, w, c, seeds), **scores,
+                                "seconds": round(time.time() - started, 3)})
+    if metrics.real is not None:
         record["real"] = conf.precision_recall
     if distributed.is_main():
         os.makedirs(out, exist_ok=True)
@@ -358,12 +386,3 @@ def _sampler_key(overrides: dict | None) -> str:
 
 def _fid(record: dict) -> float:
     return math.inf if record.get("fid") is None else record["fid"]
-
-
-def _stats(values: list[float]) -> dict:
-    """mean, sd (None for fewer than two values) and min of `values` (all None when empty)."""
-    if not values:
-        return {"mean": None, "sd": None, "min": None}
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values)}
-

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ import torch
 from neon import distributed, log
 from neon.errors import NeonError, NonFiniteError
 from neon.io import files, rows
+from neon.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +77,18 @@ def draw(family, model, sampler, indices: range, labels: torch.Tensor, seed_base
     return family.sample(model, labels[indices.start:indices.stop], seeds, sampler).cpu()
 
 
-def write(family, model, sampler, conf: SyntheticConfig, family_name: str, base_sha256: str):
+def write(family, model, sampler, conf: SyntheticConfig, base_sha256: str) -> Iterator[Progress]:
     """Collective: draw the synthetic set described by `conf` into `conf.out`, resuming a partial one.
 
-    Yields the number of samples finished after each round of shards (for a progress bar); the set
-    is complete when the generator is exhausted. Raises NeonError when `conf.out` holds a set made
+    Yields progress in samples: the samples already there, then one record per round of shards; the
+    last record's `result` is `conf.out`, complete. Raises NeonError when `conf.out` holds a set made
     with other settings.
     """
     if not conf.out:
         raise NeonError("synthetic.out (--out) is required")
     num_shards = -(-conf.num // conf.shard_size)
     settings = {
-        "family": family_name, "base_sha256": base_sha256, "sampler": _plain(sampler),
+        "family": family.name, "base_sha256": base_sha256, "sampler": _plain(sampler),
         "num": conf.num, "labels": conf.labels, "num_classes": model.num_classes if conf.labels == "balanced" else 0,
         "seed_base": conf.seed_base, "shard_size": conf.shard_size, "batch_size": conf.batch_size,
     }
@@ -94,7 +96,11 @@ def write(family, model, sampler, conf: SyntheticConfig, family_name: str, base_
     labels = balanced_labels(conf.num, settings["num_classes"], conf.seed_base)
     done = {name for name in manifest["shards"] if os.path.exists(os.path.join(conf.out, name))}
     pending = [j for j in range(num_shards) if _shard_name(j) not in done]
-    yield conf.num - sum(_shard_len(j, conf) for j in pending)
+    done = conf.num - sum(_shard_len(j, conf) for j in pending)
+    if not pending:
+        yield Progress(done, conf.num, "sample", result=conf.out)
+        return
+    yield Progress(done, conf.num, "sample")
     for round_start in range(0, len(pending), distributed.world()):
         todo = pending[round_start:round_start + distributed.world()]
         mine = distributed.shard(todo)
@@ -109,7 +115,8 @@ def write(family, model, sampler, conf: SyntheticConfig, family_name: str, base_
             # the writer hashed these shards itself: readers need not hash them again
             _stamp(conf.out, {name: manifest["shards"][name] for name in map(_shard_name, todo)})
         distributed.barrier()
-        yield sum(_shard_len(j, conf) for j in todo)
+        done += sum(_shard_len(j, conf) for j in todo)
+        yield Progress(done, conf.num, "sample", result=conf.out if done == conf.num else None)
 
 
 def _write_shard(family, model, sampler, conf, labels, j) -> tuple[str, str, list]:

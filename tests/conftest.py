@@ -56,7 +56,7 @@ def synthetic_set(tmp_path, base_ckpt):
     """A complete 96-sample toy synthetic set in 4 shards."""
     conf = synthetic.SyntheticConfig(out=str(tmp_path / "synthetic"), num=96, batch_size=16, shard_size=24,
                                      labels="none")
-    for _ in synthetic.write(family, family.load(base_ckpt), ToySampler(zeta=1.1), conf, "toy", "sha"):
+    for _ in synthetic.write(family, family.load(base_ckpt), ToySampler(zeta=1.1), conf, "sha"):
         pass
     return conf.out
 

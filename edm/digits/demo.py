@@ -183,8 +183,8 @@ def _synthetic(out: str, fam, base, base_path: str, sampler, section: dict) -> s
     """S: `section['num']` samples of the base with `sampler`, balanced labels (resumable)."""
     conf = synthetic.SyntheticConfig(out=os.path.join(out, "synthetic"), **section)
     bar = log.progress(total=conf.num, unit="img", desc="S")
-    for done in synthetic.write(fam, base, sampler, conf, fam.name, files.sha256(base_path)):
-        bar.update(done)
+    for record in synthetic.write(fam, base, sampler, conf, files.sha256(base_path)):
+        bar.update(record.done - bar.n)
     bar.close()
     return conf.out
 
@@ -214,8 +214,8 @@ def _train(fam, model, section: dict, desc: str) -> None:
     """`neon.finetune.run` with a progress bar (resumes from the run directory's state)."""
     conf = config.build(finetune.FinetuneConfig, section, desc)
     bar = log.progress(total=conf.total_images, unit="img", desc=desc)
-    for step in finetune.run(fam, model, conf, fam.name):
-        bar.update(step["images_seen"] - bar.n)
+    for record in finetune.run(fam, model, conf):
+        bar.update(record.done - bar.n)
     bar.close()
 
 

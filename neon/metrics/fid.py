@@ -19,7 +19,8 @@ from neon import distributed
 from neon.errors import NeonError
 from neon.metrics import images as image_sources
 from neon.metrics import inception, stats
-from neon.metrics.inception import FidConfig, Step
+from neon.metrics.inception import FidConfig
+from neon.progress import Progress
 
 IS_SPLITS = 10  # the Inception score is the mean (and std) over 10 splits (Salimans et al. 2016)
 PR_NEIGHBOURS = 5  # precision/recall with k = 5 (Kynkäänniemi et al. 2019; ADM's evaluator)
@@ -92,28 +93,28 @@ def precision_recall(features: torch.Tensor, real: torch.Tensor, k: int = PR_NEI
     return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
-def reference_statistics(source: str, out: str, conf: FidConfig) -> Iterator[Step]:
+def reference_statistics(source: str, out: str, conf: FidConfig) -> Iterator[Progress]:
     """Collective: write the statistics of the pool features of image source `source` to `out`
-    (`.npz` with mu, sigma; rank 0 writes). Yields `inception.extract`'s steps; the last one's
-    `result` is {'num': N}."""
+    (`.npz` with mu, sigma; rank 0 writes). Yields progress in images; the last record's `result` is
+    {'num': N}."""
     images = image_sources.source(source)
     if len(images) < 2:
         raise NeonError(f"{source}: statistics need at least 2 images, got {len(images)}")
     inception.weights_path(conf.inception_weights)  # the inputs first; a missing weights file fails every rank at once
-    features = yield from _features(images, conf, len(images))
+    features = {}
+    yield from _features(images, conf, 0, len(images), features)
     if distributed.is_main():
         stats.save(out, *statistics(features["pool"]))
     distributed.barrier()
-    yield Step(0, len(images), {"num": len(images)})
+    yield Progress(len(images), len(images), "img", result={"num": len(images)})
 
 
 def evaluate(source: str, ref: str, conf: FidConfig, with_is: bool = False,
-             real: str | None = None) -> Iterator[Step]:
+             real: str | None = None) -> Iterator[Progress]:
     """Collective: FID of image source `source` against reference statistics `ref`; `with_is` adds
     its Inception score, `real` (an image source) its precision and recall against those images.
-    Yields `inception.extract`'s steps (both sources); the last one's `result` is {'images', 'num',
-    'ref', 'fid'[, 'is', 'is_std'][, 'real', 'num_real', 'precision', 'recall']}, the same on every
-    rank."""
+    Yields progress in images (both sources); the last record's `result` is {'images', 'num', 'ref',
+    'fid'[, 'is', 'is_std'][, 'real', 'num_real', 'precision', 'recall']}, the same on every rank."""
     images = image_sources.source(source)
     real_images = image_sources.source(real) if real is not None else None
     mu, sigma = stats.load(ref)
@@ -128,34 +129,34 @@ def evaluate(source: str, ref: str, conf: FidConfig, with_is: bool = False,
                         f"each set, got {len(images)} and {len(real_images)}")
     inception.weights_path(conf.inception_weights)  # the inputs first; a missing weights file fails every rank at once
     total = len(images) + (len(real_images) if real_images is not None else 0)
-    features = yield from _features(images, conf, total)
+    features, real_features = {}, {}
+    yield from _features(images, conf, 0, total, features)
     result = {"images": source, "num": len(images), "ref": ref,
               "fid": frechet_distance(statistics(features["pool"]), (mu, sigma))}
     if with_is:
         result["is"], result["is_std"] = inception_score(features["logits"])
     if real_images is not None:
-        real_features = yield from _features(real_images, conf, total)
+        yield from _features(real_images, conf, len(images), total, real_features)
         result["real"], result["num_real"] = real, len(real_images)
         result["precision"], result["recall"] = precision_recall(features["pool"], real_features["pool"])
-    yield Step(0, total, result)
+    yield Progress(total, total, "img", result=result)
 
 
 def features_of(images, conf: FidConfig) -> dict:
-    """Collective: {'pool', 'logits'} of every image of `images`, without progress steps."""
-    steps = _features(images, conf, len(images))
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    """Collective: {'pool', 'logits'} of every image of `images`, without progress records."""
+    features = {}
+    for _ in _features(images, conf, 0, len(images), features):
+        pass
+    return features
 
 
-def _features(images, conf: FidConfig, total: int):
-    """Collective: yields the progress steps of `inception.extract` (counted against `total`, the
-    images of the whole computation) and returns its features."""
+def _features(images, conf: FidConfig, offset: int, total: int, into: dict) -> Iterator[Progress]:
+    """Collective: the progress of `inception.extract` over `images` (counted from `offset` against
+    `total`, the images of the whole computation); fills `into` with its features."""
     with distributed.main_first():  # rank 0 downloads the weights first when there is no local file
         extractor = inception.shared(conf)
-    for step in inception.extract(extractor, images, conf.batch_size):
-        if step.result is not None:
-            return step.result
-        yield Step(step.images, total)
+    for record in inception.extract(extractor, images, conf.batch_size):
+        if record.result is not None:
+            into.update(record.result)
+        else:
+            yield Progress(offset + record.done, total, "img")

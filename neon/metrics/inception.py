@@ -16,11 +16,12 @@ recipe's `fid` section); nothing here is set module-wide.
 import dataclasses
 import logging
 import os
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import torch
 
 from neon import distributed, synthetic
+from neon.progress import Progress
 from neon.io import checkpoint
 from neon.errors import NeonError
 
@@ -49,15 +50,6 @@ class FidConfig:
     def __post_init__(self):
         if self.batch_size <= 0:
             raise NeonError("fid.batch_size must be > 0")
-
-
-class Step(NamedTuple):
-    """One step of a long metric computation, for a progress bar: `images` all ranks finished in
-    it, of `total`. The last step carries the `result`."""
-
-    images: int
-    total: int
-    result: dict | None = None
 
 
 def weights_path(weights: str | None) -> str | None:
@@ -136,22 +128,23 @@ def forward(extractor: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Ten
     return pool.cpu(), logits.cpu()
 
 
-def extract(extractor: torch.nn.Module, images, batch_size: int) -> Iterator[Step]:
+def extract(extractor: torch.nn.Module, images, batch_size: int) -> Iterator[Progress]:
     """Collective: the features of every image of `images` (a `neon.metrics.images.Images`).
 
     The images are cut into batches of `batch_size` and the batches dealt round-robin to the ranks;
-    each rank yields one Step per round (the images of every rank in that round, for a progress
-    bar), then the features are gathered in index order, so they are the same for any world size.
-    The last Step's result is {'pool': float32 [N,2048], 'logits': float32 [N,1008]}.
+    each rank yields one record per round (the images of every rank so far, for a progress bar), then
+    the features are gathered in index order, so they are the same for any world size. The last
+    record's result is {'pool': float32 [N,2048], 'logits': float32 [N,1008]}.
     """
     batches = synthetic.batches(0, len(images), batch_size)
     world = distributed.world()
     mine = []
     for j, indices in enumerate(distributed.shard(batches)):
         mine.append((indices.start, *forward(extractor, images.read(indices))))
-        yield Step(sum(len(b) for b in batches[j * world:(j + 1) * world]), len(images))
+        yield Progress(sum(len(b) for b in batches[:(j + 1) * world]), len(images), "img")
     parts = sorted((part for rank in distributed.gather_objects(mine) for part in rank), key=lambda p: p[0])
-    yield Step(0, len(images), {"pool": torch.cat([p[1] for p in parts]), "logits": torch.cat([p[2] for p in parts])})
+    features = {"pool": torch.cat([p[1] for p in parts]), "logits": torch.cat([p[2] for p in parts])}
+    yield Progress(len(images), len(images), "img", result=features)
 
 
 _cached: dict = {}  # (weights path, device) -> the extractor, one at a time

@@ -39,12 +39,16 @@ def reference(family, ref: str | None) -> tuple:
 
 def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_size: int,
                        conf: inception.FidConfig, ref_stats, with_is: bool = False,
-                       real: torch.Tensor | None = None) -> dict:
+                       real: torch.Tensor | None = None, keep_samples: bool = False,
+                       keep_features: bool = False) -> dict:
     """Collective: {'fid'} of the samples with seeds [start, start + num) against `ref_stats`, the
     same on every rank. `with_is` adds 'is' and 'is_std'; `real` (pool features [M, 2048]) adds
     'precision' and 'recall'. With either, the samples must be uint8 images and every feature is
     Inception's (pool features for FID and precision/recall, logits for IS). A model whose samples
-    are not finite (NaN or inf, on any rank) scores {'fid': None, 'nonfinite': True}."""
+    are not finite (NaN or inf, on any rank) scores {'fid': None, 'nonfinite': True}. `keep_samples`
+    and `keep_features` add 'samples' (CPU, seed order) and 'features' (those FID was computed on,
+    float64 [num, D]), gathered from every rank. Callers evaluating θ_neon go through
+    `neon.evaluate.evaluate`."""
     start, num = seeds
     labels = synthetic.balanced_labels(num, model.num_classes, start)
     inception_only = with_is or real is not None
@@ -58,8 +62,8 @@ def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_siz
         if samples.is_floating_point() and not torch.isfinite(samples).all():
             nonfinite = True
             break
-        feats.append((idx.start, inception.pool_and_logits(samples, conf) if inception_only
-                      else (features(family, samples, conf),)))
+        feats.append((idx.start, (inception.pool_and_logits(samples, conf) if inception_only
+                                  else (features(family, samples, conf),)) + ((samples,) if keep_samples else ())))
     if distributed.all_reduce_sum(torch.tensor([float(nonfinite)])).item() > 0:
         return {"fid": None, "nonfinite": True}
     gathered = sorted((item for part in distributed.gather_objects(feats) for item in part), key=lambda t: t[0])
@@ -69,6 +73,10 @@ def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_siz
         result["is"], result["is_std"] = fid.inception_score(torch.cat([f[1] for _, f in gathered]))
     if real is not None:
         result["precision"], result["recall"] = fid.precision_recall(pool, real)
+    if keep_features:
+        result["features"] = pool.double()
+    if keep_samples:
+        result["samples"] = torch.cat([f[-1] for _, f in gathered])
     return result
 
 

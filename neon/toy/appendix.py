@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from neon import diagnose, finetune, log, sweep, synthetic
+from neon import diagnose, finetune, log, progress, sweep, synthetic
 from neon.io import files
 from neon.errors import NeonError
 from neon.family import write_checkpoint
@@ -76,20 +76,17 @@ def run_setting(out: str, setting: dict, epochs: tuple[int, ...], w_grid: str, e
     model = family.load(base_path)
     syn = synthetic.SyntheticConfig(out=os.path.join(folder, "synthetic"), num=NUM_SYNTHETIC,
                                     batch_size=NUM_SYNTHETIC, shard_size=NUM_SYNTHETIC, labels="none")
-    for _ in synthetic.write(family, model, sampler, syn, family.name, files.sha256(base_path)):
-        pass
+    progress.last(synthetic.write(family, model, sampler, syn, files.sha256(base_path)))
     step = int(np.gcd.reduce(epochs)) * NUM_SYNTHETIC
     ft = finetune.FinetuneConfig(data=syn.out, out=os.path.join(folder, "run"), total_images=max(epochs) * NUM_SYNTHETIC,
                                  batch_size=NUM_SYNTHETIC, lr=FT_LR[kind], snapshot_every_images=step)
-    for _ in finetune.run(family, family.load(base_path), ft, family.name):
-        pass
+    progress.last(finetune.run(family, family.load(base_path), ft))
     rows = []
     for epoch in epochs:
         snapshot = os.path.join(ft.out, finetune.snapshot_name(epoch * NUM_SYNTHETIC))
         sw = sweep.SweepConfig(self_trained=snapshot, w=w_grid, num=eval_num, batch_size=eval_num,
                                out=os.path.join(folder, "sweep"), sampler=NEUTRAL[kind])
-        for _ in sweep.run(family, model, base_path, sampler, sw):
-            pass
+        progress.last(sweep.run(family, model, base_path, sampler, sw))
         ws, fids = sweep.curve(sweep.load_results(sw.out), sw, snapshot)
         best = min(range(len(ws)), key=fids.__getitem__)
         rows.append({"model": kind, "sampler": setting["sampler"], "method": sampler.method if kind == "diffusion" else None,

@@ -45,8 +45,8 @@ def test_sample_finetune_merge_sweep_through_the_cli(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     finals = {(x["snapshot"], x["w"]): x["fid"] for x in map(json.loads, open(tmp_path / "sweep" / "results.jsonl"))
               if x["num"] == 16}
-    assert summary["final_base_fid"] == finals[("base", 0.0)]
-    assert summary["final_best_fid"] == finals[(summary["best_snapshot"], summary["best_w"])]
+    assert summary["final"]["base"]["fid"]["mean"] == finals[("base", 0.0)]
+    assert summary["final"]["neon"]["fid"]["mean"] == finals[(summary["snapshot"], summary["w"])]
 
 
 def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys):

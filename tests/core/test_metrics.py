@@ -104,7 +104,7 @@ class FakeInception(torch.nn.Module):
 def test_extract_gathers_features_in_index_order_for_any_world_size(tmp_path, monkeypatch):
     source = images.source(write_npz(tmp_path / "x.npz", torch.cat([smooth(4, 0), noise(3, 1)])))
     *steps, last = inception.extract(FakeInception(), source, batch_size=2)
-    assert [s.images for s in steps] == [2, 2, 2, 1] and all(s.total == 7 for s in steps)
+    assert [s.done for s in steps] == [2, 4, 6, 7] and all(s.total == 7 for s in steps)  # cumulative
     # two ranks, simulated in turn: rank 1 takes batches 1 and 3, rank 0 batches 0 and 2
     parts = {}
     monkeypatch.setattr(distributed, "world", lambda: 2)
@@ -117,7 +117,7 @@ def test_extract_gathers_features_in_index_order_for_any_world_size(tmp_path, mo
         monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
         monkeypatch.setattr(distributed, "gather_objects", gather)
         *rank_steps, gathered = inception.extract(FakeInception(), source, batch_size=2)
-    assert [s.images for s in rank_steps] == [4, 3]  # rank 0's bar counts both ranks' images per round
+    assert [s.done for s in rank_steps] == [4, 7]  # rank 0's bar counts both ranks' images per round
     for key in ("pool", "logits"):
         assert torch.equal(gathered.result[key], last.result[key])
     # features of batches of 2 against one batch of 7: equal within float tolerance (DESIGN.md, Determinism)
@@ -172,7 +172,7 @@ class ImageStub:
 def test_image_sources_read_the_same_images(tmp_path):
     batch = torch.cat([smooth(5, 7), noise(2, 8)])
     conf = synthetic.SyntheticConfig(out=str(tmp_path / "S"), num=7, batch_size=2, shard_size=3, labels="none")
-    for _ in synthetic.write(ImageStub(), family.Model(net=torch.nn.Identity()), {}, conf, "stub", "sha"):
+    for _ in synthetic.write(ImageStub(), family.Model(net=torch.nn.Identity()), {}, conf, "sha"):
         pass
     data = synthetic.read(conf.out)
     made = data.read(range(len(data)))

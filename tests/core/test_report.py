@@ -3,6 +3,7 @@ compute lines, and the three pictures (valid PNGs of the stated sizes)."""
 
 import dataclasses
 import struct
+import types
 
 import pytest
 import torch
@@ -62,15 +63,15 @@ def test_report_of_a_toy_run_with_a_joint_w_cfg_search(tmp_path, capsys, one_thr
     s, c = result["summary"], result["compute"]
     records = sweep.load_results(out)
     finals = [r for r in records if r["seeds"][0] >= 2_000_000]
-    assert s["final_seeds"] == [[2_000_000, 64], [2_000_064, 64], [2_000_128, 64]]
-    assert {tuple(r["seeds"]) for r in finals} == {tuple(seeds) for seeds in s["final_seeds"]}
+    assert s.final.seeds == [[2_000_000, 64], [2_000_064, 64], [2_000_128, 64]]
+    assert {tuple(r["seeds"]) for r in finals} == {tuple(seeds) for seeds in s.final.seeds}
     base = [r["fid"] for r in finals if r["snapshot"] == "base"]
-    assert s["final_base_fid"] == pytest.approx(sum(base) / 3) and s["final_base_fid_min"] == min(base)
-    assert s["final_base_fid_sd"] > 0 and s["search"] == "coordinate" and [e["n"] for e in s["evidence"]] == [32, 128]
+    assert s.final.base["fid"].mean == pytest.approx(sum(base) / 3) and s.final.base["fid"].min == min(base)
+    assert s.final.base["fid"].sd > 0 and s.search == "coordinate" and [e["n"] for e in s.evidence] == [32, 128]
     text = report.table(result)
-    assert f"{s['final_base_fid']:.4g} ± {s['final_base_fid_sd']:.2g} (min {s['final_base_fid_min']:.4g})" in text
+    assert f"{s.final.base['fid'].mean:.4g} ± {s.final.base['fid'].sd:.2g} (min {s.final.base['fid'].min:.4g})" in text
     assert "final report: 3 seed ranges of 64 samples from seed 2,000,000" in text
-    assert f"the spread {s['final_spread']:.4g} (the larger sd)" in text and "17 points at n = 32" in text
+    assert f"the spread {s.final.spread:.4g} (the larger sd)" in text and "17 points at n = 32" in text
     # compute: S, the selection's evaluations, the final report; the fine-tune against the base's training
     assert (c["synthetic_images"], c["finetune_images"], c["base_training_images"]) == (64, 128, 1_000_000)
     assert c["selection_images"] == sum(r["num"] for r in records if r["seeds"][0] == 1_000_000)
@@ -90,7 +91,7 @@ def test_report_of_a_w_sweep_skips_the_heat_map_and_says_so(tmp_path, one_thread
     result = report.run(out)
     text = report.table(result)
     assert result["pictures"]["fid_w_cfg"] is None and "fid_w_cfg.png: not written (cfg was not swept)" in text
-    assert "(one range: no spread)" in text and result["summary"]["final_base_fid_sd"] is None
+    assert "(one range: no spread)" in text and result["summary"].final.base["fid"].sd is None
     assert result["compute"]["steps_per_image"] == 20 and "20 per generated image (the sampler's steps)" in text
     assert _png_size(result["pictures"]["fid_vs_w"]) == plots.SIZE_FID
     assert _png_size(result["pictures"]["samples"]) == plots.SIZE_SCATTER
@@ -103,7 +104,7 @@ def test_samples_of_an_image_family_are_a_grid_of_the_same_seeds(tmp_path):
     write_checkpoint(custom, {k: v + 0.1 for k, v in tiny.net.state_dict().items()}, snapshot, like=tiny)
     conf = sweep.SweepConfig(self_trained=snapshot, final_num=16)
     path = report._samples(custom, ModelConfig(ckpt=base), custom.Sampler(), conf,
-                           {"best_w": 1.0, "best_snapshot": snapshot, "best_cfg": None}, str(tmp_path))
+                           types.SimpleNamespace(w=1.0, snapshot=snapshot, cfg=None), str(tmp_path))
     # 8 images of 8 px shown at 6x, plus the row titles' margin: plots.sample_grid's stated size
     assert _png_size(path) == (8 * 8 * 6 + 120, 2 * (8 * 6 + 8) + 16)
     seeds = torch.arange(8) + conf.final_seed_base

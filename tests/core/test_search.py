@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from neon import search, sweep
+from neon import search
 
-WS = sweep.grid("-2:2:0.25")  # the toy recipes' grid: 17 values
+WS = search.grid("-2:2:0.25")  # the toy recipes' grid: 17 values
 CFGS = [1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4, 3.6]  # VAR-d16's 14 guidance scales
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from neon import finetune, merge, sweep
+from neon import finetune, merge, search, sweep
 from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import Model, read_checkpoint, write_checkpoint
@@ -15,12 +15,12 @@ from neon.toy.family import ToySampler, family
 
 
 def test_grid_parsing():
-    assert sweep.grid("0:2:0.5") == [0.0, 0.5, 1.0, 1.5, 2.0]
-    assert sweep.grid("-1:1:0.125")[:3] == [-1.0, -0.875, -0.75] and len(sweep.grid("-1:1:0.125")) == 17
-    assert sweep.grid("0,0.3") == [0.0, 0.3] and sweep.grid([1, 2]) == [1.0, 2.0] and sweep.grid(0.5) == [0.5]
+    assert search.grid("0:2:0.5") == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert search.grid("-1:1:0.125")[:3] == [-1.0, -0.875, -0.75] and len(search.grid("-1:1:0.125")) == 17
+    assert search.grid("0,0.3") == [0.0, 0.3] and search.grid([1, 2]) == [1.0, 2.0] and search.grid(0.5) == [0.5]
     for bad in ("0:2", "2:0:1", "a,b", "0:1:0", [float("nan")]):
         with pytest.raises(NeonError, match="bad w grid"):
-            sweep.grid(bad)
+            search.grid(bad)
 
 
 def test_frechet_distance_matches_the_closed_form():
@@ -37,7 +37,7 @@ def test_frechet_distance_matches_the_closed_form():
 def run_dir(tmp_path, base_ckpt, synthetic_set):
     conf = finetune.FinetuneConfig(data=synthetic_set, out=str(tmp_path / "run"), total_images=192, batch_size=32,
                                    lr=1e-3, snapshot_every_images=96)
-    for _ in finetune.run(family, family.load(base_ckpt), conf, "toy"):
+    for _ in finetune.run(family, family.load(base_ckpt), conf):
         pass
     return conf.out
 
@@ -45,7 +45,8 @@ def run_dir(tmp_path, base_ckpt, synthetic_set):
 def _sweep(base_ckpt, run_dir, tmp_path, **kw):
     conf = sweep.SweepConfig(**{**dict(self_trained=run_dir, w="-1:1:1", num=64, batch_size=16, final_num=32,
                                        out=str(tmp_path / "sweep"), sampler={"zeta": 1.0}), **kw})
-    return conf, list(sweep.run(family, family.load(base_ckpt), base_ckpt, ToySampler(zeta=1.1), conf))
+    return conf, [r.info for r in sweep.run(family, family.load(base_ckpt), base_ckpt, ToySampler(zeta=1.1), conf)
+                  if r.info is not None]
 
 
 def test_sweep_records_every_point_and_matches_a_direct_evaluation(tmp_path, base_ckpt, run_dir):
@@ -93,8 +94,8 @@ def test_grid_refuses_huge_grids_before_making_them_and_weights_that_overflow():
                           ([3e6], "at most 1e\\+06"), (list(range(10_001)), "10001 points"),
                           ("0:1e308:1e-308", "at most 1e\\+06"), ("0:1:inf", "use start:stop:step")):
         with pytest.raises(NeonError, match="bad w grid .*" + message):
-            sweep.grid(spec)
-    assert len(sweep.grid("0:9999:1")) == 10_000
+            search.grid(spec)
+    assert len(search.grid("0:9999:1")) == 10_000
 
 
 # A family whose Fréchet distance is a known convex function of (w, cfg): x = cfg · s · z + b with
@@ -167,29 +168,28 @@ def _shift_sweep(shift, out, fam=None, **kw):
     family_, base, snapshot = shift
     fam = fam or family_
     conf = sweep.SweepConfig(**{**dict(self_trained=snapshot, w=W_GRID, num=256, batch_size=64, out=str(out)), **kw})
-    steps = sweep.run(fam, fam.load(base), base, ShiftSampler(), conf)
-    records = []
-    while True:
-        try:
-            records.append(next(steps))
-        except StopIteration as done:
-            return conf, records, done.value
+    records, summary = [], None
+    for record in sweep.run(fam, fam.load(base), base, ShiftSampler(), conf):
+        if record.info is not None:
+            records.append(record.info)
+        summary = record.result
+    return conf, records, summary
 
 
 def test_search_and_grid_choose_the_same_point_through_the_sweep(tmp_path, shift):
     _, grid_records, grid = _shift_sweep(shift, tmp_path / "grid", cfg=CFG_GRID)
-    assert (grid["best_w"], grid["best_cfg"]) == (2.0, 1.6) and len(grid_records) == 17 * 6
-    assert grid["selection_images"] == 17 * 6 * 256 and grid["evidence"][0]["points"] == 17 * 6
+    assert (grid.w, grid.cfg) == (2.0, 1.6) and len(grid_records) == 17 * 6
+    assert grid.selection_images == 17 * 6 * 256 and grid.evidence[0]["points"] == 17 * 6
     _, found, coordinate = _shift_sweep(shift, tmp_path / "coordinate", cfg=CFG_GRID, search="coordinate")
-    assert (coordinate["best_snapshot"], coordinate["best_w"], coordinate["best_cfg"]) == \
-        (grid["best_snapshot"], 2.0, 1.6) and coordinate["best_fid"] == pytest.approx(grid["best_fid"], rel=1e-9)
-    assert coordinate["selection_images"] == sum(r["num"] for r in found) <= grid["selection_images"] / 5
-    assert [e["n"] for e in coordinate["evidence"]] == [64, 256] and coordinate["search"] == "coordinate"
+    assert (coordinate.snapshot, coordinate.w, coordinate.cfg) == \
+        (grid.snapshot, 2.0, 1.6) and coordinate.fid == pytest.approx(grid.fid, rel=1e-9)
+    assert coordinate.selection_images == sum(r["num"] for r in found) <= grid.selection_images / 5
+    assert [e["n"] for e in coordinate.evidence] == [64, 256] and coordinate.search == "coordinate"
     # w alone: brent at the sampler's cfg (1.0) agrees with the grid's row at cfg 1.0
     _, row, _ = _shift_sweep(shift, tmp_path / "row")
     best_row = min(row, key=lambda r: r["fid"])
     _, _, brent = _shift_sweep(shift, tmp_path / "brent", search="brent")
-    assert brent["best_w"] == best_row["w"] == 1.75
+    assert brent.w == best_row["w"] == 1.75
     # a grid in the search's folder reuses every point the search scored at the full n
     _, more, _ = _shift_sweep(shift, tmp_path / "coordinate", cfg=CFG_GRID)
     full = [r for r in found if r["num"] == 256]
@@ -206,7 +206,7 @@ def test_a_search_resumes_mid_search(tmp_path, shift):
     assert [sweep._key(r) for r in rest] == [sweep._key(r) for r in whole[11:]]
     done = {sweep._key(r): r["fid"] for r in sweep.load_results(str(tmp_path / "resumed"))}
     assert done == {sweep._key(r): r["fid"] for r in whole}
-    assert resumed == {**summary, "results": str(tmp_path / "resumed" / sweep.RESULTS)}
+    assert resumed == dataclasses.replace(summary, results=str(tmp_path / "resumed" / sweep.RESULTS))
 
 
 def test_the_sampler_overrides_are_part_of_the_key(tmp_path, shift):
@@ -216,7 +216,7 @@ def test_the_sampler_overrides_are_part_of_the_key(tmp_path, shift):
     _, other, _ = _shift_sweep(shift, out, w="0,1", sampler={"cfg": 1.5})  # another sampler: scored again
     assert [r["sampler"] for r in other] == [{"cfg": 1.5}] * 2 and other[0]["fid"] != first[0]["fid"]
     _, again, summary = _shift_sweep(shift, out, w="0,1", sampler={"cfg": 1.5})
-    assert again == [] and summary["best_fid"] == min(r["fid"] for r in other)
+    assert again == [] and summary.fid == min(r["fid"] for r in other)
     # records written before the overrides were recorded count as none
     path = out / sweep.RESULTS
     lines = [json.loads(line) for line in open(path)]
@@ -232,15 +232,15 @@ def test_the_final_report_gives_mean_sd_and_min_over_disjoint_seed_ranges(tmp_pa
     for r in records:
         if r["seeds"][0] >= conf.final_seed_base:
             finals.setdefault((r["snapshot"], r["w"]), []).append(r["fid"])
-    assert set(finals) == {("base", 0.0), (summary["best_snapshot"], summary["best_w"])} and summary["best_w"] == 1.5
-    base, best = finals[("base", 0.0)], finals[(summary["best_snapshot"], 1.5)]
+    assert set(finals) == {("base", 0.0), (summary.snapshot, summary.w)} and summary.w == 1.5
+    base, best = finals[("base", 0.0)], finals[(summary.snapshot, 1.5)]
     assert len(base) == len(best) == 3 and len(set(base)) == 3  # three different seed ranges
-    assert summary["final_base_fid"] == pytest.approx(np.mean(base), rel=1e-12)
-    assert summary["final_best_fid_sd"] == pytest.approx(np.std(best, ddof=1), rel=1e-9)
-    assert summary["final_best_fid_min"] == min(best) and summary["final_images"] == 6 * 128
+    assert summary.final.base["fid"].mean == pytest.approx(np.mean(base), rel=1e-12)
+    assert summary.final.neon["fid"].sd == pytest.approx(np.std(best, ddof=1), rel=1e-9)
+    assert summary.final.neon["fid"].min == min(best) and summary.final.images == 6 * 128
     gain, spread = np.mean(base) - np.mean(best), max(np.std(base, ddof=1), np.std(best, ddof=1))
-    assert summary["final_gain"] == pytest.approx(gain) and summary["final_spread"] == pytest.approx(spread)
-    assert summary["gain_exceeds_spread"] is bool(gain > spread) and gain > 0.5 > spread
+    assert summary.final.gain == pytest.approx(gain) and summary.final.spread == pytest.approx(spread)
+    assert summary.final.gain_exceeds_spread is bool(gain > spread) and gain > 0.5 > spread
     for bad, message in ((dict(final_seeds=0), "final_seeds must be >= 1"),
                          # the third range overlaps
                          (dict(seed_base=0, num=100, final_seed_base=-25, final_num=10), "\\[-25, 5\\) overlap"),
@@ -262,4 +262,4 @@ def test_a_point_that_cannot_be_scored_is_written_as_null(tmp_path, shift, monke
     _, records, summary = _shift_sweep(shift, tmp_path / "sweep", w="0,0.5,1", search="brent", screen_num=256)
     text = (tmp_path / "sweep" / sweep.RESULTS).read_text()
     assert "NaN" not in text and [r["fid"] is None for r in records] == [False, False, True]
-    assert summary["best_w"] == 0.5 and json.dumps(summary, allow_nan=False)
+    assert summary.w == 0.5 and json.dumps(summary.to_dict(), allow_nan=False)

@@ -48,22 +48,23 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, base_ckpt, syntheti
     conf = synthetic.SyntheticConfig(out=str(tmp_path / "resumed"), num=96, batch_size=16, shard_size=24, labels="none")
     model = family.load(base_ckpt)
     with pytest.raises(KeyboardInterrupt):
-        for _ in synthetic.write(Crashing("sample", 6), model, ToySampler(zeta=1.1), conf, "toy", "sha"):
+        for _ in synthetic.write(Crashing("sample", 6), model, ToySampler(zeta=1.1), conf, "sha"):
             pass
     manifest = json.load(open(os.path.join(conf.out, "manifest.json")))
     assert sorted(manifest["shards"]) == ["shard-00000.npz", "shard-00001.npz"]
     assert not [n for n in os.listdir(conf.out) if n.endswith(".tmp.npz") or ".tmp" in n]
     with pytest.raises(NeonError, match="incomplete \\(2 of 4 shards\\)"):
         synthetic.read(conf.out)
-    progress = list(synthetic.write(family, model, ToySampler(zeta=1.1), conf, "toy", "sha"))
-    assert progress == [48, 24, 24]  # resumed with 2 shards done
+    progress = list(synthetic.write(family, model, ToySampler(zeta=1.1), conf, "sha"))
+    assert [p.done for p in progress] == [48, 72, 96]  # resumed with 2 shards done
+    assert progress[-1].result == conf.out and all(p.result is None for p in progress[:-1])
     assert _files(conf.out) == _files(synthetic_set)
 
 
 def test_other_settings_in_the_same_directory_are_refused(synthetic_set, base_ckpt):
     conf = synthetic.SyntheticConfig(out=synthetic_set, num=96, batch_size=16, shard_size=24, labels="none")
     with pytest.raises(NeonError, match=r"holds a synthetic set with sampler=.*zeta': 1.1"):
-        next(synthetic.write(family, family.load(base_ckpt), ToySampler(zeta=0.9), conf, "toy", "sha"))
+        next(synthetic.write(family, family.load(base_ckpt), ToySampler(zeta=0.9), conf, "sha"))
 
 
 def test_corrupt_shard_is_detected(synthetic_set):

@@ -34,7 +34,7 @@ def test_a_family_from_tests_runs_sample_finetune_merge_sweep(tmp_path, capsys, 
               "--batch-size", "8", "--ref", ref, "--inception-weights", inception_file, "--out", str(tmp_path / "sw")])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     records = [json.loads(line) for line in open(tmp_path / "sw" / "results.jsonl")]
-    assert [r["w"] for r in records] == [0.0, 0.5] and summary["best_w"] in (0.0, 0.5)
+    assert [r["w"] for r in records] == [0.0, 0.5] and summary["w"] in (0.0, 0.5)
 
     # θ, not the decoy: the merge is (1 + w) θ_base − w θ_self of the `theta` entries ...
     theta_base, theta_self = (read_checkpoint(family, p).weights for p in (base, snapshot))

@@ -106,7 +106,7 @@ def test_merging_a_pickled_base_writes_plain_data_every_loader_reads(tmp_path, m
 def test_conditional_synthetic_set_has_balanced_labels(tmp_path):
     model = family.tiny(0)
     conf = synthetic.SyntheticConfig(out=str(tmp_path / "S"), num=23, batch_size=8, shard_size=10)
-    for _ in synthetic.write(family, model, family.Sampler(num_steps=2), conf, "edm", "sha"):
+    for _ in synthetic.write(family, model, family.Sampler(num_steps=2), conf, "sha"):
         pass
     data = synthetic.read(conf.out)
     counts = torch.bincount(data.labels, minlength=10)
@@ -155,7 +155,7 @@ def test_the_augment_pipe_of_the_base_survives_finetune_and_merge(tmp_path):
     base = str(tmp_path / "base.pt")
     checkpoint.write({"ema": model.net.state_dict(), "arch": model.arch, "augment_pipe": pipe}, base)
     conf = synthetic.SyntheticConfig(out=str(tmp_path / "S"), num=8, batch_size=8, shard_size=8)
-    for _ in synthetic.write(family, family.load(base), family.Sampler(num_steps=2), conf, "edm", "sha"):
+    for _ in synthetic.write(family, family.load(base), family.Sampler(num_steps=2), conf, "sha"):
         pass
     run = finetune.FinetuneConfig(data=conf.out, out=str(tmp_path / "run"), total_images=8, batch_size=8, lr=1e-4)
     for _ in finetune.run(family, family.load(base), run):

@@ -105,7 +105,7 @@ def test_sweep_final_report_with_is_and_precision_recall_matches_neon_fid(tmp_pa
     assert all({"is", "is_std", "precision", "recall"} <= set(r) and r["real"] == real for r in finals.values())
     base_final = finals[("base", 0.0)]
     for metric in ("fid", "is", "is_std", "precision", "recall"):
-        assert summary[f"final_base_{metric}"] == base_final[metric]
+        assert summary["final"]["base"][metric]["mean"] == base_final[metric]
     capsys.readouterr()
     cli.main(["fid", "--images", S_final, "--ref", ref, "--is", "--precision-recall", real, *fid_flags])
     direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -62,11 +62,11 @@ def test_finetune_with_autocast_runs_and_stays_finite(fam, precision, tmp_path):
     model = fam.tiny(0)
     conf = synthetic.SyntheticConfig(out=str(tmp_path / "S"), num=16, batch_size=8, shard_size=16,
                                      labels="balanced" if model.num_classes else "none")
-    for _ in synthetic.write(fam, _to(model, CUDA), fam.Sampler(), conf, fam.name, "sha"):
+    for _ in synthetic.write(fam, _to(model, CUDA), fam.Sampler(), conf, "sha"):
         pass
     run = finetune.FinetuneConfig(data=conf.out, out=str(tmp_path / "run"), total_images=32, batch_size=8, lr=1e-4,
                                   precision=precision)
-    records = list(finetune.run(fam, _to(fam.tiny(0), CUDA), run, fam.name))
+    records = list(finetune.run(fam, _to(fam.tiny(0), CUDA), run))
     assert len(records) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
 

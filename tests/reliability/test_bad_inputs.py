@@ -39,7 +39,7 @@ def P(tmp_path_factory):
     p.ar = save_base(root / "ar.pt", kind="ar")
     p.S = str(root / "S")
     conf = synthetic.SyntheticConfig(out=p.S, num=48, batch_size=16, shard_size=16, labels="none")
-    for _ in synthetic.write(toy, toy.load(p.base), ToySampler(zeta=1.1), conf, "toy", files.sha256(p.base)):
+    for _ in synthetic.write(toy, toy.load(p.base), ToySampler(zeta=1.1), conf, files.sha256(p.base)):
         pass
     p.run = str(root / "run")
     cli.main(["finetune", "--family", "toy", "--ckpt", p.base, "--data", p.S, "--out", p.run, "--images", "32",
