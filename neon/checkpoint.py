@@ -55,11 +55,16 @@ class Format:
         to use instead, on top of `TENSOR_GLOBALS`; everything else is refused.
     from_pickle: turns the unpickled object into the plain dict a `Container` holds; without it,
         `.pkl` files are refused.
+    folder_weights: for families whose checkpoints are folders (a pipeline folder of several
+        components): where θ's file may sit inside one, as relative paths in order of preference
+        (`.safetensors`, or a `.pt`/`.bin` read with `weights_only`). Empty: folders are refused.
+        Such a family's fine-tune snapshots are folders too (`neon.finetune.snapshot_name`).
     """
 
     weight_keys: tuple[tuple[str, ...], ...] = ((),)
     pickle_globals: Mapping[tuple[str, str], object] = dataclasses.field(default_factory=dict)
     from_pickle: Callable[[object], dict] | None = None
+    folder_weights: tuple[str, ...] = ()
 
 
 # For files no family owns (Inception weights, test files): a flat state dict or one under a
@@ -67,7 +72,10 @@ class Format:
 GENERIC = Format(weight_keys=((), ("ema",), ("model",), ("state_dict",)))
 
 # `.ckpt`: a torch save under another name (MAR's kl16.ckpt).
-_SUFFIXES = {".pt": "pt", ".pth": "pt", ".ckpt": "pt", ".safetensors": "safetensors", ".pkl": "pkl"}
+# `.bin`: a torch save under another name (diffusers' and transformers' pickled weights).
+_SUFFIXES = {".pt": "pt", ".pth": "pt", ".ckpt": "pt", ".bin": "pt", ".safetensors": "safetensors", ".pkl": "pkl"}
+# A folder checkpoint's entries besides θ (`images_seen`, `family`), as JSON inside the folder.
+FOLDER_RECORD = "neon.json"
 
 # safetensors dtype codes. Reading goes through the safetensors library; `write_safetensors` is ours
 # because the library's writer needs every tensor in memory at once. Data is little-endian; like the
@@ -94,13 +102,21 @@ class Container:
     `data` is the object as loaded (a dict); `weights_key` is the path of dict keys to the state
     dict (`()` when `data` is itself the flat state dict); `metadata` is the safetensors
     `__metadata__` (empty for `.pt`).
+
+    A folder checkpoint (format 'folder', `Format.folder_weights`) holds θ under one key, the
+    relative path of its file, beside the entries of the folder's `FOLDER_RECORD`. `path` is the
+    folder whose other files a written copy links (None for a folder made from memory alone),
+    `replaces` the files of `path` that θ's file stands in for (not linked), and `files` what is
+    written from memory besides (relative path → bytes, or a state dict written as safetensors).
     """
 
-    path: str
-    format: str  # 'pt' | 'safetensors'
+    path: str | None
+    format: str  # 'pt' | 'safetensors' | 'folder'
     data: dict
     weights_key: tuple[str, ...]
     metadata: dict = dataclasses.field(default_factory=dict)
+    replaces: tuple[str, ...] = ()
+    files: dict = dataclasses.field(default_factory=dict)
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -112,7 +128,10 @@ class Container:
 
 
 def format_of(path: str) -> str:
-    """The checkpoint format a file name implies: 'pt' (.pt/.pth), 'safetensors' or 'pkl'."""
+    """The checkpoint format a file name implies: 'pt' (.pt/.pth), 'safetensors' or 'pkl'; 'folder'
+    for an existing directory."""
+    if os.path.isdir(path):
+        return "folder"
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if suffix not in _SUFFIXES:
         raise NeonError(f"{path}: unknown checkpoint format (expected .pt, .pth, .ckpt, .safetensors or .pkl)")
@@ -135,6 +154,8 @@ def read(path: str, fmt: Format = GENERIC, mmap: bool = False) -> Container:
         no state dict at any of the format's weight keys.
     """
     path = os.fspath(path)
+    if fmt.folder_weights and os.path.isdir(path):
+        return _read_folder(path, fmt, mmap)
     _check_input_file(path)
     kind = format_of(path)
     metadata = {}
@@ -149,6 +170,27 @@ def read(path: str, fmt: Format = GENERIC, mmap: bool = False) -> Container:
         if not isinstance(data, dict):
             raise NeonError(f"cannot read checkpoint {path}: top level is a {type(data).__name__}, not a dict")
     return Container(path, kind, data, locate(path, data, fmt.weight_keys), metadata)
+
+
+def _read_folder(path: str, fmt: Format, mmap: bool) -> Container:
+    """A folder checkpoint: θ from the first of `fmt.folder_weights` that exists, plus the entries of
+    its `FOLDER_RECORD`."""
+    found = [rel for rel in fmt.folder_weights if os.path.isfile(os.path.join(path, rel))]
+    if not found:
+        raise NeonError(f"{path}: no weights file in this folder (looked for {', '.join(fmt.folder_weights)})")
+    inner = read(os.path.join(path, found[0]), GENERIC, mmap)
+    data = {}
+    record = os.path.join(path, FOLDER_RECORD)
+    if os.path.isfile(record):
+        try:
+            with open(record, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise NeonError(f"cannot read {record}: {_short(e)}") from None
+        if not isinstance(data, dict):
+            raise NeonError(f"cannot read {record}: not a JSON object")
+    data[found[0]] = inner.weights
+    return Container(path, "folder", data, (found[0],), inner.metadata, replaces=tuple(fmt.folder_weights))
 
 
 def peek(path: str) -> dict:
@@ -278,6 +320,10 @@ def output_format(base_format: str, path: str, format: str = "same") -> str:
     """
     if format not in ("same", "safetensors"):
         raise NeonError(f"unknown output format {format!r} (expected 'same' or 'safetensors')")
+    if base_format == "folder" and format == "same":  # a folder: any name that is not an existing file
+        if os.path.isfile(path):
+            raise NeonError(f"{path} is a file; the output is a folder")
+        return "folder"
     fmt = "safetensors" if format == "safetensors" or base_format == "safetensors" else "pt"
     if format_of(path) != fmt:
         suffix = ".safetensors" if fmt == "safetensors" else ".pt"
@@ -293,13 +339,87 @@ def write_like(container: Container, state_dict: Mapping[str, torch.Tensor], pat
         format: 'same' keeps the container's layout and format (for `.pt`, every non-weight
             entry is kept; for `.safetensors`, the metadata is kept). 'safetensors' writes the
             plain tensors to a `.safetensors` file whatever the container was.
-        path: its suffix must match the format written (`.pt`/`.pth` or `.safetensors`).
+        path: its suffix must match the format written (`.pt`/`.pth` or `.safetensors`); a folder
+            container writes a folder (`write_folder`) of any name.
     """
-    if output_format(container.format, path, format) == "pt":
+    kind = output_format(container.format, path, format)
+    if kind == "folder":
+        write_folder(container, state_dict, path)
+    elif kind == "pt":
         write(replaced(container, state_dict), path)
     else:
         specs = [(name, t.dtype, tuple(t.shape)) for name, t in state_dict.items()]
         write_safetensors(path, specs, state_dict.values(), container.metadata)
+
+
+def write_folder(container: Container, state_dict: Mapping[str, torch.Tensor], path: str) -> None:
+    """Write a folder checkpoint shaped like `container`, atomically (a temporary folder renamed).
+
+    Every file of `container.path` but those θ replaces is hard-linked (copied where links fail:
+    another file system); then `container.files` are written, θ as `.safetensors` at its relative
+    path (the suffix changed to `.safetensors`, with the container's metadata), and the entries of
+    `container.data` besides θ as `FOLDER_RECORD`. Linked files share their bytes with the source:
+    a tool that rewrites one in place rewrites both.
+    """
+    rel = container.weights_key[0]
+    target = os.path.splitext(rel)[0] + ".safetensors"
+    record = {k: v for k, v in container.data.items() if k != rel}
+    with atomic_folder(path) as tmp:
+        if container.path is not None:
+            skip = {os.path.normpath(r) for r in (*container.replaces, rel, FOLDER_RECORD)}
+            for root, _, names in os.walk(container.path):
+                for name in names:
+                    src = os.path.join(root, name)
+                    relative = os.path.normpath(os.path.relpath(src, container.path))
+                    if relative in skip or name.startswith("."):
+                        continue
+                    dst = os.path.join(tmp, relative)
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    try:
+                        os.link(os.path.realpath(src), dst)
+                    except OSError:
+                        shutil.copyfile(src, dst)
+        for relative, content in container.files.items():
+            dst = os.path.join(tmp, relative)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if isinstance(content, Mapping):
+                specs = [(name, t.dtype, tuple(t.shape)) for name, t in content.items()]
+                write_safetensors(dst, specs, content.values())
+            else:
+                with open(dst, "wb") as f:
+                    f.write(content.encode() if isinstance(content, str) else content)
+        dst = os.path.join(tmp, target)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        specs = [(name, t.dtype, tuple(t.shape)) for name, t in state_dict.items()]
+        write_safetensors(dst, specs, state_dict.values(), container.metadata)
+        if record:
+            with open(os.path.join(tmp, FOLDER_RECORD), "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=2)
+                f.write("\n")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """`atomic` for a folder: yield a temporary folder next to `path`; on success it replaces `path`
+    (a folder already there is moved aside first and removed after), on an exception it is removed."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(directory, name)
+    tmp = os.path.join(directory, f".{name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        old = None
+        if os.path.isdir(path):
+            old = os.path.join(directory, f".{name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -344,7 +464,11 @@ def remove_stale_temporaries(directory: str, name: str | None = None) -> list[st
         if _alive(int(match["pid"])):
             continue
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(directory, entry))
+            stale = os.path.join(directory, entry)
+            if os.path.isdir(stale) and not os.path.islink(stale):  # left by `atomic_folder`
+                shutil.rmtree(stale)
+            else:
+                os.remove(stale)
             removed.append(os.path.join(directory, entry))
             logger.info("removed %s, left by an interrupted run", removed[-1])
     return removed
@@ -499,8 +623,16 @@ def _ends_with_newline(fd: int) -> bool:
 
 
 def sha256(path: str) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    """Hex SHA-256 of a file, read in 1 MiB chunks; of a folder, the SHA-256 of its files' relative
+    paths and digests, in sorted order (links followed)."""
     digest = hashlib.sha256()
+    if os.path.isdir(path):
+        for root, dirs, names in os.walk(path, followlinks=True):
+            dirs.sort()
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                digest.update(f"{os.path.relpath(full, path)}\0{sha256(full)}\n".encode())
+        return digest.hexdigest()
     with open(path, "rb") as f:
         while chunk := f.read(2**20):
             digest.update(chunk)

@@ -123,7 +123,8 @@ def cmd_sample(args, overrides):
         return
     checkpoint.check_output(conf.out, "dir")
     fam, model = _load(recipe)
-    base_sha = distributed.broadcast_object(checkpoint.sha256(recipe.model.ckpt) if distributed.is_main() else None)
+    base = family.local_path(fam, recipe.model.ckpt)  # a hub id: the folder it was fetched into
+    base_sha = distributed.broadcast_object(checkpoint.sha256(base) if distributed.is_main() else None)
     with _claimed(conf.out, "neon sample", keep=lambda name: name.startswith("shard-")):
         with log.progress(total=conf.num, unit="sample", desc="sample") as bar:
             for count in synthetic.write(fam, model, recipe.sampler, conf, fam.name, base_sha):
