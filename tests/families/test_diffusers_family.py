@@ -208,3 +208,17 @@ def test_a_hub_id_without_network_is_one_error_line(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: cannot fetch google/ddpm-cifar10-32")
     assert not os.path.exists(tmp_path / "S")
+
+
+def test_calculate_fid(tmp_path, capsys, inception_file):
+    from diffusers_family import calculate_fid
+
+    base = _unet_folder(tmp_path / "base", diffusers.DDIMScheduler)
+    S, ref = str(tmp_path / "S"), str(tmp_path / "ref.npz")
+    cli.main(["sample", "--family", "diffusers", "--ckpt", base, "--out", S, "--num", "8", "--sampler.num_steps", "2"])
+    cli.main(["fid-stats", "--images", S, "--out", ref, "--inception-weights", inception_file])
+    capsys.readouterr()
+    calculate_fid.main(["--ckpt", base, "--num_images", "8", "--num_steps", "2", "--fid_stats", ref,
+                        "--batch_size", "8", "--inception_weights", inception_file])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_images"] == 8 and result["fid"] >= 0
