@@ -72,7 +72,7 @@ class Format:
 GENERIC = Format(weight_keys=((), ("ema",), ("model",), ("state_dict",)))
 
 # `.ckpt`: a torch save under another name (MAR's kl16.ckpt).
-# `.bin`: a torch save under another name (diffusers' and transformers' pickled weights).
+# `.bin`: a torch save under another name (the pickled weights of Hugging Face model folders).
 _SUFFIXES = {".pt": "pt", ".pth": "pt", ".ckpt": "pt", ".bin": "pt", ".safetensors": "safetensors", ".pkl": "pkl"}
 # A folder checkpoint's entries besides θ (`images_seen`, `family`), as JSON inside the folder.
 FOLDER_RECORD = "neon.json"
