@@ -123,7 +123,8 @@ def cmd_sample(args, overrides):
         return
     files.check_output(conf.out, "dir")
     fam, model = _load(recipe)
-    base_sha = distributed.broadcast_object(files.sha256(recipe.model.ckpt) if distributed.is_main() else None)
+    base = family.local_path(fam, recipe.model.ckpt)  # a hub id: the folder it was fetched into
+    base_sha = distributed.broadcast_object(files.sha256(base) if distributed.is_main() else None)
     with _claimed(conf.out, "neon sample", keep=lambda name: name.startswith("shard-")):
         progress.drain(synthetic.write(fam, model, recipe.sampler, conf, base_sha), "sample")
         _save_resolved(conf.out, recipe)

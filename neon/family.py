@@ -81,7 +81,9 @@ class Family(Protocol):
     `features(samples) -> float64 [B, D]` (default: Inception pool features, `neon.metrics`),
     `reference() -> (mu, sigma)` (default: none, the user passes `--ref`) and
     `real(num, seed) -> (samples, labels)` (the `--real NAME:N` source of `neon diagnose`). Only the
-    toy, whose samples are points, defines them."""
+    toy, whose samples are points, defines them. `locate(path) -> str` (default: `path` as it is):
+    the local checkpoint a name stands for, e.g. a hub id fetched once into a cache
+    (`local_path`)."""
 
     name: str
     """The entry-point name ("edm", "var", "xar", "imm", "toy"), recorded in the files the core writes."""
@@ -108,7 +110,8 @@ class Family(Protocol):
 
     def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:
         """A fresh checkpoint of the family's own layout holding `state_dict` as θ, with what
-        `load` needs besides (arch, extras): what fine-tune snapshots are written as."""
+        `load` needs besides (arch, extras): what fine-tune snapshots are written as. A family of
+        folder checkpoints (`Format.folder_weights`) returns a folder `checkpoint.Container`."""
 
 
 def names() -> list[str]:
@@ -132,10 +135,17 @@ def get(spec: str):
     return found[0].load()
 
 
+def local_path(fam, path: str) -> str:
+    """The local checkpoint `path` names for family `fam`: its `locate(path)` where it has one (a
+    hub id fetched once into a cache), else `path`."""
+    locate = getattr(fam, "locate", None)
+    return locate(path) if locate is not None else path
+
+
 def read_checkpoint(fam, path: str, mmap: bool = False) -> checkpoint.Container:
-    """A checkpoint of family `fam`, θ located by its format: `.weights` is θ. Everything that
-    reads θ (the family's `load`, the sweep, `neon merge`) reads it here."""
-    return checkpoint.read(path, fam.format, mmap=mmap)
+    """A checkpoint of family `fam` (`local_path`), θ located by its format: `.weights` is θ.
+    Everything that reads θ (the family's `load`, the sweep, `neon merge`) reads it here."""
+    return checkpoint.read(local_path(fam, path), fam.format, mmap=mmap)
 
 
 def write_checkpoint(fam, state_dict: dict[str, torch.Tensor], path: str, like, format: str = "same",
@@ -146,6 +156,10 @@ def write_checkpoint(fam, state_dict: dict[str, torch.Tensor], path: str, like, 
     `images_seen`). Everything that writes θ writes it here."""
     if isinstance(like, Model):
         data = fam.container(like, state_dict)
+        if isinstance(data, checkpoint.Container):  # a folder: the extra entries go in its record
+            data = dataclasses.replace(data, data={**data.data, **extra})
+            checkpoint.write_like(data, state_dict, path)
+            return
         clash = sorted(k for k in set(data) & set(extra) if data[k] != extra[k])
         if clash:
             raise ValueError(f"family {fam.name!r}: its container holds other values under {clash}")

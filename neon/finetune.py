@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 STATE = "state-latest.pt"
 STATE_KEYS = ("images_seen", "identity", "net", "ema", "optimizer", "scaler")
-_SNAPSHOT = re.compile(r"snapshot-(\d+)\.pt$")
+_SNAPSHOT = re.compile(r"snapshot-(\d+)(\.pt)?$")  # a file, or a folder (Format.folder_weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +104,9 @@ class FinetuneConfig:
         return 0.5 ** (self.batch_size / max(halflife, 1e-8))
 
 
-def snapshot_name(images_seen: int) -> str:
-    return f"snapshot-{images_seen:010d}.pt"
+def snapshot_name(images_seen: int, folder: bool = False) -> str:
+    """`snapshot-<images_seen:010d>.pt`, or without the suffix for a family of folder checkpoints."""
+    return f"snapshot-{images_seen:010d}" + ("" if folder else ".pt")
 
 
 def images_seen(path: str) -> int | None:
@@ -119,7 +120,8 @@ def snapshots(pattern: str) -> list[str]:
     """Snapshot files matching a glob pattern (a run directory means all its snapshots), in order
     of images seen."""
     if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "snapshot-*.pt")
+        found = glob.glob(os.path.join(pattern, "snapshot-*"))
+        return sorted(p for p in found if _SNAPSHOT.fullmatch(os.path.basename(p)))
     return sorted(glob.glob(pattern))
 
 
@@ -290,7 +292,8 @@ def _checked_state(out, identity) -> dict | None:
 
 def _save(out, family, model, net, ema, opt, scaler, images_seen, identity, loss) -> str:
     """Rank 0 writes the snapshot and then the training state; every rank waits for it."""
-    path = os.path.join(out, snapshot_name(images_seen))
+    folder = bool(getattr(family.format, "folder_weights", ()))  # a family of folder checkpoints
+    path = os.path.join(out, snapshot_name(images_seen, folder))
     if distributed.is_main():
         theta = _cpu((ema if ema is not None else net).state_dict())
         neon_family.write_checkpoint(family, theta, path, like=model, family=family.name, images_seen=images_seen)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from neon.errors import NeonError, first_sentence
-from neon.io import files, safetensors, unpickle
+from neon.io import files, folder, safetensors, unpickle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +31,16 @@ class Format:
         to use instead, on top of `neon.io.unpickle.TENSOR_GLOBALS`; everything else is refused.
     from_pickle: turns the unpickled object into the plain dict a `Container` holds; without it,
         `.pkl` files are refused.
+    folder_weights: for families whose checkpoints are folders (a pipeline folder of several
+        components): where θ's file may sit inside one, as relative paths in order of preference
+        (`.safetensors`, or a `.pt`/`.bin` read with `weights_only`). Empty: folders are refused.
+        Such a family's fine-tune snapshots are folders too (`neon.finetune.snapshot_name`).
     """
 
     weight_keys: tuple[tuple[str, ...], ...] = ((),)
     pickle_globals: Mapping[tuple[str, str], object] = dataclasses.field(default_factory=dict)
     from_pickle: Callable[[object], dict] | None = None
+    folder_weights: tuple[str, ...] = ()
 
 
 # For files no family owns (Inception weights, test files): a flat state dict or one under a
@@ -44,7 +49,10 @@ GENERIC = Format(weight_keys=((), ("ema",), ("model",), ("state_dict",)))
 
 
 # `.ckpt`: a torch save under another name (MAR's kl16.ckpt).
-_SUFFIXES = {".pt": "pt", ".pth": "pt", ".ckpt": "pt", ".safetensors": "safetensors", ".pkl": "pkl"}
+# `.bin`: a torch save under another name (the pickled weights of Hugging Face model folders).
+_SUFFIXES = {".pt": "pt", ".pth": "pt", ".ckpt": "pt", ".bin": "pt", ".safetensors": "safetensors", ".pkl": "pkl"}
+# A folder checkpoint's entries besides θ (`images_seen`, `family`), as JSON inside the folder.
+FOLDER_RECORD = "neon.json"
 
 
 @dataclasses.dataclass
@@ -54,13 +62,21 @@ class Container:
     `data` is the object as loaded (a dict); `weights_key` is the path of dict keys to the state
     dict (`()` when `data` is itself the flat state dict); `metadata` is the safetensors
     `__metadata__` (empty for `.pt`).
+
+    A folder checkpoint (format 'folder', `Format.folder_weights`) holds θ under one key, the
+    relative path of its file, beside the entries of the folder's `FOLDER_RECORD`. `path` is the
+    folder whose other files a written copy links (None for a folder made from memory alone),
+    `replaces` the files of `path` that θ's file stands in for (not linked), and `files` what is
+    written from memory besides (relative path → bytes, or a state dict written as safetensors).
     """
 
-    path: str
-    format: str  # 'pt' | 'safetensors'
+    path: str | None
+    format: str  # 'pt' | 'safetensors' | 'folder'
     data: dict
     weights_key: tuple[str, ...]
     metadata: dict = dataclasses.field(default_factory=dict)
+    replaces: tuple[str, ...] = ()
+    files: dict = dataclasses.field(default_factory=dict)
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -72,7 +88,10 @@ class Container:
 
 
 def format_of(path: str) -> str:
-    """The checkpoint format a file name implies: 'pt' (.pt/.pth), 'safetensors' or 'pkl'."""
+    """The checkpoint format a file name implies: 'pt' (.pt/.pth), 'safetensors' or 'pkl'; 'folder'
+    for an existing directory."""
+    if os.path.isdir(path):
+        return "folder"
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if suffix not in _SUFFIXES:
         raise NeonError(f"{path}: unknown checkpoint format (expected .pt, .pth, .ckpt, .safetensors or .pkl)")
@@ -95,6 +114,8 @@ def read(path: str, fmt: Format = GENERIC, mmap: bool = False) -> Container:
         no state dict at any of the format's weight keys.
     """
     path = os.fspath(path)
+    if fmt.folder_weights and os.path.isdir(path):
+        return folder.read(path, fmt.folder_weights, mmap)
     _check_input_file(path)
     kind = format_of(path)
     metadata = {}
@@ -224,6 +245,10 @@ def output_format(base_format: str, path: str, format: str = "same") -> str:
     """
     if format not in ("same", "safetensors"):
         raise NeonError(f"unknown output format {format!r} (expected 'same' or 'safetensors')")
+    if base_format == "folder" and format == "same":  # a folder: any name that is not an existing file
+        if os.path.isfile(path):
+            raise NeonError(f"{path} is a file; the output is a folder")
+        return "folder"
     fmt = "safetensors" if format == "safetensors" or base_format == "safetensors" else "pt"
     if format_of(path) != fmt:
         suffix = ".safetensors" if fmt == "safetensors" else ".pt"
@@ -239,9 +264,13 @@ def write_like(container: Container, state_dict: Mapping[str, torch.Tensor], pat
         format: 'same' keeps the container's layout and format (for `.pt`, every non-weight
             entry is kept; for `.safetensors`, the metadata is kept). 'safetensors' writes the
             plain tensors to a `.safetensors` file whatever the container was.
-        path: its suffix must match the format written (`.pt`/`.pth` or `.safetensors`).
+        path: its suffix must match the format written (`.pt`/`.pth` or `.safetensors`); a folder
+            container writes a folder (`neon.io.folder.write`) of any name.
     """
-    if output_format(container.format, path, format) == "pt":
+    kind = output_format(container.format, path, format)
+    if kind == "folder":
+        folder.write(container, state_dict, path)
+    elif kind == "pt":
         write(replaced(container, state_dict), path)
     else:
         specs = [(name, t.dtype, tuple(t.shape)) for name, t in state_dict.items()]

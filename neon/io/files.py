@@ -52,6 +52,30 @@ def atomic(path: str) -> Iterator[str]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """`atomic` for a folder: yield a temporary folder next to `path`; on success it replaces `path`
+    (a folder already there is moved aside first and removed after), on an exception it is removed."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(directory, name)
+    tmp = os.path.join(directory, f".{name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        old = None
+        if os.path.isdir(path):
+            old = os.path.join(directory, f".{name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 _HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
 
 
@@ -73,7 +97,11 @@ def remove_stale_temporaries(directory: str, name: str | None = None) -> list[st
         if _alive(int(match["pid"])):
             continue
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(directory, entry))
+            stale = os.path.join(directory, entry)
+            if os.path.isdir(stale) and not os.path.islink(stale):  # left by `atomic_folder`
+                shutil.rmtree(stale)
+            else:
+                os.remove(stale)
             removed.append(os.path.join(directory, entry))
             logger.info("removed %s, left by an interrupted run", removed[-1])
     return removed
@@ -230,8 +258,16 @@ def _ends_with_newline(fd: int) -> bool:
 
 
 def sha256(path: str) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    """Hex SHA-256 of a file, read in 1 MiB chunks; of a folder, the SHA-256 of its files' relative
+    paths and digests, in sorted order (links followed)."""
     digest = hashlib.sha256()
+    if os.path.isdir(path):
+        for root, dirs, names in os.walk(path, followlinks=True):
+            dirs.sort()
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                digest.update(f"{os.path.relpath(full, path)}\0{sha256(full)}\n".encode())
+        return digest.hexdigest()
     with open(path, "rb") as f:
         while chunk := f.read(2**20):
             digest.update(chunk)

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import REPO
 
-FAMILY_PACKAGES = ("edm", "VAR", "xAR", "imm")
+FAMILY_PACKAGES = ("edm", "VAR", "xAR", "imm", "diffusers_family")
 CODE_DIRS = ("neon",) + FAMILY_PACKAGES
 
 
