@@ -20,7 +20,7 @@ import torch
 
 from neon.io import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, check_finite, load_weights, read_checkpoint
+from neon.family import Model, arch_kwargs, check_finite, load_built, read_checkpoint
 
 from VAR.loss import training_loss
 from VAR.models import build_vae_var
@@ -75,9 +75,8 @@ class VARFamily:
         if not os.path.exists(codec):
             raise NeonError(f"no VQ-VAE checkpoint at {codec}; pass --model.codec PATH (vae_ch160v4096z32.pth)")
         vae, var = build_vae_var("meta", **kwargs)
-        load_weights(vae, checkpoint.read(codec).weights, codec, "the VQ-VAE", assign=True)
-        load_weights(var, weights, path, f"VAR d{kwargs.get('depth')}", assign=True)
-        return self._model(vae.to(device), var.to(device), kwargs)
+        vae = load_built(vae, checkpoint.read(codec).weights, codec, "the VQ-VAE", device)
+        return self._model(vae, load_built(var, weights, path, f"VAR d{kwargs.get('depth')}", device), kwargs)
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: VARSampler) -> torch.Tensor:
         var = model.net

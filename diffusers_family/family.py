@@ -27,7 +27,7 @@ import torch
 
 from neon.io import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, check_finite, load_weights, read_checkpoint
+from neon.family import Model, check_finite, load_built, read_checkpoint
 
 from diffusers_family import loss as losses
 from diffusers_family import sampler as sampling
@@ -146,16 +146,14 @@ class DiffusersFamily:
         vae_config = _read_json(os.path.join(folder, "vae", "config.json")) if index.get("vae") else None
         pipeline = {k: v for k, v in index.items() if k not in ("_diffusers_version", "_name_or_path")}
         model = self._model(pipeline, component, net_config, scheduler_config, vae_config, path)
-        load_weights(model.net, read_checkpoint(self, folder).weights, path, net_config["_class_name"])
+        load_built(model.net, read_checkpoint(self, folder).weights, path, net_config["_class_name"], device)
         if model.codec is not None:
             files = [os.path.join(folder, "vae", WEIGHTS + s) for s in (".safetensors", ".bin")]
             found = [f for f in files if os.path.isfile(f)]
             if not found:
                 raise NeonError(f"{path}: no VAE weights (vae/{WEIGHTS}.safetensors)")
-            load_weights(model.codec, checkpoint.read(found[0]).weights, found[0], "AutoencoderKL")
-            model.codec.to(device).eval().requires_grad_(False)
+            load_built(model.codec, checkpoint.read(found[0]).weights, found[0], "AutoencoderKL", device)
         model.net.register_to_config(_name_or_path=folder)  # where diffusers' from_pretrained records it
-        model.net.to(device).eval().requires_grad_(False)
         return model
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: DiffusersSampler) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 
 from neon.io import checkpoint, unpickle
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, build_net, check_finite, load_weights, read_checkpoint
+from neon.family import Model, arch_kwargs, build_net, check_finite, load_built, read_checkpoint
 
 from edm import networks
 from edm.loss import AugmentPipe, EDMLoss
@@ -133,8 +133,7 @@ class EDMFamily:
         if kwargs is None:
             raise NeonError(f"{path} does not say its arch; pass --model.arch {'|'.join(PRESETS)}")
         model = self._model(kwargs, _stored_augment(container.data, kwargs, path), path)
-        load_weights(model.net, container.weights, path, kwargs.get("class_name", "EDMPrecond"))
-        model.net.to(device).eval().requires_grad_(False)
+        load_built(model.net, container.weights, path, kwargs.get("class_name", "EDMPrecond"), device)
         return model
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: EDMSampler) -> torch.Tensor:

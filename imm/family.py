@@ -32,7 +32,7 @@ import torch
 
 from neon.io import checkpoint, unpickle
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, check_finite, load_weights, read_checkpoint
+from neon.family import Model, arch_kwargs, check_finite, load_built, read_checkpoint
 
 from edm.family import NVLABS_PICKLE_GLOBALS, from_network_pickle
 from imm.loss import IMMLoss
@@ -159,9 +159,9 @@ class IMMFamily:
         extras["vae_config"] = container.data.get("vae_config")
         kwargs = {**kwargs, "mixed_precision": None}
         net = self._network(kwargs, "meta", path)  # no allocation nor init: every tensor comes from the file
-        load_weights(net, container.weights, path, "IMMPrecond", assign=True)
+        net = load_built(net, container.weights, path, "IMMPrecond", device)
         vae = _read_codec(codec or DEFAULT_CODEC, extras["vae_config"])
-        return self._model(net.to(device), vae.to(device), kwargs, extras)
+        return self._model(net, vae.to(device), kwargs, extras)
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: IMMSampler) -> torch.Tensor:
         net = model.net
@@ -246,8 +246,7 @@ def _read_codec(path: str, vae_config: dict | None):
             raise NeonError(f"cannot read the VAE folder {path}: {str(e).splitlines()[0]}") from None
     if os.path.isfile(path):
         vae = build_autoencoder(vae_config or SD_VAE_CONFIG, device="cpu")
-        load_weights(vae, checkpoint.read(path).weights, path, "the AutoencoderKL")
-        return vae
+        return load_built(vae, checkpoint.read(path).weights, path, "the AutoencoderKL")
     raise NeonError(f"no VAE at {path}; pass --model.codec DIR (the diffusers folder of stabilityai/sd-vae-ft-ema, "
                     f"download_models.sh)")
 

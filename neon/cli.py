@@ -233,7 +233,7 @@ def _real_data(fam, spec: str, seed: int):
     toy), a synthetic-set directory, or an image source of `neon fid` (its labels where an `.npz`
     has them; otherwise unknown: −1)."""
     if spec.startswith(fam.name + ":"):
-        if not hasattr(fam, "real"):
+        if family.member(fam, "real") is None:
             raise NeonError(f"family {fam.name!r} cannot draw real data; pass images with --real")
         count = spec.split(":", 1)[1]
         if not count.isdigit() or int(count) < 2:

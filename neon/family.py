@@ -77,13 +77,11 @@ class ModelConfig:
 
 
 class Family(Protocol):
-    """What the core calls. Optional members, with the core's defaults when a family has none:
-    `features(samples) -> float64 [B, D]` (default: Inception pool features, `neon.metrics`),
-    `reference() -> (mu, sigma)` (default: none, the user passes `--ref`) and
-    `real(num, seed) -> (samples, labels)` (the `--real NAME:N` source of `neon diagnose`). Only the
-    toy, whose samples are points, defines them. `locate(path) -> str` (default: `path` as it is):
-    the local checkpoint a name stands for, e.g. a hub id fetched once into a cache
-    (`local_path`)."""
+    """What the core calls: the members every family has. The optional ones are `Optional`'s, read
+    through `member`. Random draws: the core hands a family CPU generators (the fine-tune's per-step
+    one, the per-seed ones of sampling); the family draws on them, on the CPU, and moves the result
+    to the model's device, so a seed's draws are the same on any device (DESIGN.md "Devices and
+    generators")."""
 
     name: str
     """The entry-point name ("edm", "var", "xar", "imm", "toy"), recorded in the files the core writes."""
@@ -114,6 +112,37 @@ class Family(Protocol):
         folder checkpoints (`Format.folder_weights`) returns a folder `checkpoint.Container`."""
 
 
+class Optional(Protocol):
+    """The members a family may have; where it has none, `member` gives None and the core's default
+    applies (said for each)."""
+
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        """float64 [B, D] features of a batch of samples, for FID and precision/recall. Default:
+        Inception's pool features of uint8 images (`neon.metrics`). The toy and the digits define it."""
+
+    def reference(self) -> tuple:
+        """(mu, sigma) of the family's own reference. Default: none, the user passes `--ref`."""
+
+    def real(self, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(samples, labels) drawn from the true distribution: the `--real NAME:N` source of `neon
+        diagnose` and the real points of `samples.png`. Default: none (real data from files)."""
+
+    def locate(self, path: str) -> str:
+        """The local checkpoint a name stands for (a hub id fetched once into a cache). Default: the
+        path as it is."""
+
+
+OPTIONAL = tuple(name for name in vars(Optional) if not name.startswith("_"))
+
+
+def member(fam, name: str):
+    """The optional member `name` of `fam` (`Optional`), or None where the family has none and the
+    core's default applies."""
+    if name not in OPTIONAL:
+        raise ValueError(f"{name!r} is not an optional member of a family ({', '.join(OPTIONAL)})")
+    return getattr(fam, name, None)
+
+
 def names() -> list[str]:
     """The installed families' names (entry points of `neon.families`)."""
     return sorted({entry.name for entry in importlib.metadata.entry_points(group=GROUP)})
@@ -138,7 +167,7 @@ def get(spec: str):
 def local_path(fam, path: str) -> str:
     """The local checkpoint `path` names for family `fam`: its `locate(path)` where it has one (a
     hub id fetched once into a cache), else `path`."""
-    locate = getattr(fam, "locate", None)
+    locate = member(fam, "locate")
     return locate(path) if locate is not None else path
 
 
@@ -198,12 +227,42 @@ def detect(path: str, spec: str | None = None):
 
 
 def load_weights(module: torch.nn.Module, state_dict: dict, path: str, what: str, assign: bool = False) -> None:
-    """`module.load_state_dict(state_dict, strict=True)`, a mismatch reported as one line naming
-    the file and what it should have fitted (`what`, e.g. "EDMPrecond")."""
+    """`module.load_state_dict(state_dict, strict=True)`, a mismatch reported as one line naming the file,
+    what it should have fitted (`what`, e.g. "EDMPrecond") and the missing, unexpected and reshaped keys."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    reshaped = [f"{k} {list(state_dict[k].shape)} (expected {list(expected[k].shape)})"
+                for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    problems = [f"{label}: {_listed(keys)}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shapes differ", reshaped)) if keys]
+    if problems:
+        raise NeonError(f"{path} does not fit {what}: " + "; ".join(problems))
     try:
         module.load_state_dict(state_dict, strict=True, assign=assign)
     except RuntimeError as e:
         raise NeonError(f"{path} does not fit {what}: {str(e).splitlines()[0]}") from None
+
+
+def load_built(net: torch.nn.Module, state_dict: dict, path: str, what: str,
+               device: torch.device | str = "cpu") -> torch.nn.Module:
+    """θ = `state_dict` loaded strictly into the built network `net` (`load_weights`; a network built on
+    the meta device takes the file's tensors as they are: nothing is allocated or initialised twice),
+    moved to `device`, in eval mode with gradients off. Returns `net`."""
+    on_meta = any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers()))
+    load_weights(net, state_dict, path, what, assign=on_meta)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def build_and_load(constructor, kwargs, state_dict: dict, path: str, what: str,
+                   device: torch.device | str = "cpu", on_meta: bool = False) -> torch.nn.Module:
+    """The one way a family turns (arch, θ) into its network: `build_net(constructor, kwargs)` (on the
+    meta device when `on_meta`: every tensor of the network is in θ), then `load_built`."""
+    return load_built(build_net(constructor, kwargs, path, what, on_meta), state_dict, path, what, device)
+
+
+def _listed(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def arch_kwargs(container, arch: str | None, presets: dict, family_name: str) -> dict | None:
@@ -223,10 +282,11 @@ MAX_NET_BYTES = 64 * 2**30
 paper's largest model (VAR-d36, 2.3B parameters in float32)."""
 
 
-def build_net(constructor, kwargs, path: str, what: str) -> torch.nn.Module:
+def build_net(constructor, kwargs, path: str, what: str, on_meta: bool = False) -> torch.nn.Module:
     """`constructor(**kwargs)` for the `arch` a checkpoint names, checked first: kwargs a mapping of
     the constructor's keyword arguments (NeonError naming an unknown one), the network built on the
-    meta device within `MAX_NET_BYTES`, any error of construction reported as one line naming `path`."""
+    meta device within `MAX_NET_BYTES`, any error of construction reported as one line naming `path`.
+    With `on_meta`, the meta-device network itself is returned (for `load_built` to fill from θ)."""
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise NeonError(f"{path}: arch must be a mapping of {what}'s arguments, got {kwargs!r}")
     params = inspect.signature(constructor).parameters
@@ -239,7 +299,7 @@ def build_net(constructor, kwargs, path: str, what: str) -> torch.nn.Module:
             probe = constructor(**kwargs)
         size = sum(t.numel() * t.element_size() for t in itertools.chain(probe.parameters(), probe.buffers()))
     except NotImplementedError:
-        size = 0  # a layer the meta device cannot build: trust the constructor's own checks
+        probe, size = None, 0  # a layer the meta device cannot build: trust the constructor's own checks
     except NeonError:
         raise
     except Exception as e:
@@ -248,6 +308,8 @@ def build_net(constructor, kwargs, path: str, what: str) -> torch.nn.Module:
     if size > MAX_NET_BYTES:
         raise NeonError(f"{path}: arch describes a {size / 2**30:,.0f} GiB {what}, above the limit of "
                         f"{MAX_NET_BYTES / 2**30:.0f} GiB (a damaged or hostile arch?)")
+    if on_meta and probe is not None:
+        return probe
     return constructor(**kwargs)
 
 

@@ -203,7 +203,7 @@ def _samples(fam, model_conf, sampler, conf, summary, out, model=None) -> str:
              for name, w in (("base", 0.0), (f"neon (w {summary.w:+g})", summary.w))}
     path = os.path.join(out, "samples.png")
     if model.image_size is None:
-        if hasattr(fam, "real"):
+        if neon_family.member(fam, "real") is not None:
             drawn["real"] = fam.real(count, start)[0].numpy()
         return plots.scatter(drawn, path, title=f"{count:,} samples, seeds from {start:,}")
     return plots.sample_grid({k: v.transpose(0, 2, 3, 1) for k, v in drawn.items()}, path)

@@ -32,7 +32,7 @@ import torch
 
 from neon.io import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, check_finite, load_weights, read_checkpoint
+from neon.family import Model, arch_kwargs, check_finite, load_built, read_checkpoint
 
 from xAR.loss import draw_flow_inputs, encode_images, flow_loss
 from xAR.models.vae import AutoencoderKL, Decoder, Encoder
@@ -131,9 +131,7 @@ class XARFamily:
                 net = XARNet(**kwargs)
         except (TypeError, ValueError) as e:
             raise NeonError(f"{path}: cannot build xAR with arch {kwargs}: {e}") from None
-        check_fit(net, weights, path, "xAR")
-        load_weights(net, weights, path, "xAR", assign=True)
-        return _model(net.float().to(device), vae.to(device), kwargs)
+        return _model(load_built(net, weights, path, "xAR", device).float(), vae.to(device), kwargs)
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: XARSampler) -> torch.Tensor:
         net = model.net
@@ -240,27 +238,8 @@ def _load_vae(path: str) -> tuple[AutoencoderKL, int]:
     config = infer_vae(weights, path)
     if config["embed_dim"] != CHANNELS:
         raise NeonError(f"{path}: the VAE has {config['embed_dim']} latent channels; xAR needs {CHANNELS}")
-    vae = build_vae(config)
-    check_fit(vae, weights, path, "the KL-16 VAE")
-    load_weights(vae, weights, path, "the KL-16 VAE", assign=True)
+    vae = load_built(build_vae(config), weights, path, "the KL-16 VAE")
     return vae.float(), 2 ** (len(config["ch_mult"]) - 1)
-
-
-def check_fit(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: str, what: str) -> None:
-    """NeonError (one line) naming the missing, unexpected and reshaped keys of `weights` for `module`."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    reshaped = [f"{k} {list(weights[k].shape)} (expected {list(expected[k].shape)})"
-                for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    problems = [f"{label}: {_listed(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shapes differ", reshaped)) if keys]
-    if problems:
-        raise NeonError(f"{path} does not fit {what}: " + "; ".join(problems))
-
-
-def _listed(items: list[str], limit: int = 5) -> str:
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 @functools.cache

@@ -13,6 +13,7 @@ features; the reference is `--ref` (a path or a URL) or the family's own `refere
 import torch
 
 from neon import distributed, synthetic
+from neon import family as neon_family
 from neon.errors import NeonError, NonFiniteError
 from neon.metrics import fid, inception, stats
 from neon.metrics import images as image_sources
@@ -21,8 +22,9 @@ from neon.metrics import images as image_sources
 def features(family, samples: torch.Tensor, conf: inception.FidConfig) -> torch.Tensor:
     """float64 [B, D] features of a batch of samples: `family.features` where the family has it,
     else the Inception pool features of the uint8 images."""
-    if hasattr(family, "features"):
-        return family.features(samples)
+    own = neon_family.member(family, "features")
+    if own is not None:
+        return own(samples)
     return inception.pool_and_logits(samples, conf)[0]
 
 
@@ -31,7 +33,8 @@ def reference(family, ref: str | None) -> tuple:
     built-in reference; NeonError when neither exists."""
     if ref:
         return stats.fetch(ref)
-    built_in = family.reference() if hasattr(family, "reference") else None
+    own = neon_family.member(family, "reference")
+    built_in = own() if own is not None else None
     if built_in is None:
         raise NeonError("a reference is required (--ref): this family has no built-in reference statistics")
     return built_in

@@ -14,7 +14,7 @@ import torch
 
 from neon.io import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, build_net, load_weights, read_checkpoint
+from neon.family import Model, arch_kwargs, build_and_load, read_checkpoint
 from neon.toy import models
 
 
@@ -69,11 +69,9 @@ class ToyFamily:
         if not isinstance(kwargs, dict) or kwargs.get("model") not in models.ARCHS:
             raise NeonError(f"{path}: arch must name the model, diffusion or ar, got {kwargs!r}")
         rest = {k: v for k, v in kwargs.items() if k != "model"}
-        net = build_net(models.ARCHS[kwargs["model"]], rest, path, f"the toy {kwargs['model']} model")
-        model = Model(net=net, arch=dict(kwargs))
-        load_weights(model.net, container.weights, path, f"the toy {kwargs['model']} model")
-        model.net.to(device).eval().requires_grad_(False)
-        return model
+        net = build_and_load(models.ARCHS[kwargs["model"]], rest, container.weights, path,
+                             f"the toy {kwargs['model']} model", device)
+        return Model(net=net, arch=dict(kwargs))
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: ToySampler) -> torch.Tensor:
         seeds = seeds.to(next(model.net.parameters()).device)
