@@ -143,7 +143,7 @@ class EDMFamily:
         net = model.net
         device = next(net.parameters()).device
         with torch.inference_mode():
-            rnd = StackedRandomGenerator("cpu", seeds.tolist())  # the same draws on any device (Family.sample)
+            rnd = StackedRandomGenerator("cpu", seeds.tolist())  # the same draws on any device
             latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
             class_labels = None
             if net.label_dim:

@@ -6,23 +6,30 @@ import torch
 from neon import precision
 
 
+def _flags():
+    """(matmul TF32, cuDNN TF32, cudnn.benchmark)."""
+    backends = torch.backends
+    return backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark
+
+
+def _set(matmul, conv, benchmark):
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = conv, benchmark
+
+
 @pytest.fixture(autouse=True)
 def _restore():
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    saved = _flags()
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+    _set(*saved)
 
 
-def _flags():
-    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
-
-
-@pytest.mark.parametrize("phase, expected", [("finetune", (False, False, False)), ("sample", (False, True, False)),
+@pytest.mark.parametrize("phase, expected", [("finetune", (False, False, False)),
+                                             ("sample", (False, True, False)),
                                              ("features", (False, False, False))])
 def test_each_phase_sets_its_flags_whatever_came_before(phase, expected):
     for before in (True, False):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = before
-        torch.backends.cudnn.benchmark = before
+        _set(before, before, before)
         precision.apply(phase)
         assert _flags() == expected
 

@@ -30,9 +30,9 @@ class Elsewhere(torch.Tensor):
 
     @staticmethod
     def __new__(cls, inner):
-        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), dtype=inner.dtype,
-                                                   device=OTHER, storage_offset=inner.storage_offset(),
-                                                   requires_grad=inner.requires_grad)
+        return torch.Tensor._make_wrapper_subclass(
+            cls, inner.shape, strides=inner.stride(), dtype=inner.dtype, device=OTHER,
+            storage_offset=inner.storage_offset(), requires_grad=inner.requires_grad)
 
     def __init__(self, inner):
         self.inner = inner
@@ -66,7 +66,7 @@ class _Emulated(TorchDispatchMode):
             return x
 
         args, kwargs = tree_map(unwrap, (args, kwargs))
-        targets = [x for x in args if isinstance(x, torch.device)] + ([kwargs["device"]] if "device" in kwargs else [])
+        targets = [x for x in (*args, kwargs.get("device")) if isinstance(x, torch.device)]
         if targets:  # a factory or a move: its target decides
             other = _is_other(targets[0])
             cpu = lambda x: torch.device("cpu") if isinstance(x, torch.device) else x  # noqa: E731
@@ -79,7 +79,8 @@ class _Emulated(TorchDispatchMode):
             wrapped = wrappers.get(id(x))  # in-place ops return their input
             if wrapped is not None:
                 return wrapped
-            with torch.inference_mode(False):  # autograd sets a view's version counter: not on an inference tensor
+            # autograd sets a view's version counter, which an inference tensor has not
+            with torch.inference_mode(False):
                 return Elsewhere(x)
         return tree_map(wrap, out)
 
@@ -106,7 +107,8 @@ class _Draws(TorchFunctionMode):
             target = kwargs.get("device") or (tensors[0].device if tensors else "cpu")
             where = g.device
             if _is_other(target) != _is_other(where):
-                self.violations.append(f"{getattr(func, '__name__', func)}: generator on {where}, draw on {target}")
+                name = getattr(func, "__name__", func)
+                self.violations.append(f"{name}: generator on {where}, draw on {target}")
         if func in self.FROM_DATA and _is_other(kwargs.get("device")):
             return func(*args, **{**kwargs, "device": "cpu"}).to(OTHER)
         return func(*args, **kwargs)
@@ -219,13 +221,14 @@ def test_loss_and_sample_draw_on_their_generators_device(fam, monkeypatch):
     model.net.train().requires_grad_(True)
     with emulated(monkeypatch) as mode:
         _elsewhere(model)
-        loss = fam.loss(model, samples.to(OTHER), _labels(model, n).to(OTHER), torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        loss = fam.loss(model, samples.to(OTHER), _labels(model, n).to(OTHER), generator)
         loss.backward()
         model.net.eval().requires_grad_(False)
         out = fam.sample(model, _labels(model, n), torch.arange(n), fam.Sampler())
     assert loss.device == OTHER and out.shape == samples.shape
     flagged = _flagged(mode, allow_device_generators=fam.name in DRAWS_ON_DEVICE)
-    assert not flagged, f"{fam.name}: {len(flagged)} draws off their generator's device:\n" + "\n".join(flagged)
+    assert not flagged, f"{fam.name}: {len(flagged)} off their generator's device:\n" + "\n".join(flagged)
     assert bool(made_elsewhere) == (fam.name in DRAWS_ON_DEVICE)  # the table says which families draw there
 
 
@@ -238,4 +241,4 @@ def test_diagnose_gradients_draw_on_their_generators_device(fam, monkeypatch):
         grads = diagnose.batch_gradients(fam, model, samples, labels, batches=2, repeats=1, seed=0)
     assert grads.shape[0] == 2 and grads.device.type == "cpu"
     flagged = _flagged(mode)
-    assert not flagged, f"{fam.name}: {len(flagged)} draws off their generator's device:\n" + "\n".join(flagged)
+    assert not flagged, f"{fam.name}: {len(flagged)} off their generator's device:\n" + "\n".join(flagged)
