@@ -5,24 +5,26 @@ its generator's, nor may a generator be made on the model's device (CUDA refuses
 second makes a seed's draws differ between the CPU and CUDA).
 
 The other device is "meta" as tensors report it, with real data underneath: `Elsewhere` wraps a CPU
-tensor and reports the meta device, and `_Emulated` (a TorchDispatchMode) runs every op on the
-wrapped CPU data, wraps what comes out of an op on the other device, and records each draw whose
-output is on another device than its `generator`. Values and `.item()` work as on the CPU, so code
-that reads numbers (schedules, padding sizes) runs unchanged.
+tensor and reports the meta device; `_Emulated` (a TorchDispatchMode) runs every op on the wrapped
+CPU data and wraps what comes out of an op on the other device; `_Draws` (a TorchFunctionMode)
+records each draw whose output is on another device than its `generator`, and `_Generator` one made
+on the other device. Values, `.item()` and `.tolist()` work as on the CPU, so code that reads numbers
+(schedules, padding sizes) runs unchanged; CPU autocast stands in for the other device's.
 """
 
 import contextlib
 
 import pytest
 import torch
-from torch.utils._pytree import tree_map
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from neon import diagnose
 from neon import family as registry
 
 OTHER = torch.device("meta")  # stands in for CUDA
+_real_generator = torch.Generator
 
 
 class Elsewhere(torch.Tensor):
@@ -49,6 +51,10 @@ def _is_other(device) -> bool:
     return device is not None and torch.device(device).type == OTHER.type
 
 
+def _on_cpu(x):
+    return torch.device("cpu") if isinstance(x, torch.device) else x
+
+
 class _Emulated(TorchDispatchMode):
     """Runs ops on OTHER as CPU ops on wrapped data."""
 
@@ -69,8 +75,7 @@ class _Emulated(TorchDispatchMode):
         targets = [x for x in (*args, kwargs.get("device")) if isinstance(x, torch.device)]
         if targets:  # a factory or a move: its target decides
             other = _is_other(targets[0])
-            cpu = lambda x: torch.device("cpu") if isinstance(x, torch.device) else x  # noqa: E731
-            args, kwargs = tuple(map(cpu, args)), {k: cpu(v) for k, v in kwargs.items()}
+            args, kwargs = tuple(map(_on_cpu, args)), {k: _on_cpu(v) for k, v in kwargs.items()}
         out = func(*args, **kwargs)
 
         def wrap(x):
@@ -114,9 +119,6 @@ class _Draws(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_real_generator = torch.Generator
-
-
 class _Generator(_real_generator):
     """torch.Generator for code under test: one made on OTHER is a CPU generator that the emulation
     takes to be on OTHER (`elsewhere`), counted in `made_elsewhere`."""
@@ -145,7 +147,7 @@ class _Autocast(torch.autocast):
 
 
 def _on_cpu_autocast(query):
-    """An autocast query (torch.is_autocast_enabled, get_autocast_dtype) that answers the CPU's for OTHER."""
+    """An autocast query (is_autocast_enabled, get_autocast_dtype) answering the CPU's for OTHER."""
     def asked(*args):
         return query(*("cpu" if a == OTHER.type else a for a in args))
     return asked
@@ -159,18 +161,18 @@ def _tolist_elsewhere(self):
 
 
 @contextlib.contextmanager
-def emulated(monkeypatch):
+def emulated():
     """Within: the emulated device and the check of draws (`_Draws`, yielded: its `violations`),
     generators made on OTHER counted in `made_elsewhere`."""
     made_elsewhere.clear()
-    monkeypatch.setattr(torch, "Generator", _Generator)
-    monkeypatch.setattr(torch, "autocast", _Autocast)
-    for query in ("is_autocast_enabled", "get_autocast_dtype"):
-        monkeypatch.setattr(torch, query, _on_cpu_autocast(getattr(torch, query)))
-    monkeypatch.setattr(torch.Tensor, "tolist", _tolist_elsewhere)
-    with _Draws() as mode, _Emulated():
-        yield mode
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "Generator", _Generator)
+        patch.setattr(torch, "autocast", _Autocast)
+        for query in ("is_autocast_enabled", "get_autocast_dtype"):
+            patch.setattr(torch, query, _on_cpu_autocast(getattr(torch, query)))
+        patch.setattr(torch.Tensor, "tolist", _tolist_elsewhere)
+        with _Draws() as mode, _Emulated():
+            yield mode
 
 
 def _elsewhere(model):
@@ -200,9 +202,9 @@ def fam(request, one_thread):
     return registry.get(request.param)
 
 
-def test_emulation_flags_a_cpu_generator_drawing_elsewhere_and_not_a_moved_draw(monkeypatch):
+def test_emulation_flags_a_cpu_generator_drawing_elsewhere_and_not_a_moved_draw():
     g = torch.Generator().manual_seed(0)
-    with emulated(monkeypatch) as mode:
+    with emulated() as mode:
         x = torch.ones(3, device=OTHER)
         moved = torch.randn(3, generator=g).to(OTHER)
         assert moved.device == OTHER and (x + moved).device == OTHER and not _flagged(mode)
@@ -214,12 +216,12 @@ def test_emulation_flags_a_cpu_generator_drawing_elsewhere_and_not_a_moved_draw(
     assert torch.equal(moved.inner, reference)  # the emulated device computes real values
 
 
-def test_loss_and_sample_draw_on_their_generators_device(fam, monkeypatch):
+def test_loss_and_sample_draw_on_their_generators_device(fam):
     model = fam.tiny(0)
     n = 4
     samples = fam.sample(model, _labels(model, n), torch.arange(n), fam.Sampler())
     model.net.train().requires_grad_(True)
-    with emulated(monkeypatch) as mode:
+    with emulated() as mode:
         _elsewhere(model)
         generator = torch.Generator().manual_seed(0)
         loss = fam.loss(model, samples.to(OTHER), _labels(model, n).to(OTHER), generator)
@@ -232,11 +234,11 @@ def test_loss_and_sample_draw_on_their_generators_device(fam, monkeypatch):
     assert bool(made_elsewhere) == (fam.name in DRAWS_ON_DEVICE)  # the table says which families draw there
 
 
-def test_diagnose_gradients_draw_on_their_generators_device(fam, monkeypatch):
+def test_diagnose_gradients_draw_on_their_generators_device(fam):
     model = fam.tiny(0)
     n = 8  # two batches of 4: IMM's loss takes groups of 4
     samples, labels = fam.sample(model, _labels(model, n), torch.arange(n), fam.Sampler()), _labels(model, n)
-    with emulated(monkeypatch) as mode:
+    with emulated() as mode:
         _elsewhere(model)
         grads = diagnose.batch_gradients(fam, model, samples, labels, batches=2, repeats=1, seed=0)
     assert grads.shape[0] == 2 and grads.device.type == "cpu"
