@@ -8,7 +8,12 @@ as `{'trainer': {'var_wo_ddp': …}}`; the architecture is read from the file's 
 The causal mask buffer holds −inf, so the merge copies it from the base.
 
 Sampling is `autoregressive_infer_cfg` with one generator per sample, seeded with its seed, so a
-sample does not depend on its batch. Fine-tuning follows upstream's trainer: images resized to
+sample does not depend on its batch. The generators live on the model's device, the one exception to
+the core's CPU-generator rule (`neon.family.Family.sample`): each scale draws its tokens from the
+logits there (top-k/top-p over a 4096-token vocabulary for every position), and moving the logits to
+the CPU at every scale would cost more than the sampling; so a seed's draws differ between the CPU
+and CUDA, and the GPU checks compare greedy decoding (top_k=1), which draws nothing that matters.
+Fine-tuning follows upstream's trainer: images resized to
 1.125× with Lanczos and cropped at random, 10 % label drop to the null class, teacher-forced
 cross-entropy over all tokens.
 """

@@ -53,11 +53,13 @@ def teacher_forcing_loss(var: VAR, vae: VQVAE, img_B3HW: torch.Tensor, label_B: 
     """Scalar float32 loss: mean over the batch of Σ_j CE(logits_j, token_j; label_smooth) / L.
 
     img_B3HW: float32 [B, 3, H, W] in [-1, 1], H = W = 16·patch_nums[-1]. label_B: int64 [B]. The tokens come
-    from the frozen VQ-VAE (no gradient); gradients flow into `var` only. Randomness: torch's global
-    generator, drawn inside `var.forward` (label dropout, then drop-path in training mode).
+    from the frozen VQ-VAE (no gradient) in float32 outside any autocast, as upstream's trainer tokenizes
+    before its autocast block (fp16 could flip codes and overflow the encoder); gradients flow into `var`
+    only.
+    Randomness: torch's global generator, drawn inside `var.forward` (label dropout, then drop-path).
     """
-    with torch.no_grad():
-        gt_idx_Bl = vae.img_to_idxBl(img_B3HW)
+    with torch.no_grad(), torch.autocast(img_B3HW.device.type, enabled=False):
+        gt_idx_Bl = vae.img_to_idxBl(img_B3HW.float())
         gt_BL = torch.cat(gt_idx_Bl, dim=1)
         x_BLCv_wo_first_l = vae.quantize.idxBl_to_var_input(gt_idx_Bl)
     logits_BLV = var(label_B, x_BLCv_wo_first_l)

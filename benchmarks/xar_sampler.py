@@ -56,8 +56,8 @@ def main():
                 decoder_embed_dim=args.width, decoder_depth=args.depth, decoder_num_heads=args.width // 64).eval().to(args.device)
     labels = (torch.arange(args.batch) % 1000).to(args.device)
 
-    def draws():
-        return per_sample_randn([torch.Generator(args.device).manual_seed(i) for i in range(args.batch)])
+    def draws():  # CPU generators, the draws moved to the device, as the xAR family samples
+        return per_sample_randn([torch.Generator().manual_seed(i) for i in range(args.batch)])
 
     a = cached(model, labels, args.steps, 3.0, draws())
     b = uncached(model, labels, args.steps, 3.0, draws())

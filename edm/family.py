@@ -11,7 +11,9 @@ preconditioner's class name and its constructor kwargs. IMM's pickles share this
 Sampling is upstream's `generate.py`: per-sample torch generators seeded with the sample's seed draw
 the latents, a class index (discarded: the label comes from the synthetic set's balanced labels, but
 the draw keeps each sample's noise stream aligned with upstream's) and the per-step churn noise of
-`edm_sampler`. Images are uint8 `(x · 127.5 + 128)` clipped, as upstream saves them.
+`edm_sampler`. The generators are CPU generators whatever the model's device (upstream makes them on
+the GPU), so a seed draws the same noise on the CPU and on CUDA; the draws are moved to the model.
+Images are uint8 `(x · 127.5 + 128)` clipped, as upstream saves them.
 """
 
 import dataclasses
@@ -140,7 +142,7 @@ class EDMFamily:
         net = model.net
         device = next(net.parameters()).device
         with torch.inference_mode():
-            rnd = StackedRandomGenerator(device, seeds.tolist())
+            rnd = StackedRandomGenerator("cpu", seeds.tolist())  # the same draws on any device
             latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
             class_labels = None
             if net.label_dim:

@@ -6,8 +6,9 @@
 by NVIDIA): same class names, arguments, formulas and order of random draws, so a loss call after
 `torch.manual_seed(s)` reproduces upstream's numbers for the same s. The code is written here.
 
-Additions: every random draw can come from an explicit `generator`, and the losses accept `sigma`,
-`noise` and `augment_labels` to run without drawing at all. The augmentation pipe implements the
+Additions: every random draw can come from an explicit `generator` (drawn on the generator's device and
+moved to the images', so a CPU generator gives the same values on any device), and the losses accept
+`sigma`, `noise` and `augment_labels` to run without drawing at all. The augmentation pipe implements the
 transformations EDM's train.py enables (x/y flips, isotropic and anisotropic scaling, fractional
 rotation and translation); the integer rotation/translation and colour transforms of the StyleGAN2-ADA
 heritage are not ported and raise if enabled.
@@ -20,8 +21,15 @@ import torch
 import torch.nn.functional as F
 
 
+def _on_generator(draw, *args, device, generator, **kwargs):
+    """`draw(*args, **kwargs)` made on the generator's device (`device` without one: torch's global
+    generator there, as upstream), then moved to `device`."""
+    where = device if generator is None else generator.device
+    return draw(*args, device=where, generator=generator, **kwargs).to(device)
+
+
 def _randn(shape, like, generator):
-    return torch.randn(shape, dtype=like.dtype, device=like.device, generator=generator)
+    return _on_generator(torch.randn, shape, dtype=like.dtype, device=like.device, generator=generator)
 
 
 def _denoising_loss(net, images, labels, sigma, weight, augment_pipe, noise, augment_labels, generator):
@@ -58,7 +66,8 @@ class EDMLoss:
     def __call__(self, net, images, labels=None, augment_pipe=None, *, sigma=None, noise=None,
                  augment_labels=None, generator=None):
         if sigma is None:
-            rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device, generator=generator)
+            rnd_normal = _on_generator(torch.randn, [images.shape[0], 1, 1, 1], device=images.device,
+                                       generator=generator)
             sigma = (rnd_normal * self.P_std + self.P_mean).exp()
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
         return _denoising_loss(net, images, labels, sigma, weight, augment_pipe, noise, augment_labels, generator)
@@ -76,7 +85,8 @@ class VPLoss:
     def __call__(self, net, images, labels, augment_pipe=None, *, sigma=None, noise=None,
                  augment_labels=None, generator=None):
         if sigma is None:
-            rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device, generator=generator)
+            rnd_uniform = _on_generator(torch.rand, [images.shape[0], 1, 1, 1], device=images.device,
+                                        generator=generator)
             sigma = self.sigma(1 + rnd_uniform * (self.epsilon_t - 1))
         weight = 1 / sigma ** 2
         return _denoising_loss(net, images, labels, sigma, weight, augment_pipe, noise, augment_labels, generator)
@@ -98,21 +108,21 @@ _MARGIN = len(_SYM6) // 4  # extra border (in pixels) the filters need on each s
 
 
 class _Draws:
-    """`torch.rand` / `randn` / `randint` of the given shapes on one device, from one generator
-    (None = torch's global generator), float32 / int64."""
+    """`torch.rand` / `randn` / `randint` of the given shapes from one generator (None = torch's global
+    generator), float32 / int64, drawn on the generator's device and moved to `device`."""
 
     def __init__(self, device, generator):
         self.device = device
         self.generator = generator
 
     def rand(self, *shape):
-        return torch.rand(shape, device=self.device, generator=self.generator)
+        return _on_generator(torch.rand, shape, device=self.device, generator=self.generator)
 
     def randn(self, *shape):
-        return torch.randn(shape, device=self.device, generator=self.generator)
+        return _on_generator(torch.randn, shape, device=self.device, generator=self.generator)
 
     def randint(self, high, *shape):
-        return torch.randint(high, shape, device=self.device, generator=self.generator)
+        return _on_generator(torch.randint, high, shape, device=self.device, generator=self.generator)
 
     def gate(self, values, prob, shape=None):
         """values where a fresh uniform draw (of `shape`, default values.shape) is below prob, else 0."""

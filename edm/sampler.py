@@ -99,7 +99,9 @@ def _seeded_generator(device, seed):
 class StackedRandomGenerator:
     """Random numbers per sample: one `torch.Generator` on `device` per seed (seeded with
     `seed % 2**32`). A draw of shape [B, ...] stacks every generator's own draw of shape [...], so row b
-    depends only on seeds[b] and on how many draws came before, never on the batch it sits in.
+    depends only on seeds[b] and on how many draws came before, never on the batch it sits in. Draws
+    are made on the generators' device and moved to the `device` asked for, so CPU generators
+    (`device='cpu'`, as the EDM family makes them) give a seed the same numbers on any device.
 
     EDM's generate.py draws, per generator and in this order: the latent `randn([B, C, H, W])`
     (float32), then for conditional nets the class `randint(label_dim, size=[B])`, then one
@@ -113,7 +115,9 @@ class StackedRandomGenerator:
         size = list(size)
         if not size or size[0] != len(self.generators):
             raise ValueError(f'size {size} must start with the number of seeds, {len(self.generators)}')
-        return torch.stack([draw(*args, size=size[1:], generator=g, **kwargs) for g in self.generators])
+        device = kwargs.pop('device', None)
+        rows = [draw(*args, size=size[1:], generator=g, device=g.device, **kwargs) for g in self.generators]
+        return torch.stack(rows).to(device)
 
     def randn(self, size, **kwargs):
         """Standard normal [B, ...]; kwargs as for `torch.randn` (dtype, device, layout)."""

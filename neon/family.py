@@ -99,12 +99,16 @@ class Family(Protocol):
 
     def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler) -> torch.Tensor:
         """Draw one sample per seed. labels: int64 [B] (−1 = unconditional); seeds: int64 [B].
-        Returns uint8 [B,3,H,W] images (the toy: float32 [B,2] points). Runs in inference mode."""
+        Returns uint8 [B,3,H,W] images (the toy: float32 [B,2] points). Runs in inference mode.
+        Sample i's draws come from CPU generators seeded from `seeds[i]`, drawn on the CPU and moved
+        to the model's device, so a seed gives the same draws on any device; a family that must draw
+        on the device (for speed) says so in its docstring, and its samples then differ by device."""
 
     def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
-        """The ordinary training loss (a scalar) on a batch in `sample`'s format; random draws
-        (noise levels, noise, label drop) come from `generator` (a CPU generator)."""
+        """The ordinary training loss (a scalar) on a batch in `sample`'s format, on the model's
+        device; random draws (noise levels, noise, label drop) come from `generator`, a CPU
+        generator: drawn on the CPU and moved to the model's device (CUDA refuses a CPU generator)."""
 
     def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:
         """A fresh checkpoint of the family's own layout holding `state_dict` as θ, with what

@@ -4,6 +4,11 @@ import os
 import subprocess
 import sys
 
+# `_deterministic` turns on torch.use_deterministic_algorithms for every test, tests/gpu included, and
+# then cuBLAS raises at its first matmul unless this is set before CUDA starts (CUDA's docs, "Results
+# reproducibility"); scripts/gpu_check.sh sets it too. Set here, before torch is imported.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 import pytest
 import torch
 

@@ -15,8 +15,9 @@ same tables. They are constants of the architecture, so every state-dict load in
 back the values the constructor computes (after checking the loaded ones agree), and a merged model
 samples with exactly the base's tables.
 
-Sampling is upstream's `sample_tokens` with one generator per sample (seeded with its seed; all draws of
-sample i come from it), autocast on CUDA (fp16 as upstream, or bf16), float32 on the CPU, then the VAE
+Sampling is upstream's `sample_tokens` with one CPU generator per sample (seeded with its seed; all draws
+of sample i come from it and are moved to the model's device, so a seed draws the same noise on the CPU
+and on CUDA), autocast on CUDA (fp16 as upstream, or bf16), float32 on the CPU, then the VAE
 decodes and images are truncated to uint8. The loss is upstream's fine-tuning loss on the uint8 batch:
 random horizontal flip, VAE posterior sample × 0.2325 (in float32, outside autocast, as upstream),
 label drop 0.1 to the null class 1000, a logit-normal time per (cell, sample), v-prediction MSE; every
@@ -137,7 +138,7 @@ class XARFamily:
         net = model.net
         device = net.mask.device
         labels = _class_labels(labels, model.num_classes).to(device)
-        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         dtype = PRECISIONS[sampler.precision]
         with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32,
                                                     enabled=device.type == "cuda" and dtype is not None):

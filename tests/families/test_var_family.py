@@ -105,3 +105,26 @@ def test_greedy_logits_agree_across_batches_within_tolerance():
         assert torch.equal(b.idx_Bl[1:2][decided], a.idx_Bl[decided])
         if not torch.equal(b.idx_Bl[1:2], a.idx_Bl):  # a near tie went the other way: later scales differ
             break
+
+
+def test_the_fine_tune_tokenizes_in_float32_outside_its_autocast(monkeypatch):
+    """Under the fine-tune's bf16 autocast the VQ-VAE still runs in float32, as upstream's trainer
+    tokenizes before its autocast block: the codes equal those of a float32 run."""
+    model = family.tiny(0)
+    samples = family.sample(model, torch.tensor([1, 2]), torch.tensor([3, 4]), family.Sampler())
+    labels = torch.tensor([1, 2])
+    vae = model.codec
+    seen = []
+    tokenize = vae.img_to_idxBl
+
+    def spy(img, *args, **kwargs):
+        codes = tokenize(img, *args, **kwargs)
+        seen.append((img.dtype, torch.is_autocast_enabled("cpu"), codes))
+        return codes
+    monkeypatch.setattr(vae, "img_to_idxBl", spy)
+    family.loss(model, samples, labels, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        family.loss(model, samples, labels, torch.Generator().manual_seed(0))
+    (dtype32, autocast32, codes32), (dtype16, autocast16, codes16) = seen
+    assert dtype16 == dtype32 == torch.float32 and not autocast16 and not autocast32
+    assert all(torch.equal(a, b) for a, b in zip(codes16, codes32))

@@ -1,18 +1,25 @@
 """GPU checks, run by `scripts/gpu_check.sh` (`pytest -m gpu`); skipped where CUDA is absent.
 
-Each family's tiny model samples on CUDA close to what it samples on the CPU (the same per-sample
-draws, other kernels: float tolerance only, DESIGN.md Determinism); sampling under fp16/bf16
+Each family's tiny model samples on CUDA close to what it samples on the CPU: a seed's draws are made
+on CPU generators and moved (`neon.family.Family.sample`), so only the kernels differ (float
+tolerance, DESIGN.md Determinism). A family that draws on the device (`DRAWS_ON_DEVICE` of
+tests/families/test_devices.py: VAR's token draws) has other draws on CUDA; for it the greedy
+decoding (top_k=1), which the draws cannot change, is compared. Sampling under fp16/bf16
 autocast and fine-tuning with `precision` fp16/bf16 run and stay finite; a merge and a sweep point
 run on CUDA through the CLI.
 """
 
 import json
+import os
 
 import pytest
 import torch
 
-from neon import cli, family as registry, finetune, synthetic
+from neon import cli, diagnose, family as registry, finetune, synthetic
+from neon.io import checkpoint
+from neon.family import write_checkpoint
 from tests.conftest import save_base
+from tests.families.test_devices import DRAWS_ON_DEVICE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
@@ -34,10 +41,15 @@ def fam(request):
     return registry.get(request.param)
 
 
+def compared_sampler(fam):
+    """The sampler settings under which CPU and CUDA samples of `fam` must agree: the default, or
+    greedy decoding for a family that draws on the device."""
+    return fam.Sampler(top_k=1) if fam.name in DRAWS_ON_DEVICE else fam.Sampler()
+
+
 def test_tiny_model_samples_on_cuda_as_on_the_cpu(fam):
     model = fam.tiny(0)
-    # VAR's top-k draws are discrete: compare its greedy decoding
-    sampler = fam.Sampler(top_k=1) if "top_k" in fam.Sampler.__dataclass_fields__ else fam.Sampler()
+    sampler = compared_sampler(fam)
     labels, seeds = _labels(model, 4), torch.arange(4) + 100
     on_cpu = fam.sample(model, labels, seeds, sampler)
     on_gpu = fam.sample(_to(model, CUDA), labels, seeds, sampler).cpu()
@@ -81,4 +93,58 @@ def test_toy_merge_and_sweep_point_on_cuda(tmp_path, capsys):
     cli.main(["sweep", "--family", "toy", "--base", base, "--self", snapshot, "--w", "0.5", "--num", "64",
               "--batch-size", "32", "--out", str(tmp_path / "sweep")])
     records = [json.loads(line) for line in open(tmp_path / "sweep" / "results.jsonl")]
+    assert len(records) == 2 and all(r["fid"] > 0 for r in records)
+
+
+def _synthetic_set(fam, tmp_path, num=16):
+    model = fam.tiny(0)
+    conf = synthetic.SyntheticConfig(out=str(tmp_path / "S"), num=num, batch_size=8, shard_size=num,
+                                     labels="balanced" if model.num_classes else "none")
+    for _ in synthetic.write(fam, _to(model, CUDA), fam.Sampler(), conf, "sha"):
+        pass
+    return conf.out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_finetune_resumed_equals_uninterrupted(fam, precision, tmp_path):
+    """Two steps, then two more from the training state, give the bytes of four in one run (the same
+    device, deterministic algorithms: DESIGN.md, Determinism)."""
+    data = _synthetic_set(fam, tmp_path)
+
+    def run(out, total):
+        conf = finetune.FinetuneConfig(data=data, out=str(tmp_path / out), total_images=total, batch_size=8,
+                                       lr=1e-4, precision=precision)
+        return [r.info for r in finetune.run(fam, _to(fam.tiny(0), CUDA), conf) if r.info is not None]
+    run("full", 32)
+    assert len(run("resumed", 16)) == 2 and run("resumed", 32)[0]["images_seen"] == 24
+    a, b = (checkpoint.read_state(str(tmp_path / out / finetune.STATE)) for out in ("full", "resumed"))
+    for key in ("model", "ema", "net"):
+        if key in a:
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_diagnose_gradients_on_cuda(fam):
+    """`neon diagnose`'s gradient path (a CPU generator per batch, the family's loss on CUDA)."""
+    model = fam.tiny(0)
+    labels = _labels(model, 8)
+    samples = fam.sample(model, labels, torch.arange(8), fam.Sampler())
+    grads = diagnose.batch_gradients(fam, _to(model, CUDA), samples, labels, batches=2, repeats=1, seed=0)
+    assert grads.shape[0] == 2 and torch.isfinite(grads).all()
+
+
+def test_edm_sweep_point_with_inception_features_on_cuda(tmp_path, inception_file):
+    fam = registry.get("edm")
+    model = fam.tiny(0)
+    base = str(tmp_path / "base.pt")
+    write_checkpoint(fam, model.net.state_dict(), base, like=model)
+    S, run = str(tmp_path / "S"), str(tmp_path / "run")
+    cli.main(["sample", "--family", "edm", "--ckpt", base, "--out", S, "--num", "16", "--batch-size", "8"])
+    cli.main(["finetune", "--family", "edm", "--ckpt", base, "--data", S, "--out", run, "--images", "16",
+              "--batch-size", "8", "--lr", "1e-4"])
+    fid_flags = ["--inception-weights", inception_file, "--batch-size", "8"]
+    ref = str(tmp_path / "ref.npz")
+    cli.main(["fid-stats", "--images", S, "--out", ref, *fid_flags])
+    cli.main(["sweep", "--family", "edm", "--base", base, "--self", run, "--w", "1", "--num", "8",
+              "--ref", ref, "--out", str(tmp_path / "sweep"), *fid_flags])
+    records = [json.loads(line) for line in open(os.path.join(tmp_path, "sweep", "results.jsonl"))]
     assert len(records) == 2 and all(r["fid"] > 0 for r in records)
