@@ -22,6 +22,7 @@ import logging
 
 import torch
 
+from neon import precision
 from neon.errors import NeonError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def batch_gradients(family, model, samples, labels: torch.Tensor, batches: int, 
     parts of the data at the model's current weights (random draws of batch k from seed + k).
     `samples`: a tensor in the family's sample format, or a `neon.synthetic.SyntheticSet`, read one
     batch at a time."""
+    precision.apply("finetune")
     if len(samples) < batches:
         raise NeonError(f"diagnose: {len(samples)} samples cannot make {batches} batches")
     net = model.net

@@ -68,8 +68,8 @@ def run_command(body) -> None:
 
     debug = os.environ.get("NEON_DEBUG") == "1"
     try:
+        distributed.init()  # first, so that logging knows the rank: INFO on rank 0, WARNING on the others
         log.setup()
-        distributed.init()
         body()
     except (NeonError, OSError) as e:
         if debug:

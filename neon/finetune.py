@@ -10,6 +10,7 @@ the weights of an uninterrupted run.
 This is the only place the core wraps a network in DistributedDataParallel.
 """
 
+import contextlib
 import copy
 import dataclasses
 import glob
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from neon import config, distributed, rng, synthetic
+from neon import config, distributed, precision, rng, synthetic
 from neon import family as neon_family
 from neon.errors import NeonError
 from neon.io import checkpoint, files
@@ -45,7 +46,12 @@ class FinetuneConfig:
     total_images: int = 0
     """Length of the fine-tune in images: it stops at the first step that reaches it (EDM's duration)."""
     batch_size: int = 64
-    """Global batch size: split evenly over the processes."""
+    """Global batch size of one optimizer step: split evenly over the processes and their micro-steps."""
+    accumulate: int = 1
+    """Micro-steps per optimizer step and process (gradient accumulation): a recipe's global batch on
+    fewer GPUs, with the same update. The batch is cut into world × accumulate micro-batches, and
+    micro-batch s (s = rank · accumulate + micro-step) draws from the generator of (seed, step, s)
+    whatever the world size, so 2 processes × 1 and 1 process × 2 give the same step."""
     lr: float = 1e-5
     """Learning rate after the ramp."""
     ramp_images: int = 0
@@ -73,8 +79,8 @@ class FinetuneConfig:
     """Seeds the data order and every random draw of the loss."""
 
     def __post_init__(self):
-        if self.total_images <= 0 or self.batch_size <= 0:
-            raise NeonError("finetune.total_images and finetune.batch_size must be positive")
+        if self.total_images <= 0 or self.batch_size <= 0 or self.accumulate <= 0:
+            raise NeonError("finetune.total_images, finetune.batch_size and finetune.accumulate must be positive")
         if self.snapshot_every_images is not None and self.snapshot_every_images <= 0:
             raise NeonError("finetune.snapshot_every_images must be positive")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -138,6 +144,7 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
     """
     data = open_data(conf, family.name)
     world, rank = distributed.world(), distributed.rank()
+    precision.apply("finetune")
     net = model.net
     device = next(net.parameters()).device
     net.train().requires_grad_(True)
@@ -155,7 +162,7 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
             net, device_ids=[device.index] if device.type == "cuda" else None)
     train_model = dataclasses.replace(model, net=ddp_net)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(conf.precision)
-    local = conf.batch_size // world
+    micro = conf.batch_size // (world * conf.accumulate)
     order = _DataOrder(len(data), conf.seed)
 
     loss = None
@@ -166,17 +173,28 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
         lr = conf.lr * min(1.0, (images_seen + conf.batch_size) / conf.ramp_images) if conf.ramp_images else conf.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        indices = order.take(images_seen, conf.batch_size)[rank * local:(rank + 1) * local]
-        step_seed = rng.derive(conf.seed, step, rank)
-        torch.manual_seed(step_seed)  # dropout / drop-path inside the network draw from the global RNG
-        generator = torch.Generator().manual_seed(step_seed)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = family.loss(train_model, data.read(indices).to(device), data.labels[indices].to(device), generator)
-        bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+        batch = order.take(images_seen, conf.batch_size)
+        losses = []
+        for m in range(conf.accumulate):
+            shard = rank * conf.accumulate + m
+            indices = batch[shard * micro:(shard + 1) * micro]
+            step_seed = rng.derive(conf.seed, step, shard)
+            torch.manual_seed(step_seed)  # dropout / drop-path inside the network draw from the global RNG
+            generator = torch.Generator().manual_seed(step_seed)
+            # DDP all-reduces the gradients on the last micro-step only
+            sync = contextlib.nullcontext() if m == conf.accumulate - 1 or world == 1 else ddp_net.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    micro_loss = family.loss(train_model, data.read(indices).to(device, non_blocking=True),
+                                             data.labels[indices].to(device, non_blocking=True), generator)
+                scaler.scale(micro_loss / conf.accumulate).backward()
+            losses.append(micro_loss.detach())
+        loss = torch.stack(losses).mean()
+        bad = (~torch.isfinite(torch.stack(losses))).any().to(torch.float32).reshape(1)
         if distributed.all_reduce_sum(bad).item() > 0:  # every rank stops, not only the one that saw it
             raise NeonError(f"the loss became non-finite ({loss.item()}) at {images_seen} images; lower "
                             f"finetune.lr or check the synthetic set (the last good snapshot is kept)")
-        scaler.scale(loss).backward()
         if conf.grad_clip is not None:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(net.parameters(), conf.grad_clip)
@@ -184,12 +202,7 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
         scaler.update()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
-            decay = conf.ema_decay(images_seen + conf.batch_size)
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), net.parameters()):
-                    e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
-                for e, b in zip(ema.buffers(), net.buffers()):
-                    e.copy_(b)
+            _update_ema(ema, net, conf.ema_decay(images_seen + conf.batch_size))
         images_seen += conf.batch_size
         snapshot = None
         if images_seen // every > (images_seen - conf.batch_size) // every or images_seen >= conf.total_images:
@@ -204,6 +217,16 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
                    result=result)
 
 
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · net for the parameters (one foreach kernel per dtype group),
+    the buffers copied."""
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for e, p in zip(ema_params, net.parameters())],
+                         1.0 - decay)
+    torch._foreach_copy_(list(ema.buffers()), list(net.buffers()))
+
+
 def open_data(conf: FinetuneConfig, family_name: str) -> synthetic.SyntheticSet:
     """Collective: the synthetic set of `conf`, checked to be complete, intact, non-empty and of
     `family_name`, and the batch size checked against the world size; NeonError otherwise."""
@@ -214,8 +237,9 @@ def open_data(conf: FinetuneConfig, family_name: str) -> synthetic.SyntheticSet:
         raise NeonError(f"{conf.data} is empty: a fine-tune needs samples")
     if data.manifest["family"] != family_name:
         raise NeonError(f"{conf.data} was drawn from family {data.manifest['family']!r}, not {family_name!r}")
-    if conf.batch_size % distributed.world():
-        raise NeonError(f"finetune.batch_size={conf.batch_size} is not divisible by {distributed.world()} processes")
+    if conf.batch_size % (distributed.world() * conf.accumulate):
+        raise NeonError(f"finetune.batch_size={conf.batch_size} is not divisible by {distributed.world()} processes "
+                        f"× finetune.accumulate={conf.accumulate} micro-steps")
     _checked_state(conf.out, _identity(conf, data))
     return data
 
@@ -276,7 +300,7 @@ def _checked_state(out, identity) -> dict | None:
     path = os.path.join(out, STATE)
     if not os.path.exists(path):
         return None
-    state = checkpoint.read_state(path)
+    state = checkpoint.read_state(path, mmap=True)  # pages are read when touched, and shared by the ranks
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise NeonError(f"{path} is damaged (no {', '.join(missing)}); remove it to start the fine-tune again")

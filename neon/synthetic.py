@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from neon import distributed, log
+from neon import distributed, log, precision
 from neon.errors import NeonError, NonFiniteError
 from neon.io import files, rows
 from neon.progress import Progress
@@ -74,6 +74,7 @@ def batches(start: int, stop: int, batch_size: int) -> list[range]:
 def draw(family, model, sampler, indices: range, labels: torch.Tensor, seed_base: int) -> torch.Tensor:
     """Samples for the given indices in one sampler call, on the CPU."""
     seeds = torch.arange(indices.start, indices.stop, dtype=torch.int64) + seed_base
+    precision.apply("sample")
     return family.sample(model, labels[indices.start:indices.stop], seeds, sampler).cpu()
 
 

@@ -169,13 +169,14 @@ def _without_namespaces(obj):
     return obj
 
 
-def read_state(path: str) -> dict:
+def read_state(path: str, mmap: bool = False) -> dict:
     """A training-state file (optimizer, scaler, data position) as the dict it holds, loaded with
-    `weights_only=True`; NeonError (one line) when it is missing or unreadable."""
+    `weights_only=True` (memory-mapped with `mmap`: tensors are read when touched, and processes of one
+    machine share the pages); NeonError (one line) when it is missing or unreadable."""
     if not os.path.exists(path):
         raise NeonError(f"no such state file: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise NeonError(f"cannot read state file {path}: {first_sentence(e)}") from None
     if not isinstance(data, dict):

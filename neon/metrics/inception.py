@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from neon import distributed, synthetic
+from neon import distributed, precision, synthetic
 from neon.progress import Progress
 from neon.io import checkpoint
 from neon.errors import NeonError
@@ -124,6 +124,7 @@ def check(images: torch.Tensor) -> torch.Tensor:
 def forward(extractor: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(pool float32 [B,2048], logits float32 [B,1008]) of uint8 [B,3,H,W] `images`, on the CPU."""
     device = next(extractor.parameters()).device
+    precision.apply("features")
     pool, logits = extractor(check(images).to(device))
     return pool.cpu(), logits.cpu()
 

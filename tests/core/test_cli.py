@@ -124,3 +124,23 @@ def test_deterministic_mode_sets_what_gpu_reruns_need(monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     distributed.deterministic()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # the user's own setting wins
+
+
+def test_ranks_but_the_first_log_warnings_only(monkeypatch):
+    """Under torchrun the rank is known once the process group is up: logging is set up after it, so rank
+    1 logs at WARNING (its INFO lines would repeat rank 0's)."""
+    import logging
+
+    from neon import distributed
+    from neon.errors import run_command
+
+    root = logging.getLogger()
+    level, levels, started = root.level, [], []
+    monkeypatch.setattr(distributed, "init", lambda: started.append(True))
+    monkeypatch.setattr(distributed, "shutdown", lambda: None)
+    monkeypatch.setattr(distributed, "rank", lambda: 1 if started else 0)
+    try:
+        run_command(lambda: levels.append(root.level))
+    finally:
+        root.setLevel(level)
+    assert levels == [logging.WARNING]
