@@ -1,9 +1,12 @@
 """The `neon` command: sample | finetune | merge | sweep | report | fid-stats | fid | diagnose | demo.
 
-Each verb parses its flags, builds the recipe (YAML from --config, then the verb's flags, then
-dotted `--section.field VALUE` overrides), calls one library function, drains it under a rank-0
-progress bar and prints a one-line summary. User errors (NeonError) print `error: <message>` and
-exit with code 2; writes are atomic, so nothing partial is left behind.
+One table, `VERBS`, is the command line: each verb's flags are `Flag` records, from which argparse's
+options are built and which say the key each flag sets (`--num-images` → `synthetic.num`). `main`
+parses, resolves the verb's mapping (YAML from --config, then the flags at their keys, then dotted
+`--section.field VALUE` overrides) and hands it to the verb's body in `neon.verbs`, which builds its
+config, calls one library function and prints a one-line summary (with --dry-run: the mapping as
+YAML). User errors (NeonError) print `error: <message>` and exit with code 2; writes are atomic, so
+nothing partial is left behind.
 
   torchrun --nproc_per_node=8 -m neon.cli sample --config configs/toy/diffusion_zeta1.1.yaml
 """
@@ -19,9 +22,8 @@ from neon import config, verbs
 from neon.errors import ArgumentParser, NeonError, run_command
 from neon.recipe import SECTIONS
 
-# The command line is this one table. A verb's flags are `Flag` records: argparse's options are built
-# from them, and each sets the `key` of the verb's resolved mapping (a recipe field such as
-# `synthetic.num`, or a verb argument such as `merge.w`), which the verb reads and --dry-run prints.
+# A flag's key is a recipe field (`synthetic.num`, `family`) or, outside the recipe's sections, an
+# argument of the verb (`merge.w`, `images`); the verb reads both from its mapping, --dry-run prints it.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,7 @@ class Verb:
 
 FAMILY = Flag("--family", "family", "family name or package.module:attribute")
 DETERMINISTIC = Flag("--deterministic", "deterministic", "bitwise reruns on GPU: deterministic algorithms, "
-                     "no cuDNN autotuning (slower)", bool)
+                     "no cuDNN autotuning (slower; recipe key `deterministic`)", bool)
 IMAGES = Flag("--images", "images",
               "a folder of PNG/JPEG, an .npz of uint8 [N,H,W,3] images or a synthetic set")
 INCEPTION = Flag("--inception-weights", "fid.inception_weights",
@@ -185,7 +187,7 @@ def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
         parser.add_argument(flag.name, help=flag.help, nargs=flag.nargs, default=flag.default,
                             metavar=flag.metavar)
         return
-    text = f"{flag.help} ({flag.key})"
+    text = f"{flag.help} ({flag.key})" if "." in flag.key and _in_recipe(flag.key) else flag.help
     if flag.type is bool:
         parser.add_argument(flag.name, *flag.aliases, dest=flag.key, action="store_true",
                             default=flag.default, help=text)
@@ -197,22 +199,23 @@ def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
 
 _NEGATIVE = re.compile(r"^-\.?\d")  # -2:2:0.25, -1,-0.5, -1e-5, -3
 _PLAIN_NEGATIVE = re.compile(r"^-\d+$|^-\d*\.\d+$")  # what argparse itself reads as a value
+_DOTTED = re.compile(r"^--[^=]*\.[^=]*$")  # --section.field, without its value
 
 
 def _glued(argv: list[str]) -> list[str]:
-    """argparse reads a token that starts with '-' as an option unless it is a plain number, so a
-    negative value that is not (a grid, a list, an exponent) is glued to the flag before it when the
-    table says that flag takes a value, as dotted overrides all do:
-    ['--w', '-2:2:0.25'] → ['--w=-2:2:0.25']."""
+    """Each value glued to its flag where argparse would misread it. argparse reads a token that starts
+    with '-' as an option unless it is a plain number, so a negative grid, list or exponent after a flag
+    the table says takes a value is glued to it (['--w', '-2:2:0.25'] → ['--w=-2:2:0.25']); and a dotted
+    override's value always is, so that no positional argument (`neon demo NAME`) takes it."""
     verb = VERBS.get(argv[0]) if argv else None
     takes_value = {name for flag in (verb.flags if verb else ()) if flag.type is not bool
                    for name in (flag.name, *flag.aliases)}
-    dotted = re.compile(r"^--[^=]*\.[^=]*$")  # --section.field, without its value
     out = []
     for token in argv:
         previous = out[-1] if out else ""
-        if (_NEGATIVE.match(token) and not _PLAIN_NEGATIVE.match(token)
-                and (previous in takes_value or dotted.match(previous))):
+        negative = _NEGATIVE.match(token) is not None
+        if (previous in takes_value and negative and not _PLAIN_NEGATIVE.match(token)
+                or _DOTTED.match(previous) and (negative or not token.startswith("-"))):
             out[-1] = f"{previous}={token}"
         else:
             out.append(token)
@@ -249,7 +252,7 @@ def _resolve(args, overrides: list[tuple[str, str]]) -> dict:
     raw = recipe if verb.reads is None else _pick(recipe, verb.reads)
     for flag in verb.flags:
         value = getattr(args, flag.key)
-        if value is not None or flag.key.split(".")[0] not in SECTIONS:
+        if value is not None or not _in_recipe(flag.key):
             config.set_dotted(raw, flag.key, value, parse=False)  # argparse has typed it
     for key, value in overrides:
         if key.split(".")[0] not in verb.overrides:
@@ -258,6 +261,10 @@ def _resolve(args, overrides: list[tuple[str, str]]) -> dict:
                                                            "no recipe overrides") + f" (got --{key})")
         config.set_dotted(raw, key, value)
     return raw
+
+
+def _in_recipe(key: str) -> bool:
+    return key.split(".")[0] in SECTIONS
 
 
 def _pick(recipe: dict, keys: tuple[str, ...]) -> dict:
