@@ -1,9 +1,12 @@
 """The `neon` command: sample | finetune | merge | sweep | report | fid-stats | fid | diagnose | demo.
 
-Each verb parses its flags, builds the recipe (YAML from --config, then the verb's flags, then
-dotted `--section.field VALUE` overrides), calls one library function, drains it under a rank-0
-progress bar and prints a one-line summary. User errors (NeonError) print `error: <message>` and
-exit with code 2; writes are atomic, so nothing partial is left behind.
+One table, `VERBS`, is the command line: each verb's flags are `Flag` records, from which argparse's
+options are built and which say the key each flag sets (`--num-images` → `synthetic.num`). `main`
+parses, resolves the verb's mapping (YAML from --config, then the flags at their keys, then dotted
+`--section.field VALUE` overrides) and hands it to the verb's body in `neon.verbs`, which builds its
+config, calls one library function and prints a one-line summary (with --dry-run: the mapping as
+YAML). User errors (NeonError) print `error: <message>` and exit with code 2; writes are atomic, so
+nothing partial is left behind.
 
   torchrun --nproc_per_node=8 -m neon.cli sample --config configs/toy/diffusion_zeta1.1.yaml
 """
@@ -11,381 +14,212 @@ exit with code 2; writes are atomic, so nothing partial is left behind.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import importlib.metadata
 import re
-import json
-import os
 import sys
 
-import torch
-
-from neon import config, diagnose, distributed, family, finetune, log, merge, progress, report, sweep, synthetic
-from neon.io import files
+from neon import config, verbs
 from neon.errors import ArgumentParser, NeonError, run_command
-from neon.metrics import fid, inception
+from neon.recipe import SECTIONS
 
-SECTIONS = ("family", "deterministic", "model", "sampler", "synthetic", "finetune", "sweep", "fid")
-
-# flag -> recipe key, per verb (flag names as in the README so recipes and docs agree)
-SAMPLE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "out": "synthetic.out", "num_images": "synthetic.num",
-                "batch_size": "synthetic.batch_size", "seed": "synthetic.seed_base",
-                "shard_size": "synthetic.shard_size", "deterministic": "deterministic"}
-FINETUNE_FLAGS = {"family": "family", "ckpt": "model.ckpt", "data": "finetune.data", "out": "finetune.out",
-                  "images": "finetune.total_images", "batch_size": "finetune.batch_size", "lr": "finetune.lr",
-                  "ramp_images": "finetune.ramp_images", "ema_beta": "finetune.ema_beta",
-                  "snapshot_every": "finetune.snapshot_every_images", "precision": "finetune.precision",
-                  "deterministic": "deterministic"}
-SWEEP_FLAGS = {"family": "family", "base": "model.ckpt", "self_trained": "sweep.self_trained", "w": "sweep.w",
-               "cfg": "sweep.cfg", "num_images": "sweep.num", "final_num": "sweep.final_num", "out": "sweep.out",
-               "ref": "sweep.ref", "batch_size": "sweep.batch_size", "inception_weights": "fid.inception_weights",
-               "inception_score": "sweep.inception_score", "pr": "sweep.precision_recall",
-               "deterministic": "deterministic"}
-# fid-stats and fid read only the recipe's `fid` section (they need no family)
-FID_FLAGS = {"inception_weights": "fid.inception_weights", "batch_size": "fid.batch_size"}
+# A flag's key is a recipe field (`synthetic.num`, `family`) or, outside the recipe's sections, an
+# argument of the verb (`merge.w`, `images`); the verb reads both from its mapping, --dry-run prints it.
 
 
 @dataclasses.dataclass(frozen=True)
-class Recipe:
-    """A resolved recipe: the sections one verb needs (the others stay None)."""
+class Flag:
+    """One argument of a verb: `name` (`--num-images`; no dashes: a positional) sets `key`."""
 
-    family: str
-    model: family.ModelConfig
-    deterministic: bool = False
-    sampler: object = None
-    synthetic: synthetic.SyntheticConfig | None = None
-    finetune: finetune.FinetuneConfig | None = None
-    sweep: sweep.SweepConfig | None = None
-    fid: inception.FidConfig | None = None
+    name: str
+    key: str
+    help: str
+    type: type = str
+    """bool: a switch (present → True)."""
+    aliases: tuple[str, ...] = ()
+    nargs: str | None = None
+    choices: tuple[str, ...] | None = None
+    default: object = None
+    """None: not given, so the --config value stands."""
+    metavar: str | None = None
 
 
-def build_recipe(raw: dict, sections=SECTIONS) -> Recipe:
-    """Validate `raw` (a recipe dict) and build the named sections. Unfilled links between sections
-    are resolved here: finetune.data defaults to synthetic.out, sweep.self_trained to finetune.out."""
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise NeonError(f"unknown recipe section {unknown[0]!r} (known: {', '.join(SECTIONS)})")
-    if not raw.get("family"):
-        raise NeonError("family (--family) is required")
-    fam = family.get(raw["family"])
-    deterministic = raw.get("deterministic", False)
-    if not isinstance(deterministic, bool):
-        raise NeonError(f"deterministic: expected true or false, got {deterministic!r}")
-    for name, value in raw.items():
-        if name not in ("family", "deterministic") and value is not None and not isinstance(value, dict):
-            raise NeonError(f"{name}: expected a mapping of fields, got {value!r}")
-    raw = {k: dict(v or {}) if k not in ("family", "deterministic") else v for k, v in raw.items()}
-    ft, sw = raw.setdefault("finetune", {}), raw.setdefault("sweep", {})
-    if ft.get("data") is None and raw.get("synthetic", {}).get("out"):
-        ft["data"] = raw["synthetic"]["out"]
-    if sw.get("self_trained") is None and ft.get("out"):
-        sw["self_trained"] = ft["out"]
-    built = {"family": raw["family"], "deterministic": deterministic,
-             "model": config.build(family.ModelConfig, raw.get("model"), "model")}
-    types = {"sampler": fam.Sampler, "synthetic": synthetic.SyntheticConfig,
-             "finetune": finetune.FinetuneConfig, "sweep": sweep.SweepConfig, "fid": inception.FidConfig}
-    for name in sections:
-        if name in types:
-            built[name] = config.build(types[name], raw.get(name), name)
-    if "sweep" in sections:  # the evaluation sampler: the recipe's with sweep.sampler's fields changed
-        config.build(fam.Sampler, {**(raw.get("sampler") or {}), **built["sweep"].sampler}, "sweep.sampler")
-    return Recipe(**built)
+@dataclasses.dataclass(frozen=True)
+class Verb:
+    help: str
+    flags: tuple[Flag, ...]
+    reads: tuple[str, ...] | None = None
+    """The keys it reads from --config (None: the whole recipe)."""
+    overrides: tuple[str, ...] = SECTIONS
+    """The recipe sections its dotted `--section.field` overrides may set."""
+
+
+FAMILY = Flag("--family", "family", "family name or package.module:attribute")
+DETERMINISTIC = Flag("--deterministic", "deterministic", "bitwise reruns on GPU: deterministic algorithms, "
+                     "no cuDNN autotuning (slower; recipe key `deterministic`)", bool)
+IMAGES = Flag("--images", "images",
+              "a folder of PNG/JPEG, an .npz of uint8 [N,H,W,3] images or a synthetic set")
+INCEPTION = Flag("--inception-weights", "fid.inception_weights",
+                 "InceptionV3 weights file (default: checkpoints/ or download)")
+
+
+def metric_flags(of: str, keys: tuple[str, str], default) -> tuple[Flag, Flag]:
+    """--is and --precision-recall/--pr, scoring `of`."""
+    return (Flag("--is", keys[0], f"also the Inception score (10 splits) {of}", bool, default=default),
+            Flag("--precision-recall", keys[1], f"also precision/recall (k=5) {of} against these real images",
+                 aliases=("--pr",), metavar="REAL_SRC"))
+
+
+VERBS = {
+    "sample": Verb("draw the synthetic set S from the base model (resumable)", (
+        FAMILY,
+        Flag("--ckpt", "model.ckpt", "base checkpoint"),
+        Flag("--out", "synthetic.out", "output directory"),
+        Flag("--num-images", "synthetic.num", "number of samples", int, aliases=("--num",)),
+        Flag("--batch-size", "synthetic.batch_size", "samples per call and process", int),
+        Flag("--seed", "synthetic.seed_base", "seed of sample 0", int),
+        Flag("--shard-size", "synthetic.shard_size", "samples per shard file", int),
+        DETERMINISTIC)),
+    "finetune": Verb("fine-tune a copy of the base on S (resumable)", (
+        FAMILY,
+        Flag("--ckpt", "model.ckpt", "base checkpoint"),
+        Flag("--data", "finetune.data", "synthetic set directory"),
+        Flag("--out", "finetune.out", "run directory"),
+        Flag("--images", "finetune.total_images", "total images", int),
+        Flag("--batch-size", "finetune.batch_size", "global batch size", int),
+        Flag("--lr", "finetune.lr", "learning rate", float),
+        Flag("--ramp-images", "finetune.ramp_images", "linear lr ramp length in images", int),
+        Flag("--ema-beta", "finetune.ema_beta", "per-step EMA decay", float),
+        Flag("--snapshot-every", "finetune.snapshot_every_images", "snapshot interval in images", int),
+        Flag("--precision", "finetune.precision", "fp32 | bf16 | fp16"),
+        DETERMINISTIC)),
+    "merge": Verb("write θ_neon = (1 + w) base − w self_trained", (
+        Flag("--family", "family", "family name or package.module:attribute (default: found from the base)"),
+        Flag("--base", "model.ckpt", "base checkpoint"),
+        Flag("--self-trained", "merge.self_trained", "self-trained snapshot", aliases=("--self",)),
+        Flag("--w", "merge.w", "extrapolation weight", float),
+        Flag("--out", "merge.out", "output file"),
+        Flag("--format", "merge.format", "the base's container (default) or plain safetensors",
+             choices=("same", "safetensors"), default="same"),
+        Flag("--allow-nonfinite", "merge.allow_nonfinite", "write the merge even when the self-trained "
+             "weights or the result hold NaN/inf", bool, default=False)),
+        reads=("family", "model.ckpt"), overrides=()),
+    "sweep": Verb("choose w (and cfg) by FID over snapshots", (
+        FAMILY,
+        Flag("--base", "model.ckpt", "base checkpoint"),
+        Flag("--self-trained", "sweep.self_trained", "snapshots: glob pattern or run directory",
+             aliases=("--self",)),
+        Flag("--w", "sweep.w", "grid start:stop:step or a,b,c"),
+        Flag("--cfg", "sweep.cfg", "guidance scales", float, nargs="+"),
+        Flag("--num-images", "sweep.num", "samples per evaluation", int, aliases=("--num",)),
+        Flag("--final-num", "sweep.final_num", "samples of the final report", int),
+        Flag("--out", "sweep.out", "directory of results.jsonl"),
+        Flag("--ref", "sweep.ref", "reference statistics .npz"),
+        Flag("--batch-size", "sweep.batch_size", "samples per call and process", int),
+        Flag("--inception-weights", "fid.inception_weights", "InceptionV3 weights for image families"),
+        *metric_flags("of the final report's two points", ("sweep.inception_score", "sweep.precision_recall"),
+                      default=None),
+        DETERMINISTIC)),
+    "fid-stats": Verb("write reference statistics (mu, sigma of Inception features) of images", (
+        IMAGES,
+        Flag("--out", "out", "output .npz"),
+        INCEPTION,
+        Flag("--batch-size", "fid.batch_size", "images per Inception forward and process", int)),
+        reads=("fid",), overrides=("fid",)),
+    "fid": Verb("FID of images against reference statistics (and IS, precision/recall); one JSON line", (
+        IMAGES,
+        Flag("--ref", "ref", "reference statistics .npz (mu, sigma)"),
+        INCEPTION,
+        Flag("--batch-size", "fid.batch_size", "images per Inception forward and process", int),
+        *metric_flags("of the images", ("is", "pr"), default=False)),
+        reads=("fid",), overrides=("fid",)),
+    "diagnose": Verb("will Neon help, and with which sign of w? cos_P of real vs synthetic gradients", (
+        FAMILY,
+        Flag("--ckpt", "model.ckpt", "base checkpoint"),
+        Flag("--real", "diagnose.real", "real data: toy:N, a synthetic set, or an image folder/.npz "
+             "(class-conditional models need labels: an .npz with a `labels` array)"),
+        Flag("--synthetic", "diagnose.synthetic", "synthetic set directory"),
+        Flag("--batches", "diagnose.batches", "batches per side (bootstrap units)", int, default=16),
+        Flag("--repeats", "diagnose.repeats", "loss draws per batch (16 for the toy diffusion model)", int,
+             default=1),
+        Flag("--preconditioner", "diagnose.preconditioner", "batches Adam's second moment is estimated on",
+             choices=("pooled", "real", "synthetic"), default="pooled"),
+        Flag("--seed", "diagnose.seed", "seed of the batches and the bootstrap", int, default=0))),
+    "demo": Verb("Neon on the toy models, or on another installed demo (entry point group `neon.demos`): "
+                 "a table, plots and results.json", (
+        Flag("demo", "demo", "which demo (default: toy)", nargs="?", metavar="NAME"),
+        Flag("--quick", "quick", "smaller run (under a minute on 2 cores)", bool, default=False),
+        Flag("--out", "out", "output directory (default outputs/demo, or outputs/NAME)")),
+        reads=(), overrides=()),
+    "report": Verb("a finished sweep's final table (mean ± sd over seed ranges), compute and pictures", (
+        Flag("sweep_dir", "sweep_dir", "the sweep's output folder (results.jsonl, config.resolved.yaml)"),),
+        reads=(), overrides=()),
+}
+EPILOG = ("Any recipe field can be set with --section.field VALUE, "
+          "e.g. --sampler.zeta 1.1 or --finetune.lr 1e-5.")
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
-    args, extra = parser.parse_known_args(_joined_negatives(sys.argv[1:] if argv is None else list(argv)))
-    run_command(lambda: args.run(args, _dotted(extra, parser)))
-
-
-_NEGATIVE = re.compile(r"^-(\d|\.\d)")
-_PLAIN_NEGATIVE = re.compile(r"^-\d+$|^-\d*\.\d+$")  # what argparse itself reads as a value
-
-
-def _joined_negatives(argv: list[str]) -> list[str]:
-    """['--w', '-2:2:0.25'] → ['--w=-2:2:0.25']: argparse reads a value that starts with '-' as an
-    option unless it is a plain number, so negative grids, lists and exponents are glued to their flag."""
-    out = []
-    for token in argv:
-        if (out and _NEGATIVE.match(token) and not _PLAIN_NEGATIVE.match(token) and out[-1].startswith("--")
-                and "=" not in out[-1]):
-            out[-1] = f"{out[-1]}={token}"
-        else:
-            out.append(token)
-    return out
-
-
-def cmd_sample(args, overrides):
-    recipe = _recipe(args, overrides, SAMPLE_FLAGS, ("sampler", "synthetic"))
-    conf = recipe.synthetic
-    if _dry_run(args, recipe) or not _need(model=recipe.model.ckpt, out=conf.out):
-        return
-    files.check_output(conf.out, "dir")
-    fam, model = _load(recipe)
-    base = family.local_path(fam, recipe.model.ckpt)  # a hub id: the folder it was fetched into
-    base_sha = distributed.broadcast_object(files.sha256(base) if distributed.is_main() else None)
-    with _claimed(conf.out, "neon sample", keep=lambda name: name.startswith("shard-")):
-        progress.drain(synthetic.write(fam, model, recipe.sampler, conf, base_sha), "sample")
-        _save_resolved(conf.out, recipe)
-    _say(f"synthetic set of {conf.num} samples in {conf.out}")
-
-
-def cmd_finetune(args, overrides):
-    recipe = _recipe(args, overrides, FINETUNE_FLAGS, ("finetune",))
-    conf = recipe.finetune
-    if _dry_run(args, recipe) or not _need(model=recipe.model.ckpt, data=conf.data, out=conf.out):
-        return
-    files.check_output(conf.out, "dir")
-    fam, model = _load(recipe)
-    finetune.open_data(conf, fam.name)  # checked before anything is written
-    with _claimed(conf.out, "neon finetune", keep=lambda name: name != "stats.jsonl"):
-        _save_resolved(conf.out, recipe)
-        log.setup(conf.out)
-        result = progress.drain(finetune.run(fam, model, conf), "finetune")
-    _say(f"fine-tuned to {conf.total_images} images; snapshots in {conf.out}"
-         + (f" (last loss {result['loss']:.4f})" if result["loss"] is not None else " (already complete)"))
-
-
-def cmd_merge(args, overrides):
-    if overrides:
-        raise NeonError(f"neon merge takes no recipe overrides (got --{overrides[0][0]})")
-    base, name = args.base, args.family
-    if args.config:
-        raw = config.load_yaml(args.config)
-        base = base if base is not None else (raw.get("model") or {}).get("ckpt")
-        name = name if name is not None else raw.get("family")
-    if args.dry_run:
-        print(json.dumps({"family": name, "base": base, "self_trained": args.self_trained, "w": args.w,
-                          "out": args.out, "format": args.format}))
-        return
-    _need(base=base, self=args.self_trained, w=args.w, out=args.out)
-    if distributed.world() > 1:
-        raise NeonError("neon merge runs in one process; launch it without torchrun")
-    files.check_output(args.out, "file")
-    fam = family.get(name) if name else None  # else found from the base (neon.family.detect)
-    merge.merge_files(base, args.self_trained, args.w, args.out, args.format, family=fam,
-                      allow_nonfinite=args.allow_nonfinite)
-    _say(f"wrote {args.out} = (1 + {args.w}) base − {args.w} self_trained")
-
-
-def cmd_sweep(args, overrides):
-    recipe = _recipe(args, overrides, SWEEP_FLAGS, ("sampler", "sweep", "fid"))
-    conf = recipe.sweep
-    if _dry_run(args, recipe) or not _need(base=recipe.model.ckpt, self=conf.self_trained):
-        return
-    sweep.snapshot_paths(conf)  # before the default output folder is derived from them
-    out = sweep.output_dir(conf)
-    files.check_output(out, "dir")
-    fam, model = _load(recipe)
-    with _claimed(out, "neon sweep"):
-        _save_resolved(out, recipe)
-        result = progress.drain(sweep.run(fam, model, recipe.model.ckpt, recipe.sampler, conf, recipe.fid), "sweep",
-                                on_info=lambda record: _say(_json(record), err=True))
-        _say(_json(result.to_dict()))
-        if distributed.is_main():  # the pictures of `neon report`: fid_vs_w.png, fid_w_cfg.png, samples.png
-            report.run(out, model)
-
-
-def cmd_fid_stats(args, overrides):
-    conf = _fid_config(args, overrides)
-    if args.dry_run:
-        print(json.dumps({"images": args.images, "out": args.out, "fid": dataclasses.asdict(conf)}))
-        return
-    _need(images=args.images, out=args.out)
-    files.check_output(args.out, "file", suffixes=(".npz",))
-    result = progress.drain(fid.reference_statistics(args.images, args.out, conf), "fid-stats")
-    _say(f"wrote {args.out}: mu and sigma of the Inception features of {result['num']} images")
-
-
-def cmd_fid(args, overrides):
-    conf = _fid_config(args, overrides)
-    if args.dry_run:
-        print(json.dumps({"images": args.images, "ref": args.ref, "is": bool(args.inception_score), "pr": args.pr,
-                          "fid": dataclasses.asdict(conf)}))
-        return
-    _need(images=args.images, ref=args.ref)
-    _say(_json(progress.drain(fid.evaluate(args.images, args.ref, conf, bool(args.inception_score), args.pr), "fid")))
-
-
-def cmd_diagnose(args, overrides):
-    recipe = _recipe(args, overrides, {"family": "family", "ckpt": "model.ckpt"}, ())
-    conf = diagnose.DiagnoseConfig(batches=args.batches, repeats=args.repeats, preconditioner=args.preconditioner,
-                                   seed=args.seed)
-    if args.dry_run:
-        print(json.dumps({"family": recipe.family, "ckpt": recipe.model.ckpt, "real": args.real,
-                          "synthetic": args.synthetic, **dataclasses.asdict(conf)}))
-        return
-    _need(ckpt=recipe.model.ckpt, real=args.real, synthetic=args.synthetic)
-    if distributed.world() > 1:
-        raise NeonError("neon diagnose runs in one process; launch it without torchrun")
-    fam, model = _load(recipe)
-    data = synthetic.read(args.synthetic)
-    result = diagnose.run(fam, model, _real_data(fam, args.real, args.seed), (data, data.labels), conf)
-    lo, hi = result["low"], result["high"]
-    _say(f"cos_P = {result['cos_p']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}] "
-         f"({'negative' if result['cos_p'] < 0 else 'positive'}): {diagnose.ADVICE[result['advice']]}")
-    _say(_json(result))
-
-
-def _real_data(fam, spec: str, seed: int):
-    """Real samples and labels: `<family>:N` (families that can draw their true distribution, the
-    toy), a synthetic-set directory, or an image source of `neon fid` (its labels where an `.npz`
-    has them; otherwise unknown: −1)."""
-    if spec.startswith(fam.name + ":"):
-        if family.member(fam, "real") is None:
-            raise NeonError(f"family {fam.name!r} cannot draw real data; pass images with --real")
-        count = spec.split(":", 1)[1]
-        if not count.isdigit() or int(count) < 2:
-            raise NeonError(f"--real {spec}: expected {fam.name}:N with N >= 2 points")
-        return fam.real(int(count), seed)
-    if os.path.exists(os.path.join(spec, synthetic.MANIFEST)):
-        data = synthetic.read(spec)
-        return data, data.labels
-    from neon.metrics import images
-
-    src = images.source(spec)
-    samples = src.read(range(len(src)))
-    found = images.labels(spec, len(samples))
-    return samples, found if found is not None else torch.full((len(samples),), -1, dtype=torch.int64)
-
-
-def cmd_demo(args, overrides):
-    if overrides:
-        raise NeonError(f"neon demo takes no recipe overrides (got --{overrides[0][0]})")
-    demo = _demo("digits" if args.digits else None)
-    out = args.out or os.path.join("outputs", "digits" if args.digits else "demo")
-    if args.dry_run:
-        print(json.dumps({"demo": "digits" if args.digits else "toy", "out": out, "quick": args.quick,
-                          "settings": demo.SETTINGS}, default=str))
-        return
-    if distributed.world() > 1:
-        raise NeonError("neon demo runs in one process; launch it without torchrun")
-    files.check_output(out, "dir")
-    result = demo.run(out, quick=args.quick)
-    _say(demo.table(result))
-    pictures = "fid_vs_w.png, samples.png" if args.digits else "curves.png"
-    _say(f"results: {os.path.join(out, 'results.json')}; pictures in {out}: {pictures}")
-
-
-def _demo(name: str | None):
-    """The toy demo (`neon.toy.demo`), or a demo another package registers as an entry point of the
-    group `neon.demos` (the digits experiment: `edm.digits.demo`)."""
-    if name is None:
-        from neon.toy import demo
-
-        return demo
-    found = {e.name: e for e in importlib.metadata.entry_points(group="neon.demos")}
-    if name not in found:
-        raise NeonError(f"no demo {name!r} is installed (installed: {', '.join(sorted(found)) or 'none'})")
-    return found[name].load()
-
-
-def cmd_report(args, overrides):
-    if overrides:
-        raise NeonError(f"neon report takes no recipe overrides (got --{overrides[0][0]})")
-    if args.dry_run:
-        print(json.dumps({"sweep_dir": args.sweep_dir}))
-        return
-    if distributed.world() > 1:
-        raise NeonError("neon report runs in one process; launch it without torchrun")
-    _say(report.table(report.run(args.sweep_dir)))
+    args, extra = parser.parse_known_args(_glued(argv))
+    overrides = _dotted(extra, parser)
+    run = getattr(verbs, "cmd_" + args.verb.replace("-", "_"))  # looked up now: tests replace verbs
+    run_command(lambda: run(_resolve(args, overrides), args.dry_run))
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="neon", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Any recipe field can be set with --section.field VALUE, "
-                                            "e.g. --sampler.zeta 1.1 or --finetune.lr 1e-5.")
-    verbs = parser.add_subparsers(dest="verb", required=True)
-
-    def verb(name, run, help_text):
-        p = verbs.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(run=run)
-        p.add_argument("--config", help="YAML recipe")
-        p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
-        return p
-
-    p = verb("sample", cmd_sample, "draw the synthetic set S from the base model (resumable)")
-    _flags(p, family="family name or package.module:attribute", ckpt="base checkpoint", out="output directory",
-           num_images=(int, "number of samples", ("--num-images", "--num")), batch_size=(int, "samples per call and process"),
-           seed=(int, "seed of sample 0"), shard_size=(int, "samples per shard file"))
-    _deterministic_flag(p)
-    p = verb("finetune", cmd_finetune, "fine-tune a copy of the base on S (resumable)")
-    _flags(p, family="family name or package.module:attribute", ckpt="base checkpoint", data="synthetic set directory",
-           out="run directory", images=(int, "total images"), batch_size=(int, "global batch size"),
-           lr=(float, "learning rate"), ramp_images=(int, "linear lr ramp length in images"),
-           ema_beta=(float, "per-step EMA decay"), snapshot_every=(int, "snapshot interval in images"),
-           precision="fp32 | bf16 | fp16")
-    _deterministic_flag(p)
-    p = verb("merge", cmd_merge, "write θ_neon = (1 + w) base − w self_trained")
-    _flags(p, family="family name or package.module:attribute (default: found from the base)", base="base checkpoint", self_trained=(str, "self-trained snapshot", "--self"),
-           w=(float, "extrapolation weight"), out="output file")
-    p.add_argument("--format", choices=("same", "safetensors"), default="same",
-                   help="the base's container (default) or plain safetensors")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="write the merge even when the self-trained weights or the result hold NaN/inf")
-    p = verb("sweep", cmd_sweep, "choose w (and cfg) by FID over snapshots")
-    _flags(p, family="family name or package.module:attribute", base="base checkpoint",
-           self_trained=(str, "snapshots: glob pattern or run directory", "--self"),
-           w="grid start:stop:step or a,b,c", cfg=(float, "guidance scales", None, "+"),
-           num_images=(int, "samples per evaluation", ("--num-images", "--num")),
-           final_num=(int, "samples of the final report"),
-           out="directory of results.jsonl", ref="reference statistics .npz",
-           batch_size=(int, "samples per call and process"))
-    p.add_argument("--inception-weights", help="InceptionV3 weights for image families (fid.inception_weights)")
-    _metric_flags(p, "of the final report's two points (sweep.inception_score, sweep.precision_recall)")
-    _deterministic_flag(p)
-    p = verb("fid-stats", cmd_fid_stats, "write reference statistics (mu, sigma of Inception features) of images")
-    _flags(p, images="a folder of PNG/JPEG, an .npz of uint8 [N,H,W,3] images or a synthetic set",
-           out="output .npz", inception_weights="InceptionV3 weights file (default: checkpoints/ or download)",
-           batch_size=(int, "images per Inception forward and process"))
-    p = verb("fid", cmd_fid, "FID of images against reference statistics (and IS, precision/recall); one JSON line")
-    _flags(p, images="a folder of PNG/JPEG, an .npz of uint8 [N,H,W,3] images or a synthetic set",
-           ref="reference statistics .npz (mu, sigma)",
-           inception_weights="InceptionV3 weights file (default: checkpoints/ or download)",
-           batch_size=(int, "images per Inception forward and process"))
-    _metric_flags(p, "of the images")
-    p = verb("diagnose", cmd_diagnose, "will Neon help, and with which sign of w? cos_P of real vs synthetic gradients")
-    _flags(p, family="family name or package.module:attribute", ckpt="base checkpoint",
-           real="real data: toy:N, a synthetic set, or an image folder/.npz (class-conditional models need "
-                "labels: an .npz with a `labels` array)", synthetic="synthetic set directory")
-    p.add_argument("--batches", type=int, default=16, help="batches per side (bootstrap units)")
-    p.add_argument("--repeats", type=int, default=1, help="loss draws per batch (16 for the toy diffusion model)")
-    p.add_argument("--preconditioner", choices=("pooled", "real", "synthetic"), default="pooled",
-                   help="batches Adam's second moment is estimated on")
-    p.add_argument("--seed", type=int, default=0)
-    p = verb("demo", cmd_demo, "Neon on the 2-D toy models (or, with --digits, on real digit images): a table, "
-                               "plots and results.json")
-    p.add_argument("--digits", action="store_true",
-                   help="the digits experiment: an EDM trained on sklearn's digits, Neon against a control")
-    p.add_argument("--quick", action="store_true", help="smaller run (under a minute on 2 cores)")
-    p.add_argument("--out", help="output directory (default outputs/demo, or outputs/digits with --digits)")
-    p = verb("report", cmd_report, "a finished sweep's final table (mean ± sd over seed ranges), compute and pictures")
-    p.add_argument("sweep_dir", help="the sweep's output folder (results.jsonl, config.resolved.yaml)")
+    parser = ArgumentParser(prog="neon", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="verb", required=True)
+    for name, verb in VERBS.items():
+        sub = subparsers.add_parser(name, help=verb.help, description=verb.help)
+        sub.add_argument("--config", help="YAML recipe")
+        sub.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+        for flag in verb.flags:
+            _add(sub, flag)
     return parser
 
 
-def _flags(parser, **specs):
-    """Add --flag options: spec is a help string (str type) or (type, help[, flag name(s)[, nargs]])."""
-    for dest, spec in specs.items():
-        kind, text, names, nargs = (str, spec, None, None) if isinstance(spec, str) else (tuple(spec) + (None, None))[:4]
-        names = (names,) if isinstance(names, str) else names or ("--" + dest.replace("_", "-"),)
-        parser.add_argument(*names, dest=dest, type=kind, help=text, nargs=nargs)
+def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
+    """The argparse option of `flag`; its value lands at args.<key> (typed, or None when not given)."""
+    if not flag.name.startswith("-"):  # a positional: argparse takes its dest from the name
+        assert flag.name == flag.key, flag
+        parser.add_argument(flag.name, help=flag.help, nargs=flag.nargs, default=flag.default,
+                            metavar=flag.metavar)
+        return
+    text = f"{flag.help} ({flag.key})" if "." in flag.key and _in_recipe(flag.key) else flag.help
+    if flag.type is bool:
+        parser.add_argument(flag.name, *flag.aliases, dest=flag.key, action="store_true",
+                            default=flag.default, help=text)
+        return
+    metavar = flag.metavar or (None if flag.choices else flag.name.lstrip("-").replace("-", "_").upper())
+    parser.add_argument(flag.name, *flag.aliases, dest=flag.key, type=flag.type, nargs=flag.nargs,
+                        choices=flag.choices, default=flag.default, metavar=metavar, help=text)
 
 
-def _metric_flags(parser, of: str) -> None:
-    """--is and --pr/--precision-recall (None when not given, so a recipe's value stands)."""
-    parser.add_argument("--is", dest="inception_score", action="store_true", default=None,
-                        help=f"also the Inception score (10 splits) {of}")
-    parser.add_argument("--precision-recall", "--pr", dest="pr", metavar="REAL_SRC",
-                        help=f"also precision/recall (k=5) {of} against these real images")
+_NEGATIVE = re.compile(r"^-\.?\d")  # -2:2:0.25, -1,-0.5, -1e-5, -3
+_PLAIN_NEGATIVE = re.compile(r"^-\d+$|^-\d*\.\d+$")  # what argparse itself reads as a value
+_DOTTED = re.compile(r"^--[^=]*\.[^=]*$")  # --section.field, without its value
 
 
-def _deterministic_flag(parser) -> None:
-    parser.add_argument("--deterministic", action="store_true", default=None,
-                        help="bitwise reruns on GPU: deterministic algorithms, no cuDNN autotuning (slower; "
-                             "recipe key `deterministic`)")
+def _glued(argv: list[str]) -> list[str]:
+    """Each value glued to its flag where argparse would misread it. argparse reads a token that starts
+    with '-' as an option unless it is a plain number, so a negative grid, list or exponent after a flag
+    the table says takes a value is glued to it (['--w', '-2:2:0.25'] → ['--w=-2:2:0.25']); and a dotted
+    override's value always is, so that no positional argument (`neon demo NAME`) takes it."""
+    verb = VERBS.get(argv[0]) if argv else None
+    takes_value = {name for flag in (verb.flags if verb else ()) if flag.type is not bool
+                   for name in (flag.name, *flag.aliases)}
+    out = []
+    for token in argv:
+        previous = out[-1] if out else ""
+        negative = _NEGATIVE.match(token) is not None
+        if (previous in takes_value and negative and not _PLAIN_NEGATIVE.match(token)
+                or _DOTTED.match(previous) and (negative or not token.startswith("-"))):
+            out[-1] = f"{previous}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def _dotted(extra: list[str], parser) -> list[tuple[str, str]]:
@@ -409,89 +243,40 @@ def _dotted(extra: list[str], parser) -> list[tuple[str, str]]:
     return pairs
 
 
-def _recipe(args, overrides, flags, sections) -> Recipe:
-    raw = config.load_yaml(args.config) if args.config else {}
-    for dest, key in flags.items():
-        value = getattr(args, dest, None)
-        if value is not None:  # argparse has typed these already
-            config.set_dotted(raw, key, value, parse=False)
+def _resolve(args, overrides: list[tuple[str, str]]) -> dict:
+    """The verb's mapping: what it reads of the --config recipe, then each flag given at its key (a
+    verb argument, outside the recipe's sections, is always there: None when not given), then the
+    dotted overrides."""
+    verb = VERBS[args.verb]
+    recipe = config.load_yaml(args.config) if args.config else {}
+    raw = recipe if verb.reads is None else _pick(recipe, verb.reads)
+    for flag in verb.flags:
+        value = getattr(args, flag.key)
+        if value is not None or not _in_recipe(flag.key):
+            config.set_dotted(raw, flag.key, value, parse=False)  # argparse has typed it
     for key, value in overrides:
+        if key.split(".")[0] not in verb.overrides:
+            allowed = ", ".join(f"--{section}.*" for section in verb.overrides)
+            raise NeonError(f"neon {args.verb} takes " + (f"only {allowed} recipe overrides" if allowed else
+                                                           "no recipe overrides") + f" (got --{key})")
         config.set_dotted(raw, key, value)
-    return build_recipe(raw, sections)
+    return raw
 
 
-def _load(recipe: Recipe):
-    """The recipe's family and its base model on this rank's device (in deterministic mode first,
-    when the recipe asks for it)."""
-    if recipe.deterministic:
-        distributed.deterministic()
-    fam = family.get(recipe.family)
-    return fam, fam.load(recipe.model.ckpt, recipe.model.arch, distributed.device(), codec=recipe.model.codec)
+def _in_recipe(key: str) -> bool:
+    return key.split(".")[0] in SECTIONS
 
 
-def _fid_config(args, overrides) -> inception.FidConfig:
-    """The `fid` section of --config, then the verb's flags, then --fid.* overrides."""
-    raw = config.load_yaml(args.config) if args.config else {}
-    raw = {"fid": dict(raw.get("fid") or {})}
-    for dest, key in FID_FLAGS.items():
-        if getattr(args, dest, None) is not None:
-            config.set_dotted(raw, key, getattr(args, dest), parse=False)
-    for key, value in overrides:
-        if not key.startswith("fid."):
-            raise NeonError(f"neon {args.verb} takes only --fid.* recipe overrides (got --{key})")
-        config.set_dotted(raw, key, value)
-    return config.build(inception.FidConfig, raw["fid"], "fid")
-
-
-def _dry_run(args, recipe) -> bool:
-    if args.dry_run:
-        print(config.dump_yaml(_resolved(recipe)), end="")
-    return args.dry_run
-
-
-def _resolved(recipe: Recipe) -> dict:
-    return {k: v for k, v in config.to_dict(recipe).items() if v is not None}
-
-
-def _save_resolved(out: str, recipe: Recipe) -> None:
-    if distributed.is_main():
-        os.makedirs(out, exist_ok=True)
-        files.write_text(os.path.join(out, "config.resolved.yaml"), config.dump_yaml(_resolved(recipe)))
-
-
-@contextlib.contextmanager
-def _claimed(directory: str, command: str, keep=lambda name: True):
-    """Collective: rank 0 holds the output folder for the body (`neon.files.claim`: the lock,
-    and a first run that fails leaves no folder); every rank raises the same NeonError when it is
-    taken."""
-    stack, error = contextlib.ExitStack(), None
-    if distributed.is_main():
-        try:
-            stack.enter_context(files.claim(directory, command, keep))
-        except NeonError as e:
-            error = str(e)
-    error = distributed.broadcast_object(error)
-    if error:
-        raise NeonError(error)
-    with stack:
-        yield
-
-
-def _json(record: dict) -> str:
-    """One JSON line; non-finite numbers become null (JSON has no NaN)."""
-    return json.dumps(files.finite_json(record), allow_nan=False)
-
-
-def _need(**values) -> bool:
-    missing = [name for name, value in values.items() if value is None]
-    if missing:
-        raise NeonError(f"missing {', '.join('--' + m for m in missing)} (or set it in --config)")
-    return True
-
-
-def _say(text: str, err: bool = False) -> None:
-    if distributed.is_main():
-        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+def _pick(recipe: dict, keys: tuple[str, ...]) -> dict:
+    """The `keys` (dotted) of `recipe` that it holds."""
+    picked = {}
+    for key in keys:
+        node = recipe
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            config.set_dotted(picked, key, dict(node) if isinstance(node, dict) else node, parse=False)
+    return picked
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 is, a sampler, a seed range and the metrics to compute (`Metrics`), loads that θ into the model's
 network on its own device (`neon.merge.extrapolate_into`), draws the samples of the seed range and
 scores them through `neon.metrics.score`. It returns the scores and, when asked, the samples and their
-features. The sweep, `neon report`'s pictures and the experiments built on the core (the digits
-demo) all call it, so θ_neon is built and scored in one place.
+features. The sweep, `neon report`'s pictures and the experiments built on the core (the
+demos of `neon.demos`) all call it, so θ_neon is built and scored in one place.
 
 `summarize` (mean, sd, min over seed ranges) and `paired` (differences range by range, their mean, sd
 and 95% t-interval, and how many ranges improved) are the statistics of the sweep's final report and of

@@ -79,8 +79,10 @@ class FinetuneConfig:
     """Seeds the data order and every random draw of the loss."""
 
     def __post_init__(self):
-        if self.total_images <= 0 or self.batch_size <= 0 or self.accumulate <= 0:
-            raise NeonError("finetune.total_images, finetune.batch_size and finetune.accumulate must be positive")
+        if self.total_images <= 0 or self.batch_size <= 0:
+            raise NeonError("finetune.total_images and finetune.batch_size must be positive")
+        if self.accumulate <= 0:
+            raise NeonError(f"finetune.accumulate must be positive, got {self.accumulate}")
         if self.snapshot_every_images is not None and self.snapshot_every_images <= 0:
             raise NeonError("finetune.snapshot_every_images must be positive")
         if self.precision not in ("fp32", "bf16", "fp16"):

@@ -1,4 +1,4 @@
-"""`neon demo --digits`: Neon on a real image generator trained on CPU, with held-out selection and
+"""`neon demo digits`: Neon on a real image generator trained on CPU, with held-out selection and
 error bars (issue 17). Settings: `configs/digits/edm.yaml` (`SETTINGS`).
 
 Stages, each skipped when its output is complete (a rerun resumes):

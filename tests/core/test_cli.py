@@ -8,9 +8,9 @@ import torch
 import yaml
 
 from neon import cli
-from neon.io import checkpoint
 from neon.family import names as family_names
 from neon.family import read_checkpoint
+from neon.io import checkpoint
 from neon.toy.family import family as toy_family
 from tests.conftest import run_neon, save_base
 
@@ -43,8 +43,8 @@ def test_sample_finetune_merge_sweep_through_the_cli(tmp_path, capsys):
               "--batch-size", "32", "--out", str(tmp_path / "sweep"), "--final-num", "16",
               "--sweep.final_seeds", "1"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    finals = {(x["snapshot"], x["w"]): x["fid"] for x in map(json.loads, open(tmp_path / "sweep" / "results.jsonl"))
-              if x["num"] == 16}
+    lines = open(tmp_path / "sweep" / "results.jsonl")
+    finals = {(x["snapshot"], x["w"]): x["fid"] for x in map(json.loads, lines) if x["num"] == 16}
     assert summary["final"]["base"]["fid"]["mean"] == finals[("base", 0.0)]
     assert summary["final"]["neon"]["fid"]["mean"] == finals[(summary["snapshot"], summary["w"])]
 
@@ -58,8 +58,10 @@ def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["sample", "--family", "nope", "--ckpt", "x.pt", "--out", "o"], "unknown family 'nope' (installed: " + ", ".join(family_names()) + "; or give package.module:attribute)"),
-    (["sample", "--family", "toy", "--ckpt", "missing.pt", "--out", "o", "--num", "4"], "no such checkpoint: missing.pt"),
+    (["sample", "--family", "nope", "--ckpt", "x.pt", "--out", "o"],
+     f"unknown family 'nope' (installed: {', '.join(family_names())}; or give package.module:attribute)"),
+    (["sample", "--family", "toy", "--ckpt", "missing.pt", "--out", "o", "--num", "4"],
+     "no such checkpoint: missing.pt"),
     (["sample", "--family", "toy", "--ckpt", "x.pt", "--out", "o", "--num", "many"], None),
     (["finetune", "--family", "toy", "--ckpt", "x.pt", "--images", "0", "--batch-size", "4"],
      "finetune.total_images and finetune.batch_size must be positive"),
@@ -99,16 +101,19 @@ def test_deterministic_flag_and_recipe_key(tmp_path, monkeypatch, capsys):
     base = save_base(tmp_path / "base.pt")
     calls = []
     monkeypatch.setattr(distributed, "deterministic", lambda: calls.append(True))
-    args = ["sample", "--family", "toy", "--ckpt", base, "--num", "8", "--batch-size", "8", "--shard-size", "8",
-            "--synthetic.labels", "none"]
+    args = ["sample", "--family", "toy", "--ckpt", base, "--num", "8", "--batch-size", "8",
+            "--shard-size", "8", "--synthetic.labels", "none"]
     cli.main(args + ["--out", str(tmp_path / "plain")])
-    assert calls == [] and yaml.safe_load(open(tmp_path / "plain" / "config.resolved.yaml"))["deterministic"] is False
+    resolved = yaml.safe_load(open(tmp_path / "plain" / "config.resolved.yaml"))
+    assert calls == [] and resolved["deterministic"] is False
     cli.main(args + ["--out", str(tmp_path / "det"), "--deterministic"])
-    assert calls == [True] and yaml.safe_load(open(tmp_path / "det" / "config.resolved.yaml"))["deterministic"] is True
+    resolved = yaml.safe_load(open(tmp_path / "det" / "config.resolved.yaml"))
+    assert calls == [True] and resolved["deterministic"] is True
     recipe = tmp_path / "r.yaml"
     recipe.write_text("family: toy\ndeterministic: yes please\n")
     result = run_neon("finetune", "--config", recipe, "--dry-run")
-    assert result.returncode == 2 and result.stderr == "error: deterministic: expected true or false, got 'yes please'\n"
+    assert result.returncode == 2
+    assert result.stderr == "error: deterministic: expected true or false, got 'yes please'\n"
 
 
 def test_deterministic_mode_sets_what_gpu_reruns_need(monkeypatch):
@@ -144,3 +149,64 @@ def test_ranks_but_the_first_log_warnings_only(monkeypatch):
     finally:
         root.setLevel(level)
     assert levels == [logging.WARNING]
+
+
+DRY_RUNS = {  # verb: (argv, {dotted key: value the printed YAML holds})
+    "sample": (["--family", "toy", "--ckpt", "b.pt", "--num", "12"],
+               {"synthetic.num": 12, "model.ckpt": "b.pt"}),
+    "finetune": (["--family", "toy", "--images", "64", "--lr", "2e-5"],
+                 {"finetune.total_images": 64, "finetune.lr": 2e-5}),
+    "merge": (["--base", "b.pt", "--self", "s.pt", "--w", "-1", "--out", "m.pt"],
+              {"family": None, "model.ckpt": "b.pt", "merge.self_trained": "s.pt", "merge.w": -1.0,
+               "merge.out": "m.pt", "merge.format": "same", "merge.allow_nonfinite": False}),
+    "sweep": (["--family", "toy", "--base", "b.pt", "--self", "r", "--w", "-1:1:0.5"],
+              {"sweep.w": "-1:1:0.5", "sweep.self_trained": "r"}),
+    "fid-stats": (["--images", "a.npz", "--out", "s.npz", "--batch-size", "8"],
+                  {"images": "a.npz", "out": "s.npz", "fid.batch_size": 8}),
+    "fid": (["--images", "a.npz", "--ref", "r.npz", "--is"],
+            {"images": "a.npz", "ref": "r.npz", "is": True, "pr": None, "fid.batch_size": 64}),
+    "diagnose": (["--family", "toy", "--ckpt", "b.pt", "--real", "toy:100", "--synthetic", "S",
+                  "--batches", "4"],
+                 {"family": "toy", "diagnose.real": "toy:100", "diagnose.synthetic": "S",
+                  "diagnose.batches": 4}),
+    "demo": (["--quick"], {"demo": "toy", "out": os.path.join("outputs", "demo"), "quick": True}),
+    "report": (["sw"], {"sweep_dir": "sw"}),
+}
+
+
+def test_every_verb_has_a_dry_run_case():
+    assert set(DRY_RUNS) == set(cli.VERBS)
+
+
+@pytest.mark.parametrize("verb", DRY_RUNS)
+def test_every_verb_dry_run_prints_its_resolved_mapping_as_yaml(verb, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv, expected = DRY_RUNS[verb]
+    cli.main([verb, *argv, "--dry-run"])
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert isinstance(resolved, dict)
+    for key, value in expected.items():
+        node = resolved
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, (key, node)
+    assert os.listdir(tmp_path) == []  # a dry run writes nothing
+
+
+def test_each_flag_sets_the_key_the_table_names(capsys):
+    """The table is the one way from a flag to a key: every value flag of sample lands at its key."""
+    values = {"--ckpt": "b.pt", "--out": "S", "--num-images": "7", "--batch-size": "3", "--seed": "5",
+              "--shard-size": "2"}
+    cli.main(["sample", "--family", "toy", *[t for pair in values.items() for t in pair], "--dry-run"])
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    for flag in cli.VERBS["sample"].flags:
+        if flag.name in values:
+            section, field = flag.key.split(".")
+            assert str(resolved[section][field]) == values[flag.name], flag
+
+
+def test_demo_names_an_installed_demo(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "no-such-demo", "--dry-run"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: no demo 'no-such-demo' is installed (installed: toy")

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from neon import cli, config
-from neon.cli import build_recipe
+from neon.recipe import build_recipe
 from neon.errors import NeonError
 from neon.finetune import FinetuneConfig
 from tests.conftest import REPO
@@ -61,7 +61,7 @@ def test_recipe_links_sections_and_rejects_unknown_sections():
         build_recipe({"family": "toy", "sweep": {"sampler": {"zta": 1.0}}}, ("sweep",))
 
 
-# configs/digits/edm.yaml holds the settings of `neon demo --digits` (its stages), not a recipe of the
+# configs/digits/edm.yaml holds the settings of `neon demo digits` (its stages), not a recipe of the
 # single verbs; tests/digits checks it.
 RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
                  if os.sep + "digits" + os.sep not in p)

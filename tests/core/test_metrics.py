@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from neon import cli, distributed, family, synthetic
@@ -264,7 +265,7 @@ def test_fid_section_from_recipe_flags_and_overrides(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("family: toy\nfid:\n  inception_weights: from-recipe.pth\n  batch_size: 16\n")
     cli.main(["fid", "--config", str(recipe), "--images", "x", "--ref", "r.npz", "--fid.batch_size", "8", "--dry-run"])
-    assert json.loads(capsys.readouterr().out)["fid"] == {"inception_weights": "from-recipe.pth", "batch_size": 8}
+    assert yaml.safe_load(capsys.readouterr().out)["fid"] == {"inception_weights": "from-recipe.pth", "batch_size": 8}
     cli.main(["sweep", "--config", str(recipe), "--base", "b.pt", "--self", "r", "--inception-weights", "w.pth",
               "--dry-run"])
     assert "inception_weights: w.pth" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """The digits experiment (issue 17): the data split, the classifier, the `digits` family and a reduced
-run of `neon demo --digits`.
+run of `neon demo digits`.
 
 The base's label accuracy (>= 80 %) needs the full run's training (minutes): it is measured there
 and reported in the README, not here; the reduced run checks the pipeline and the file contents.

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from neon import cli
+from neon import cli, verbs
 from neon.io import files
 from neon.family import read_checkpoint
 from neon.toy.family import family as toy
@@ -36,7 +36,7 @@ def test_negative_grids_and_numbers_parse(capsys):
     cli.main(["sweep", "--family", "toy", "--base", "b.pt", "--self", "r", "--sweep.w", "-1,-0.5", "--dry-run"])
     assert yaml.safe_load(capsys.readouterr().out)["sweep"]["w"] == "-1,-0.5"
     cli.main(["merge", "--base", "b.pt", "--self", "s.pt", "--w", "-1", "--out", "m.pt", "--dry-run"])
-    assert json.loads(capsys.readouterr().out)["w"] == -1.0
+    assert yaml.safe_load(capsys.readouterr().out)["merge"]["w"] == -1.0
     cli.main(["finetune", "--family", "toy", "--images", "16", "--finetune.seed", "-3", "--dry-run"])
     assert yaml.safe_load(capsys.readouterr().out)["finetune"]["seed"] == -3
     code, captured = _exit(["finetune", "--family", "toy", "--images", "16", "--lr", "-1e-5", "--dry-run"], capsys)
@@ -69,7 +69,7 @@ def test_old_spellings_still_work(tmp_path, capsys):
     cli.main(["sample", "--family", "toy", "--ckpt", "b.pt", "--out", str(tmp_path / "S"), "--num", "12", "--dry-run"])
     assert yaml.safe_load(capsys.readouterr().out)["synthetic"]["num"] == 12
     cli.main(["fid", "--images", "a.npz", "--ref", "r.npz", "--pr", "real.npz", "--dry-run"])
-    assert json.loads(capsys.readouterr().out)["pr"] == "real.npz"
+    assert yaml.safe_load(capsys.readouterr().out)["pr"] == "real.npz"
 
 
 def test_usage_errors_are_one_line(capsys):
@@ -78,10 +78,10 @@ def test_usage_errors_are_one_line(capsys):
 
 
 def test_a_bug_is_one_line_with_exit_1_and_neon_debug_shows_the_traceback(monkeypatch, capsys):
-    def broken(args, overrides):
+    def broken(raw, dry_run):
         raise ValueError("something inside broke")
 
-    monkeypatch.setattr(cli, "cmd_merge", broken)
+    monkeypatch.setattr(verbs, "cmd_merge", broken)
     argv = ["merge", "--base", "a.pt", "--self", "b.pt", "--w", "1", "--out", "c.pt"]
     code, captured = _exit(argv, capsys)
     assert code == 1 and captured.err.count("\n") == 1
