@@ -67,6 +67,7 @@ print(peaks["RssAnon"], peaks["RssFile"])
 NAIVE_PT = """
 import torch
 from neon import merge
+from neon.io import checkpoint
 base, self_sd = checkpoint.read(sys.argv[1]), checkpoint.read(sys.argv[2])
 checkpoint.write({"ema": merge.extrapolate(base.weights, self_sd.weights, float(sys.argv[3]))}, sys.argv[4])
 """

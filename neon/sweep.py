@@ -276,12 +276,13 @@ def _final(records: list[dict], conf: SweepConfig, best: dict) -> FinalReport:
 
 
 class _Thetas:
-    """θ of the base (read once) and of the snapshot in use (memory-mapped where the file allows it, so the
-    ranks of a node share its pages), for `evaluate.evaluate`."""
+    """θ of the base and of the snapshot in use, for `evaluate.evaluate`: each file read once, memory-mapped
+    where its format allows (`.pt`), so the ranks of a node share its pages and a process holds no copy of
+    its own; θ_neon is built in the network's memory on its device (`merge.extrapolate_into`)."""
 
     def __init__(self, family, base_path: str):
         self.family = family
-        self.base = neon_family.read_checkpoint(family, base_path).weights
+        self.base = _read_mapped(family, base_path)
         self.path, self.weights = None, None
 
     def of(self, snapshot: str):
@@ -289,9 +290,14 @@ class _Thetas:
             return None
         if snapshot != self.path:
             self.path, self.weights = None, None  # drop the last mapping before the next one is made
-            mmap = checkpoint.format_of(snapshot) == "pt"
-            self.path, self.weights = snapshot, neon_family.read_checkpoint(self.family, snapshot, mmap=mmap).weights
+            self.path, self.weights = snapshot, _read_mapped(self.family, snapshot)
         return self.weights
+
+
+def _read_mapped(family, path: str) -> dict:
+    """θ of `path`, memory-mapped where its format allows."""
+    mmap = checkpoint.format_of(neon_family.local_path(family, path)) == "pt"
+    return neon_family.read_checkpoint(family, path, mmap=mmap).weights
 
 
 def snapshot_paths(conf: SweepConfig) -> list[str]:
