@@ -21,10 +21,10 @@ import sys
 
 import torch
 
-from neon import config, diagnose, distributed, family, finetune, log, merge, progress, report, sweep, synthetic
+from neon import config, diagnose, distributed, family, finetune, log, merge, progress, report, search, sweep, synthetic
 from neon.io import files
 from neon.errors import ArgumentParser, NeonError, run_command
-from neon.metrics import fid, inception
+from neon.metrics import fid, inception, score
 
 SECTIONS = ("family", "deterministic", "model", "sampler", "synthetic", "finetune", "sweep", "fid")
 
@@ -41,7 +41,7 @@ SWEEP_FLAGS = {"family": "family", "base": "model.ckpt", "self_trained": "sweep.
                "cfg": "sweep.cfg", "num_images": "sweep.num", "final_num": "sweep.final_num", "out": "sweep.out",
                "ref": "sweep.ref", "batch_size": "sweep.batch_size", "inception_weights": "fid.inception_weights",
                "inception_score": "sweep.inception_score", "pr": "sweep.precision_recall",
-               "deterministic": "deterministic"}
+               "metrics": "sweep.metrics", "deterministic": "deterministic"}
 # fid-stats and fid read only the recipe's `fid` section (they need no family)
 FID_FLAGS = {"inception_weights": "fid.inception_weights", "batch_size": "fid.batch_size"}
 
@@ -172,8 +172,15 @@ def cmd_merge(args, overrides):
 def cmd_sweep(args, overrides):
     recipe = _recipe(args, overrides, SWEEP_FLAGS, ("sampler", "sweep", "fid"))
     conf = recipe.sweep
-    if _dry_run(args, recipe) or not _need(base=recipe.model.ckpt, self=conf.self_trained):
+    if args.dry_run:
+        _dry_run(args, recipe)
+        try:  # the fine-tune section, where the recipe has one, tells how many snapshots there will be
+            ft = _recipe(args, overrides, SWEEP_FLAGS, ("finetune",)).finetune
+        except NeonError:
+            ft = None
+        print(_selection_line(recipe.sweep, ft))
         return
+    _need(base=recipe.model.ckpt, self=conf.self_trained)
     sweep.snapshot_paths(conf)  # before the default output folder is derived from them
     out = sweep.output_dir(conf)
     files.check_output(out, "dir")
@@ -185,6 +192,23 @@ def cmd_sweep(args, overrides):
         _say(_json(result.to_dict()))
         if distributed.is_main():  # the pictures of `neon report`: fid_vs_w.png, fid_w_cfg.png, samples.png
             report.run(out, model)
+
+
+def _selection_line(conf: sweep.SweepConfig, ft: finetune.FinetuneConfig | None) -> str:
+    """A YAML comment: the images the selection generates at most against the full grid's, and the cfg
+    values it can reach (the snapshots the recipe's fine-tune writes, else those on disk)."""
+    if ft is not None and ft.out and conf.self_trained == ft.out:
+        every = ft.snapshot_every_images or ft.total_images
+        count = len({min(ft.total_images, -(-k * every // ft.batch_size) * ft.batch_size)
+                     for k in range(1, -(-ft.total_images // every) + 1)})
+    else:
+        count = len(finetune.snapshots(conf.self_trained or "")) or 1
+    most, full = conf.max_images(count)
+    refine = f" + refine {conf.refine:g}" if conf.refine else ""
+    halving = f" + halving at n = {conf.screen():,}" if conf.screen() < conf.num else ""
+    cfgs = search.refined(conf.cfg, conf.refine) if conf.cfg else None
+    return (f"# selection: {conf.search}{halving}{refine} over {count} snapshots: at most {most:,} images, "
+            f"full grid {full:,} ({most / full:.3f} of it)" + (f"; cfg reachable: {cfgs}" if cfgs else ""))
 
 
 def cmd_fid_stats(args, overrides):
@@ -202,10 +226,13 @@ def cmd_fid(args, overrides):
     conf = _fid_config(args, overrides)
     if args.dry_run:
         print(json.dumps({"images": args.images, "ref": args.ref, "is": bool(args.inception_score), "pr": args.pr,
-                          "fid": dataclasses.asdict(conf)}))
+                          "metrics": args.metrics, "fid": dataclasses.asdict(conf)}))
         return
     _need(images=args.images, ref=args.ref)
-    _say(_json(progress.drain(fid.evaluate(args.images, args.ref, conf, bool(args.inception_score), args.pr), "fid")))
+    metrics = score.parse_metrics(args.metrics or "fid")
+    score.check_metrics(metrics, args.pr, "--metrics", "--pr REAL_SRC")
+    _say(_json(progress.drain(fid.evaluate(args.images, args.ref, conf, bool(args.inception_score), args.pr,
+                                           metrics), "fid")))
 
 
 def cmd_diagnose(args, overrides):
@@ -380,6 +407,8 @@ def _metric_flags(parser, of: str) -> None:
                         help=f"also the Inception score (10 splits) {of}")
     parser.add_argument("--precision-recall", "--pr", dest="pr", metavar="REAL_SRC",
                         help=f"also precision/recall (k=5) {of} against these real images")
+    parser.add_argument("--metrics", type=lambda text: score.parse_metrics(text) and text.split(","),
+                        help=f"fid,fd_dinov2,prdc: metrics {of} (fd_dinov2 and prdc against --pr's real images)")
 
 
 def _deterministic_flag(parser) -> None:

@@ -4,8 +4,9 @@ The grid is every snapshot × the w values × the cfg values (w = 0 is the base,
 `sweep.search` says which of its points are scored (`neon.search`): all of them (`grid`, the
 default), or those a line search over w (`brent`) or a search of (w, cfg) (`coordinate`) asks for,
 with successive halving: the search runs at n = `screen_num` samples and the best `screen_keep`
-fraction of what it scored is scored again at n = `num`. The chosen point is the lowest FID at
-n = num among the grid's points in results.jsonl.
+fraction of what it scored is scored again at n = `num`; `sweep.refine` adds the authors' ±0.1 stage
+around the best point (and the base's best cfg), scored like any other point. The chosen point is the
+lowest FID at n = num among the grid's points (and their refinement neighbours) in results.jsonl.
 
 Every evaluation of n samples uses the seeds [seed_base, seed_base + n): the same seeds for every
 point, so differences between points are not sampling noise. Each point is scored by
@@ -17,10 +18,12 @@ time; a metric that is not finite is written as null). A line already there, wit
 (snapshot, w, cfg, seeds, sampler overrides), is not computed again, so an interrupted sweep or
 search resumes, and a grid after a search reuses its points.
 
-The final report scores the chosen point and the base on `final_seeds` disjoint seed ranges of
-`final_num` samples, [final_seed_base + i·final_num, final_seed_base + (i + 1)·final_num), where
-asked with the Inception score and precision/recall as well (image families: those points take all
-their features from Inception). The `Summary` gives mean, sd and min of each metric over the ranges
+The final report scores the chosen point (snapshot, w, cfg) and the base at its own cfg (`base_cfg`:
+`sweep.base_cfg` when pinned, else the cfg of the best w = 0 point at n = num of the selection) on
+`final_seeds` disjoint seed ranges of `final_num` samples, [final_seed_base + i·final_num,
+final_seed_base + (i + 1)·final_num), where asked with the Inception score, precision/recall,
+density/coverage and FD-DINOv2 as well (`sweep.metrics`; image families: those points take all their
+features from Inception). The `Summary` gives mean, sd and min of each metric over the ranges
 (`neon.evaluate.summarize`), the paired comparison range by range (`neon.evaluate.paired`: mean
 difference, sd, 95% interval, ranges improved) and its verdict, and whether the gain (the base's mean
 FID − the chosen point's) exceeds the spread (the larger of the two FID sds).
@@ -48,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
 BASE = search.BASE  # the `snapshot` of w = 0 evaluations: they do not depend on the snapshot
-METRICS = ("fid", "is", "is_std", "precision", "recall")
+METRICS = ("fid", "fd_dinov2", "is", "is_std", "precision", "recall", "density", "coverage")
 EVIDENCE = 10  # the summary lists the best this many points of each n
 
 
@@ -95,6 +98,15 @@ class SweepConfig:
     precision_recall: str | None = None
     """An image source of real images: also precision/recall (k = 5) of the final report's two points
     against them (image families)."""
+    metrics: list[str] = dataclasses.field(default_factory=lambda: ["fid"])
+    """Metrics of the final report (`neon.metrics.score.METRICS`): fid always; fd_dinov2 (against the
+    real images of `precision_recall`) and prdc (precision, recall, density, coverage against them)."""
+    refine: float | None = None
+    """The authors' refinement: at n = num, w ± refine and cfg ± refine around the best point and cfg
+    ± refine around the base's best (neon.search); None: none."""
+    base_cfg: float | None = None
+    """The cfg of the base's side of the final report (a published one); default: the base's own best
+    cfg of the selection (the w = 0 line at n = num)."""
 
     def __post_init__(self):
         if self.num < 2 or self.final_num < 0 or self.batch_size <= 0:
@@ -118,7 +130,22 @@ class SweepConfig:
             raise NeonError(f"sweep.inception_score needs sweep.final_num >= {fid.IS_SPLITS}")
         if self.precision_recall and self.final_num <= fid.PR_NEIGHBOURS:
             raise NeonError(f"sweep.precision_recall needs sweep.final_num > {fid.PR_NEIGHBOURS}")
+        score.check_metrics(self.metrics, self.precision_recall, "sweep.metrics", "sweep.precision_recall")
+        if self.refine is not None and not 0 < self.refine:
+            raise NeonError(f"sweep.refine must be > 0, got {self.refine}")
         search.grid(self.w)
+
+    def extras(self) -> set[str]:
+        """The final report's metrics besides fid, as `neon.metrics.score.generate_and_score` names them."""
+        return set(self.metrics) - {"fid"} | ({"prdc"} if self.precision_recall else set())
+
+    def max_images(self, snapshots: int) -> tuple[int, int]:
+        """(the most images this selection generates over `snapshots` snapshots, those of the full grid
+        at n = num with no refinement): `neon.search.max_images`."""
+        ws, cfgs = search.grid(self.w), self.cfg or [None]
+        return (search.max_images(self.search, snapshots, ws, cfgs, self.num, self.screen(), self.screen_keep,
+                                  self.refine),
+                search.max_images("grid", snapshots, ws, cfgs, self.num, self.num, self.screen_keep))
 
     def screen(self) -> int:
         """Samples per evaluation of the search's first round (num: no screening)."""
@@ -145,13 +172,13 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
     paths = snapshot_paths(conf)
     out = output_dir(conf)
     metrics = evaluate.Metrics(score.reference(family, conf.ref), fid_conf)
-    if conf.cfg and "cfg" not in {f.name for f in dataclasses.fields(sampler)}:
-        raise NeonError(f"sweep.cfg: the {family.name} sampler has no guidance scale `cfg`")
+    if (conf.cfg or conf.base_cfg is not None) and "cfg" not in {f.name for f in dataclasses.fields(sampler)}:
+        raise NeonError(f"sweep.cfg, sweep.base_cfg: the {family.name} sampler has no guidance scale `cfg`")
     thetas = _Thetas(family, base_path)
     cache = {_key(r): r for r in load_results(out)}
     start_cfg = conf.sampler.get("cfg", getattr(sampler, "cfg", None))  # the evaluation sampler's own
     steps = search.search(conf.search, paths, search.grid(conf.w), conf.cfg or [None], conf.num, conf.screen(),
-                          conf.screen_keep, start_cfg)
+                          conf.screen_keep, start_cfg, conf.refine)
     value, done = None, 0
     yield Progress(done, None, "eval")
     while True:
@@ -169,16 +196,19 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
     if conf.final_num:
         records = load_results(out)
         best = best_point(records, conf, paths)
+        sides = [(BASE, 0.0, base_cfg(records, conf, paths)), (best["snapshot"], best["w"], best["cfg"])]
         asked = _asked(conf)
         finished = {_key(r) for r in records if asked <= set(r)}  # a final point lacking an asked metric is redone
         final_metrics = None  # real features are read once, and only when a final point needs them
         for seeds in conf.final_ranges():
-            for snapshot, w in sorted({(BASE, 0.0), (best["snapshot"], best["w"])}):
-                if _key(_point(conf, snapshot, w, best["cfg"], seeds)) not in finished:
+            for snapshot, w, c in sides[:1] if sides[0] == sides[1] else sides:
+                if _key(_point(conf, snapshot, w, c, seeds)) not in finished:
                     if final_metrics is None:
-                        real = score.real_features(conf.precision_recall, fid_conf) if conf.precision_recall else None
-                        final_metrics = dataclasses.replace(metrics, inception_score=conf.inception_score, real=real)
-                    record = _evaluate(family, model, thetas, snapshot, w, best["cfg"], seeds, sampler, conf,
+                        real = (score.real_features(conf.precision_recall, fid_conf, conf.extras())
+                                if conf.precision_recall else None)
+                        final_metrics = dataclasses.replace(metrics, inception_score=conf.inception_score, real=real,
+                                                            extras=frozenset(conf.extras()))
+                    record = _evaluate(family, model, thetas, snapshot, w, c, seeds, sampler, conf,
                                        final_metrics, out)
                     done += 1
                     yield Progress(done, None, "eval", info=record)
@@ -192,6 +222,10 @@ class FinalReport:
 
     seeds: list[list[int]]
     """[first seed, samples] per range."""
+    base_cfg: float | None
+    """The cfg the base was scored at (its own best of the selection, or sweep.base_cfg)."""
+    cfg: float | None
+    """The cfg Neon was scored at (the chosen point's)."""
     base: dict[str, evaluate.Stats]
     """Per metric (fid, and is, is_std, precision, recall where scored), over the ranges."""
     neon: dict[str, evaluate.Stats]
@@ -217,6 +251,8 @@ class Summary:
     """The chosen snapshot (`BASE` when no snapshot beat the base)."""
     w: float
     cfg: float | None
+    base_cfg: float | None
+    """The base's cfg in the final report: sweep.base_cfg, else its best at n = num (the w = 0 line)."""
     fid: float
     """The chosen point's FID at n = num on the selection seeds."""
     num: int
@@ -241,18 +277,19 @@ def summary(records: list[dict], conf: SweepConfig, paths: list[str] | None = No
                  "best": [[r["snapshot"], r["w"], r["cfg"], r["fid"]]
                           for r in sorted((r for r in scored if r["num"] == n), key=_fid)[:EVIDENCE]]}
                 for n in sorted({r["num"] for r in scored})]
-    return Summary(search=conf.search, snapshot=best["snapshot"], w=best["w"], cfg=best["cfg"], fid=best["fid"],
+    return Summary(search=conf.search, snapshot=best["snapshot"], w=best["w"], cfg=best["cfg"],
+                   base_cfg=base_cfg(records, conf, paths), fid=best["fid"],
                    num=conf.num, evidence=evidence, selection_images=sum(r["num"] for r in scored),
-                   final=_final(records, conf, best) if conf.final_num else None,
+                   final=_final(records, conf, best, base_cfg(records, conf, paths)) if conf.final_num else None,
                    results=os.path.join(output_dir(conf), RESULTS))
 
 
-def _final(records: list[dict], conf: SweepConfig, best: dict) -> FinalReport:
-    """The final report's statistics (`FinalReport`)."""
+def _final(records: list[dict], conf: SweepConfig, best: dict, base_cfg_) -> FinalReport:
+    """The final report's statistics (`FinalReport`): the base at `base_cfg_`, Neon at the chosen point."""
     latest = {_key(r): r for r in records}
     sides, used = {}, {}
-    for name, (snapshot, w) in (("base", (BASE, 0.0)), ("neon", (best["snapshot"], best["w"]))):
-        keys = [_key(_point(conf, snapshot, w, best["cfg"], seeds)) for seeds in conf.final_ranges()]
+    for name, (snapshot, w, c) in (("base", (BASE, 0.0, base_cfg_)), ("neon", (best["snapshot"], best["w"], best["cfg"]))):
+        keys = [_key(_point(conf, snapshot, w, c, seeds)) for seeds in conf.final_ranges()]
         sides[name] = [latest.get(k) for k in keys]
         used.update((k, latest[k]["num"]) for k in keys if k in latest)
     stats, comparisons = {"base": {}, "neon": {}}, {}
@@ -269,7 +306,8 @@ def _final(records: list[dict], conf: SweepConfig, best: dict) -> FinalReport:
     gain = -fid_pair.mean if fid_pair is not None else None
     spread = (max(stats["base"]["fid"].sd, stats["neon"]["fid"].sd)
               if fid_pair is not None and conf.final_seeds > 1 else None)
-    return FinalReport(seeds=[list(seeds) for seeds in conf.final_ranges()], base=stats["base"], neon=stats["neon"],
+    return FinalReport(seeds=[list(seeds) for seeds in conf.final_ranges()], base_cfg=base_cfg_, cfg=best["cfg"],
+                       base=stats["base"], neon=stats["neon"],
                        paired=comparisons, images=sum(used.values()), gain=gain, spread=spread,
                        gain_exceeds_spread=None if spread is None else bool(gain > spread),
                        verdict=evaluate.verdict(fid_pair) if fid_pair is not None else None)
@@ -322,6 +360,15 @@ def best_point(records: list[dict], conf: SweepConfig, paths: list[str] | None =
     return min(chosen, key=_fid)
 
 
+def base_cfg(records: list[dict], conf: SweepConfig, paths: list[str] | None = None):
+    """The base's cfg in the final report: `conf.base_cfg` when pinned, else the cfg of the lowest w = 0
+    selection record at n = num (the chosen point's cfg when there is none)."""
+    if conf.base_cfg is not None:
+        return conf.base_cfg
+    line = [r for r in selection(records, conf, paths) if r["snapshot"] == BASE and r["num"] == conf.num]
+    return min(line, key=_fid)["cfg"] if line else best_point(records, conf, paths)["cfg"]
+
+
 def curve(records: list[dict], conf: SweepConfig, snapshot: str, cfg_value=None,
           n: int | None = None) -> tuple[list[float], list[float]]:
     """(w, fid) of one snapshot's selection results at n samples (default num), sorted by w, the base
@@ -334,10 +381,11 @@ def curve(records: list[dict], conf: SweepConfig, snapshot: str, cfg_value=None,
 
 
 def selection(records: list[dict], conf: SweepConfig, paths: list[str] | None = None) -> list[dict]:
-    """This sweep's selection records, at any n: the grid's points on the selection seeds with this
-    sweep's sampler overrides; the latest of each key."""
+    """This sweep's selection records, at any n: the grid's points (and their refinement neighbours) on
+    the selection seeds with this sweep's sampler overrides; the latest of each key."""
     paths = set(paths if paths is not None else finetune.snapshots(conf.self_trained or ""))
-    ws, cfgs, overrides = set(search.grid(conf.w)) | {0.0}, set(conf.cfg or [None]), _sampler_key(conf.overrides())
+    ws = set(search.refined(search.grid(conf.w), conf.refine)) | {0.0}
+    cfgs, overrides = set(search.refined(conf.cfg or [None], conf.refine)), _sampler_key(conf.overrides())
     latest = {_key(r): r for r in records
               if r["seeds"][0] == conf.seed_base and _sampler_key(r.get("sampler")) == overrides
               and r["w"] in ws and r["cfg"] in cfgs and (r["snapshot"] == BASE or r["snapshot"] in paths)}
@@ -371,7 +419,9 @@ def _point(conf: SweepConfig, snapshot: str, w: float, c, seeds: tuple[int, int]
 
 def _asked(conf: SweepConfig) -> set[str]:
     """The metric keys a final record must hold."""
-    return ({"is"} if conf.inception_score else set()) | ({"precision"} if conf.precision_recall else set())
+    extras = conf.extras()
+    return (({"is"} if conf.inception_score else set()) | ({"precision"} if conf.precision_recall else set())
+            | ({"fd_dinov2"} if "fd_dinov2" in extras else set()) | ({"density"} if "prdc" in extras else set()))
 
 
 def _key(record: dict) -> tuple:
