@@ -27,7 +27,8 @@ Every strategy also finds the base's own best cfg: a line search over cfg at w =
 `brent` has already scored cost nothing).
 
 Successive halving on the number of samples: when `screen < num`, the best `keep` fraction of the
-screened points (at least 2) is scored again at n = num, and so is the base at its best screened cfg.
+screened points (at least 2) is scored again at n = num, and so is the base at its best screened cfg
+(with more than one cfg).
 With `screen == num` there is one round.
 
 Refinement (`refine`, the authors' ±0.1 stage of VAR-d16, xAR-B and xAR-L): at n = num, the
@@ -155,8 +156,9 @@ def search(strategy: str, snapshots: Sequence[str], ws: Sequence[float], cfgs: S
     if screen < num:
         screened = sorted(scores.at(screen), key=lambda item: item[1])
         count = min(len(screened), max(2, math.ceil(keep * len(screened))))
+        # the base at its best screened cfg, for the final report's base side (one cfg: the chosen one's)
         base = [min((item for item in screened if item[0][0] == BASE), key=lambda item: item[1])]
-        for p, _ in screened[:count] + base:
+        for p, _ in screened[:count] + (base if len(cfgs) > 1 else []):
             yield from scores.ask(p, num)
     if refine:
         (s, w, c), _ = min(scores.at(num), key=lambda item: item[1])
@@ -189,7 +191,7 @@ def max_images(strategy: str, snapshots: int, ws: Sequence[float], cfgs: Sequenc
         worst_base = max(worst_base, asked.count(BASE))
         worst_snapshot = max(worst_snapshot, len(asked) - asked.count(BASE))
     screened = worst_base + snapshots * worst_snapshot
-    again = min(screened, max(2, math.ceil(keep * screened)) + 1) if screen < num else 0
+    again = min(screened, max(2, math.ceil(keep * screened)) + (len(cfgs) > 1)) if screen < num else 0
     extra = (3 * (3 if None not in cfgs else 1) - 1 + (2 if None not in cfgs else 0)) if refine else 0
     return screened * screen + (again + extra) * num
 
