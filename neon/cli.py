@@ -203,7 +203,9 @@ def _selection_line(conf: sweep.SweepConfig, ft: finetune.FinetuneConfig | None)
                      for k in range(1, -(-ft.total_images // every) + 1)})
     else:
         count = len(finetune.snapshots(conf.self_trained or "")) or 1
-    most, full = conf.max_images(count)
+    ws, cfgs = search.grid(conf.w), conf.cfg or [None]
+    most = search.max_images(conf.search, count, ws, cfgs, conf.num, conf.screen(), conf.screen_keep, conf.refine)
+    full = search.max_images("grid", count, ws, cfgs, conf.num, conf.num, conf.screen_keep)
     refine = f" + refine {conf.refine:g}" if conf.refine else ""
     halving = f" + halving at n = {conf.screen():,}" if conf.screen() < conf.num else ""
     cfgs = search.refined(conf.cfg, conf.refine) if conf.cfg else None

@@ -1,35 +1,20 @@
 """Choosing w: evaluate θ_neon = (1 + w) θ_base − w θ_self_trained over the grid of (snapshot, w, cfg).
 
-The grid is every snapshot × the w values × the cfg values (w = 0 is the base, scored once per cfg).
-`sweep.search` says which of its points are scored (`neon.search`): all of them (`grid`, the
-default), or those a line search over w (`brent`) or a search of (w, cfg) (`coordinate`) asks for,
-with successive halving: the search runs at n = `screen_num` samples and the best `screen_keep`
-fraction of what it scored is scored again at n = `num`; `sweep.refine` adds the authors' ±0.1 stage
-around the best point (and the base's best cfg), scored like any other point. The chosen point is the
-lowest FID at n = num among the grid's points (and their refinement neighbours) in results.jsonl.
+The grid is every snapshot × the w values × the cfg values (w = 0 is the base, scored once per cfg);
+`sweep.search`, `screen_num`, `screen_keep` and `refine` say which points are scored (`neon.search`).
+The chosen point is the lowest FID at n = num among the grid's points (and refinements) in results.jsonl.
 
-Every evaluation of n samples uses the seeds [seed_base, seed_base + n): the same seeds for every
-point, so differences between points are not sampling noise. Each point is scored by
-`neon.evaluate.evaluate` (the project's one path from θ_neon(w) to a score) by the Fréchet distance
-between the samples' features and reference statistics. θ of the base and of every snapshot is read with
-`neon.family.read_checkpoint`, as `neon merge` reads it. Each evaluation is one line of
-`results.jsonl` (snapshot, w, cfg, num, seeds, the sampler overrides `sampler`, the metrics, wall
-time; a metric that is not finite is written as null). A line already there, with the same key
-(snapshot, w, cfg, seeds, sampler overrides), is not computed again, so an interrupted sweep or
-search resumes, and a grid after a search reuses its points.
+Every evaluation of n samples uses the seeds [seed_base, seed_base + n), the same for every point, and
+is scored by `neon.evaluate.evaluate` (θ read with `neon.family.read_checkpoint`, as `neon merge` does;
+merged in the network's own memory). Each is one line of `results.jsonl` (snapshot, w, cfg, num, seeds,
+sampler overrides, metrics, wall time; non-finite metrics as null); a line already there with the same
+key is not computed again, so an interrupted sweep resumes and a grid after a search reuses its points.
 
-The final report scores the chosen point (snapshot, w, cfg) and the base at its own cfg (`base_cfg`:
-`sweep.base_cfg` when pinned, else the cfg of the best w = 0 point at n = num of the selection) on
-`final_seeds` disjoint seed ranges of `final_num` samples, [final_seed_base + i·final_num,
-final_seed_base + (i + 1)·final_num), where asked with the Inception score, precision/recall,
-density/coverage and FD-DINOv2 as well (`sweep.metrics`; image families: those points take all their
-features from Inception). The `Summary` gives mean, sd and min of each metric over the ranges
-(`neon.evaluate.summarize`), the paired comparison range by range (`neon.evaluate.paired`: mean
-difference, sd, 95% interval, ranges improved) and its verdict, and whether the gain (the base's mean
-FID − the chosen point's) exceeds the spread (the larger of the two FID sds).
-
-Merged weights are built in the network's own memory on its device (no files); `neon merge` writes the
-chosen one to disk.
+The final report scores the chosen (snapshot, w, cfg) and the base at its own cfg (`base_cfg`) on
+`final_seeds` disjoint ranges of `final_num` samples from `final_seed_base`, with `sweep.metrics`,
+the Inception score and precision/recall where asked. The `Summary` gives mean, sd and min per metric
+(`neon.evaluate.summarize`), the paired comparison by range (`neon.evaluate.paired`) and its verdict,
+and whether the gain (base − chosen, mean FID) exceeds the spread (the larger FID sd).
 """
 
 import dataclasses
@@ -99,14 +84,11 @@ class SweepConfig:
     """An image source of real images: also precision/recall (k = 5) of the final report's two points
     against them (image families)."""
     metrics: list[str] = dataclasses.field(default_factory=lambda: ["fid"])
-    """Metrics of the final report (`neon.metrics.score.METRICS`): fid always; fd_dinov2 (against the
-    real images of `precision_recall`) and prdc (precision, recall, density, coverage against them)."""
+    """Final report metrics (`neon.metrics.score.METRICS`); fd_dinov2, prdc: against precision_recall's."""
     refine: float | None = None
-    """The authors' refinement: at n = num, w ± refine and cfg ± refine around the best point and cfg
-    ± refine around the base's best (neon.search); None: none."""
+    """The authors' ±refine stage around the best point at n = num (`neon.search`); None: none."""
     base_cfg: float | None = None
-    """The cfg of the base's side of the final report (a published one); default: the base's own best
-    cfg of the selection (the w = 0 line at n = num)."""
+    """The base's cfg in the final report (a published one); default: its best on the selection."""
 
     def __post_init__(self):
         if self.num < 2 or self.final_num < 0 or self.batch_size <= 0:
@@ -138,14 +120,6 @@ class SweepConfig:
     def extras(self) -> set[str]:
         """The final report's metrics besides fid, as `neon.metrics.score.generate_and_score` names them."""
         return set(self.metrics) - {"fid"} | ({"prdc"} if self.precision_recall else set())
-
-    def max_images(self, snapshots: int) -> tuple[int, int]:
-        """(the most images this selection generates over `snapshots` snapshots, those of the full grid
-        at n = num with no refinement): `neon.search.max_images`."""
-        ws, cfgs = search.grid(self.w), self.cfg or [None]
-        return (search.max_images(self.search, snapshots, ws, cfgs, self.num, self.screen(), self.screen_keep,
-                                  self.refine),
-                search.max_images("grid", snapshots, ws, cfgs, self.num, self.num, self.screen_keep))
 
     def screen(self) -> int:
         """Samples per evaluation of the search's first round (num: no screening)."""
@@ -220,26 +194,18 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
 class FinalReport:
     """The final report: the base and the chosen point on the same k disjoint seed ranges."""
 
-    seeds: list[list[int]]
-    """[first seed, samples] per range."""
-    base_cfg: float | None
-    """The cfg the base was scored at (its own best of the selection, or sweep.base_cfg)."""
-    cfg: float | None
-    """The cfg Neon was scored at (the chosen point's)."""
-    base: dict[str, evaluate.Stats]
-    """Per metric (fid, and is, is_std, precision, recall where scored), over the ranges."""
+    seeds: list[list[int]]  # [first seed, samples] per range.
+    base_cfg: float | None  # The base's cfg: its own best on the selection, or sweep.base_cfg.
+    cfg: float | None  # The cfg Neon was scored at (the chosen point's).
+    base: dict[str, evaluate.Stats]  # Per metric scored (fid, and METRICS where asked), over the ranges.
     neon: dict[str, evaluate.Stats]
     paired: dict[str, evaluate.Paired | None]
     """Per metric, neon − base range by range (None until both sides have every range)."""
-    images: int
-    """Images the final report generated."""
-    gain: float | None
-    """The base's mean FID − the chosen point's (None until every range is scored)."""
-    spread: float | None
-    """The larger of the two FID sds (None with one range)."""
+    images: int  # Images the final report generated.
+    gain: float | None  # The base's mean FID − the chosen point's (None until every range is scored).
+    spread: float | None  # The larger of the two FID sds (None with one range).
     gain_exceeds_spread: bool | None
-    verdict: str | None
-    """From the paired 95% interval of the FID differences (`neon.evaluate.verdict`)."""
+    verdict: str | None  # From the paired 95% interval of the FID differences (`neon.evaluate.verdict`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,21 +213,17 @@ class Summary:
     """What a sweep found: the chosen point, the evidence, the selection's cost and the final report."""
 
     search: str
-    snapshot: str
-    """The chosen snapshot (`BASE` when no snapshot beat the base)."""
+    snapshot: str  # The chosen snapshot (`BASE` when no snapshot beat the base).
     w: float
     cfg: float | None
-    base_cfg: float | None
-    """The base's cfg in the final report: sweep.base_cfg, else its best at n = num (the w = 0 line)."""
-    fid: float
-    """The chosen point's FID at n = num on the selection seeds."""
+    base_cfg: float | None  # The base's cfg in the final report: sweep.base_cfg, else its best at n = num.
+    fid: float  # The chosen point's FID at n = num on the selection seeds.
     num: int
     evidence: list[dict]
     """Per n: how many points were scored and the best EVIDENCE of them as [snapshot, w, cfg, fid]."""
     selection_images: int
     final: FinalReport | None
-    results: str
-    """The path of results.jsonl."""
+    results: str  # The path of results.jsonl.
 
     def to_dict(self) -> dict:
         """The summary as JSON-able data (what `neon sweep` prints)."""
