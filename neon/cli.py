@@ -20,6 +20,7 @@ import sys
 
 from neon import config, verbs
 from neon.errors import ArgumentParser, NeonError, run_command
+from neon.metrics import score
 from neon.recipe import SECTIONS
 
 # A flag's key is a recipe field (`synthetic.num`, `family`) or, outside the recipe's sections, an
@@ -62,11 +63,17 @@ INCEPTION = Flag("--inception-weights", "fid.inception_weights",
                  "InceptionV3 weights file (default: checkpoints/ or download)")
 
 
-def metric_flags(of: str, keys: tuple[str, str], default) -> tuple[Flag, Flag]:
-    """--is and --precision-recall/--pr, scoring `of`."""
+def metric_flags(of: str, keys: tuple[str, str, str], default) -> tuple[Flag, Flag, Flag]:
+    """--is, --precision-recall/--pr and --metrics, scoring `of`."""
     return (Flag("--is", keys[0], f"also the Inception score (10 splits) {of}", bool, default=default),
             Flag("--precision-recall", keys[1], f"also precision/recall (k=5) {of} against these real images",
-                 aliases=("--pr",), metavar="REAL_SRC"))
+                 aliases=("--pr",), metavar="REAL_SRC"),
+            Flag("--metrics", keys[2], f"fid,fd_dinov2,prdc: metrics {of} (fd_dinov2 and prdc against --pr's "
+                 f"real images)", _metric_list))
+
+
+def _metric_list(text: str) -> list[str]:
+    return score.parse_metrics(text)
 
 
 VERBS = {
@@ -116,8 +123,8 @@ VERBS = {
         Flag("--ref", "sweep.ref", "reference statistics .npz"),
         Flag("--batch-size", "sweep.batch_size", "samples per call and process", int),
         Flag("--inception-weights", "fid.inception_weights", "InceptionV3 weights for image families"),
-        *metric_flags("of the final report's two points", ("sweep.inception_score", "sweep.precision_recall"),
-                      default=None),
+        *metric_flags("of the final report's two points",
+                      ("sweep.inception_score", "sweep.precision_recall", "sweep.metrics"), default=None),
         DETERMINISTIC)),
     "fid-stats": Verb("write reference statistics (mu, sigma of Inception features) of images", (
         IMAGES,
@@ -130,7 +137,7 @@ VERBS = {
         Flag("--ref", "ref", "reference statistics .npz (mu, sigma)"),
         INCEPTION,
         Flag("--batch-size", "fid.batch_size", "images per Inception forward and process", int),
-        *metric_flags("of the images", ("is", "pr"), default=False)),
+        *metric_flags("of the images", ("is", "pr", "metrics"), default=False)),
         reads=("fid",), overrides=("fid",)),
     "diagnose": Verb("will Neon help, and with which sign of w? cos_P of real vs synthetic gradients", (
         FAMILY,

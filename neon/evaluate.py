@@ -39,8 +39,11 @@ class Metrics:
     """The Inception extractor's settings (weights, batch size)."""
     inception_score: bool = False
     """Also the Inception score (image families; every feature is then Inception's)."""
-    real: torch.Tensor | None = None
-    """Pool features [M, 2048] of real images: also precision/recall (k = 5) against them."""
+    real: dict | None = None
+    """{'pool': features [M, 2048][, 'dinov2']} of real images (`neon.metrics.score.real_features`):
+    also precision/recall (k = 5) against them."""
+    extras: frozenset = frozenset()
+    """With `real`: 'prdc' adds density/coverage, 'fd_dinov2' FD-DINOv2 (`neon.metrics.score.METRICS`)."""
     extra: Callable[[torch.Tensor, torch.Tensor], dict] | None = None
     """`extra(features, labels) -> {name: float}`: more metrics from the features FID was computed on
     and the labels the samples were drawn with (an experiment's own, e.g. label accuracy)."""
@@ -67,7 +70,7 @@ def evaluate(family, model, base: Theta, sampler, seeds: tuple[int, int], batch_
     keep = keep_features or metrics.extra is not None
     result = score.generate_and_score(family, model, sampler, seeds, batch_size, metrics.fid, metrics.ref_stats,
                                       metrics.inception_score, metrics.real, keep_samples=keep_samples,
-                                      keep_features=keep)
+                                      keep_features=keep, extras=metrics.extras)
     if metrics.extra is not None and result["fid"] is not None:
         labels = synthetic.balanced_labels(seeds[1], model.num_classes, seeds[0])
         result.update(metrics.extra(result["features"], labels))

@@ -120,7 +120,9 @@ def table(result: dict) -> str:
         ranges = final.seeds
         lines += ["", f"final report: {len(ranges)} seed range{'s' if len(ranges) > 1 else ''} of "
                       f"{ranges[0][1]:,} samples from seed {ranges[0][0]:,}",
-                  f"{'metric':<10} {'base':>30} {'neon':>30}"]
+                  f"compared: the base at its own cfg ({_cfg(final.base_cfg)}) and Neon at the chosen point "
+                  f"({_name(s.snapshot)}, w {s.w:+g}, cfg {_cfg(final.cfg)}), on the same seed ranges",
+                  f"{'metric':<10} {'base, cfg ' + _cfg(final.base_cfg):>30} {'neon, cfg ' + _cfg(final.cfg):>30}"]
         for metric in sweep.METRICS:
             if metric in final.base or metric in final.neon:
                 lines.append(f"{metric:<10} {_cell(final.base.get(metric)):>30} {_cell(final.neon.get(metric)):>30}")
@@ -177,8 +179,8 @@ def _fid_w_cfg(records, conf, paths, summary, out) -> str:
     n = max(set(ns), key=lambda m: (ns.count(m), m))
     ws, cfgs = sorted(set(search.grid(conf.w)) | {0.0}), sorted(conf.cfg)
     values = np.full((len(cfgs), len(ws)), np.nan)
-    for r in rows:
-        if r["num"] == n and r["fid"] is not None:
+    for r in rows:  # refinement points off the grid are left out of the picture
+        if r["num"] == n and r["fid"] is not None and r["w"] in ws and r["cfg"] in cfgs:
             values[cfgs.index(r["cfg"]), ws.index(r["w"])] = r["fid"]
     return plots.fid_w_cfg(ws, cfgs, values, os.path.join(out, "fid_w_cfg.png"),
                            title=f"FID over (w, cfg): {_name(snapshot)}, n = {n:,}")
@@ -232,6 +234,10 @@ def _cell(stats) -> str:
     if stats is None or stats.mean is None:
         return "-"
     return f"{stats.mean:.4g}" + (f" ± {stats.sd:.2g}" if stats.sd is not None else "") + f" (min {stats.min:.4g})"
+
+
+def _cfg(value) -> str:
+    return "the sampler's" if value is None else f"{value:g}"
 
 
 def _name(snapshot: str) -> str:

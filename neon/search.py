@@ -6,9 +6,10 @@ that could not be scored). Its return value is the choice (`Choice`). It never s
 itself: `neon.sweep.run` does that (and caches each score as one line of results.jsonl), and
 `drive(steps, evaluate)` runs a search against a plain function, as the tests do.
 
-A search proposes only points of the grid: every snapshot × the w values × the cfg values, where
-w = 0 is the base (snapshot `BASE`), one point per cfg whatever the snapshot. So every point a
-search scores at n = num is a point the grid would score, and a later grid reuses it.
+A search proposes only points of the grid (and, with `refine`, their refinement neighbours): every
+snapshot × the w values × the cfg values, where w = 0 is the base (snapshot `BASE`), one point per cfg
+whatever the snapshot. So every grid point a search scores at n = num is a point the grid would score,
+and a later grid reuses it.
 
 The strategies, all run first at n = `screen` on every snapshot:
 
@@ -22,9 +23,19 @@ The strategies, all run first at n = `screen` on every snapshot:
   fitted by least squares to the 12 scored cells nearest to the best, is lowest. While that step
   improves, the line searches resume from it. With one cfg it is `brent`.
 
+Every strategy also finds the base's own best cfg: a line search over cfg at w = 0 (points a grid or
+`brent` has already scored cost nothing).
+
 Successive halving on the number of samples: when `screen < num`, the best `keep` fraction of the
-screened points (at least 2) is scored again at n = num, and the choice is the lowest of those.
-With `screen == num` there is one round, and the choice is the lowest point scored.
+screened points (at least 2) is scored again at n = num, and so is the base at its best screened cfg
+(with more than one cfg).
+With `screen == num` there is one round.
+
+Refinement (`refine`, the authors' ±0.1 stage of VAR-d16, xAR-B and xAR-L): at n = num, the
+neighbours of the best point, w ± refine and cfg ± refine (8 points; 2 without cfg), and the base at
+its best cfg ± refine, are scored like any other point. Refined values are rounded to 10 decimals; a w
+that reaches 0 or changes sign, and a cfg <= 0, are skipped (the authors skip non-positive values).
+The choice is the lowest point at n = num; `base_cfg` the cfg of the lowest base point at n = num.
 
 The line search is a discrete form of Brent's method over the indices of a sorted list of values:
 from the start index it keeps the best index x with its nearest evaluated neighbours (a, b) as the
@@ -53,7 +64,10 @@ QUADRATIC_POINTS = 12  # coordinate search: the scored cells a quadratic is fitt
 MAX_POINTS = 10_000  # a w grid holds at most this many values
 MAX_W = 1e6  # |w| at most: (1 + w) θ − w θ_s loses float32's precision long before it overflows
 Point = tuple  # (snapshot, w, cfg)
-Choice = dict  # {'snapshot', 'w', 'cfg', 'fid', 'n', 'evidence': [{'n', 'points': [[snapshot, w, cfg, fid], ...]}]}
+Choice = dict  # {'snapshot', 'w', 'cfg', 'fid', 'n', 'base_cfg', 'evidence': [{'n', 'points': [[...], ...]}]}
+BOWLS = ((1.0, 1.0, 0.0), (1.0, 4.0, 0.9), (4.0, 1.0, -0.9), (1.0, 1.0, 1.6))
+"""`max_images`: the convex FID surfaces a search is costed on, (a, b, r) of
+a·dw² + b·dc² + r·dw·dc in units of the grid's spans (round, long along w, along cfg, diagonal)."""
 
 
 def grid(spec) -> list[float]:
@@ -101,12 +115,25 @@ def grid_points(snapshots: Sequence[str], ws: Sequence[float], cfgs: Sequence) -
                                                   for c in cfgs]
 
 
+def refined(values: Sequence, step: float | None) -> list:
+    """`values` with their refinement neighbours v ± step (module docstring), sorted; [None] stays."""
+    if not step or None in values:
+        return list(values)
+    return sorted(set(map(float, values)) | {v for x in values for v in _neighbours(float(x), step, x == 0)})
+
+
+def _neighbours(x: float, step: float, is_w: bool) -> list[float]:
+    """x ± step, rounded; without 0, sign changes of a w, and cfg values <= 0."""
+    out = [round(x + d, 10) for d in (-step, step)]
+    return [v for v in out if (v != 0 and v * x > 0 if is_w else v > 0)]
+
+
 def search(strategy: str, snapshots: Sequence[str], ws: Sequence[float], cfgs: Sequence, num: int,
-           screen: int, keep: float, start_cfg=None) -> Generator[tuple, float, Choice]:
+           screen: int, keep: float, start_cfg=None, refine: float | None = None) -> Generator[tuple, float, Choice]:
     """Generator: choose a point of the grid `snapshots` × `ws` × `cfgs` (cfgs [None] when cfg is not
-    searched) by `strategy` with successive halving from n = `screen` to n = `num`. Yields
-    (snapshot, w, cfg, n); receives the FID of each; returns the `Choice`. `start_cfg`: where the
-    coordinate search starts (the sampler's own cfg, when it is one of `cfgs`)."""
+    searched) by `strategy` with successive halving from n = `screen` to n = `num`, then `refine`
+    (module docstring). Yields (snapshot, w, cfg, n); receives the FID of each; returns the `Choice`.
+    `start_cfg`: where the coordinate search starts (the sampler's own cfg, when it is one of `cfgs`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown search strategy {strategy!r}")
     scores = _Scores()
@@ -122,14 +149,65 @@ def search(strategy: str, snapshots: Sequence[str], ws: Sequence[float], cfgs: S
         c0 = start_cfg if start_cfg in cfgs else sorted(cfgs, key=_order)[(len(cfgs) - 1) // 2]
         for s in snapshots:
             yield from _coordinate(s, line_ws, sorted(cfgs, key=_order), c0, screen, scores)
+    ordered = sorted(cfgs, key=_order)
+    if None not in cfgs:  # the base's own best cfg: the line over cfg at w = 0
+        start = ordered.index(start_cfg) if start_cfg in ordered else (len(ordered) - 1) // 2
+        yield from _line(ordered, start, lambda i: scores.ask(point(BASE, 0.0, ordered[i]), screen))
     if screen < num:
         screened = sorted(scores.at(screen), key=lambda item: item[1])
         count = min(len(screened), max(2, math.ceil(keep * len(screened))))
-        for p, _ in screened[:count]:
+        # the base at its best screened cfg, for the final report's base side (one cfg: the chosen one's)
+        base = [min((item for item in screened if item[0][0] == BASE), key=lambda item: item[1])]
+        for p, _ in screened[:count] + (base if len(cfgs) > 1 else []):
             yield from scores.ask(p, num)
+    if refine:
+        (s, w, c), _ = min(scores.at(num), key=lambda item: item[1])
+        near_w = [w] + (_neighbours(w, refine, True) if s != BASE else [])
+        near_c = [c] + (_neighbours(c, refine, False) if c is not None else [])
+        for p in [point(s, a, b) for a in near_w for b in near_c][1:]:
+            yield from scores.ask(p, num)
+        (_, _, c), _ = min(((p, f) for p, f in scores.at(num) if p[0] == BASE), key=lambda item: item[1])
+        for b in _neighbours(c, refine, False) if c is not None else []:
+            yield from scores.ask(point(BASE, 0.0, b), num)
     best, fid = min(scores.at(num), key=lambda item: item[1])
+    base = min(((p, f) for p, f in scores.at(num) if p[0] == BASE), key=lambda item: item[1], default=None)
     return {"snapshot": best[0], "w": best[1], "cfg": best[2], "fid": fid, "n": num,
-            "evidence": scores.evidence()}
+            "base_cfg": base[0][2] if base else best[2], "evidence": scores.evidence()}
+
+
+def max_images(strategy: str, snapshots: int, ws: Sequence[float], cfgs: Sequence, num: int, screen: int,
+               keep: float, refine: float | None = None) -> int:
+    """The most images a selection by `strategy` generates over `snapshots` snapshots of the grid
+    `ws` × `cfgs`, on every convex FID surface of BOWLS with its minimum at any cell of the grid (the
+    model the searches are built on; a noisy surface can cost more, never more than the grid plus the
+    refinement). `grid`: exact. What `neon sweep --dry-run` prints, and `neon plan` will use."""
+    ws = [float(w) for w in ws]
+    cfgs = list(cfgs) or [None]
+    worst_base, worst_snapshot = 0, 0
+    for f in _bowls(ws, cfgs):
+        steps = search(strategy, ["s"], ws, cfgs, 1, 1, 1.0)
+        asked = []
+        drive(steps, lambda s, w, c, n: asked.append(s) or f(w, c))
+        worst_base = max(worst_base, asked.count(BASE))
+        worst_snapshot = max(worst_snapshot, len(asked) - asked.count(BASE))
+    screened = worst_base + snapshots * worst_snapshot
+    again = min(screened, max(2, math.ceil(keep * screened)) + (len(cfgs) > 1)) if screen < num else 0
+    extra = (3 * (3 if None not in cfgs else 1) - 1 + (2 if None not in cfgs else 0)) if refine else 0
+    return screened * screen + (again + extra) * num
+
+
+def _bowls(ws: list[float], cfgs: list):
+    """FID surfaces f(w, cfg) of BOWLS, one per shape and grid cell of their minimum."""
+    line = sorted(set(ws) | {0.0})
+    cs = [c for c in cfgs if c is not None] or [0.0]
+    span_w, span_c = (max(line) - min(line)) or 1.0, (max(cs) - min(cs)) or 1.0
+    for a, b, r in BOWLS:
+        for w0 in line:
+            for c0 in cs:
+                def f(w, c, w0=w0, c0=c0, a=a, b=b, r=r):
+                    dw, dc = (w - w0) / span_w, ((c if c is not None else 0.0) - c0) / span_c
+                    return a * dw * dw + b * dc * dc + r * dw * dc
+                yield f
 
 
 def drive(steps: Generator, evaluate: Callable[[str, float, object, int], float]):

@@ -1,32 +1,20 @@
 """Choosing w: evaluate θ_neon = (1 + w) θ_base − w θ_self_trained over the grid of (snapshot, w, cfg).
 
-The grid is every snapshot × the w values × the cfg values (w = 0 is the base, scored once per cfg).
-`sweep.search` says which of its points are scored (`neon.search`): all of them (`grid`, the
-default), or those a line search over w (`brent`) or a search of (w, cfg) (`coordinate`) asks for,
-with successive halving: the search runs at n = `screen_num` samples and the best `screen_keep`
-fraction of what it scored is scored again at n = `num`. The chosen point is the lowest FID at
-n = num among the grid's points in results.jsonl.
+The grid is every snapshot × the w values × the cfg values (w = 0 is the base, scored once per cfg);
+`sweep.search`, `screen_num`, `screen_keep` and `refine` say which points are scored (`neon.search`).
+The chosen point is the lowest FID at n = num among the grid's points (and refinements) in results.jsonl.
 
-Every evaluation of n samples uses the seeds [seed_base, seed_base + n): the same seeds for every
-point, so differences between points are not sampling noise. Each point is scored by
-`neon.evaluate.evaluate` (the project's one path from θ_neon(w) to a score) by the Fréchet distance
-between the samples' features and reference statistics. θ of the base and of every snapshot is read with
-`neon.family.read_checkpoint`, as `neon merge` reads it. Each evaluation is one line of
-`results.jsonl` (snapshot, w, cfg, num, seeds, the sampler overrides `sampler`, the metrics, wall
-time; a metric that is not finite is written as null). A line already there, with the same key
-(snapshot, w, cfg, seeds, sampler overrides), is not computed again, so an interrupted sweep or
-search resumes, and a grid after a search reuses its points.
+Every evaluation of n samples uses the seeds [seed_base, seed_base + n), the same for every point, and
+is scored by `neon.evaluate.evaluate` (θ read with `neon.family.read_checkpoint`, as `neon merge` does;
+merged in the network's own memory). Each is one line of `results.jsonl` (snapshot, w, cfg, num, seeds,
+sampler overrides, metrics, wall time; non-finite metrics as null); a line already there with the same
+key is not computed again, so an interrupted sweep resumes and a grid after a search reuses its points.
 
-The final report scores the chosen point and the base on `final_seeds` disjoint seed ranges of
-`final_num` samples, [final_seed_base + i·final_num, final_seed_base + (i + 1)·final_num), where
-asked with the Inception score and precision/recall as well (image families: those points take all
-their features from Inception). The `Summary` gives mean, sd and min of each metric over the ranges
-(`neon.evaluate.summarize`), the paired comparison range by range (`neon.evaluate.paired`: mean
-difference, sd, 95% interval, ranges improved) and its verdict, and whether the gain (the base's mean
-FID − the chosen point's) exceeds the spread (the larger of the two FID sds).
-
-Merged weights are built in the network's own memory on its device (no files); `neon merge` writes the
-chosen one to disk.
+The final report scores the chosen (snapshot, w, cfg) and the base at its own cfg (`base_cfg`) on
+`final_seeds` disjoint ranges of `final_num` samples from `final_seed_base`, with `sweep.metrics`,
+the Inception score and precision/recall where asked. The `Summary` gives mean, sd and min per metric
+(`neon.evaluate.summarize`), the paired comparison by range (`neon.evaluate.paired`) and its verdict,
+and whether the gain (base − chosen, mean FID) exceeds the spread (the larger FID sd).
 """
 
 import dataclasses
@@ -40,7 +28,7 @@ from collections.abc import Iterator
 from neon import distributed, evaluate, finetune, merge, search
 from neon import family as neon_family
 from neon.errors import NeonError
-from neon.io import checkpoint, files
+from neon.io import files
 from neon.metrics import fid, inception, score
 from neon.progress import Progress
 
@@ -48,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
 BASE = search.BASE  # the `snapshot` of w = 0 evaluations: they do not depend on the snapshot
-METRICS = ("fid", "is", "is_std", "precision", "recall")
+METRICS = ("fid", "fd_dinov2", "is", "is_std", "precision", "recall", "density", "coverage")
 EVIDENCE = 10  # the summary lists the best this many points of each n
 
 
@@ -95,6 +83,12 @@ class SweepConfig:
     precision_recall: str | None = None
     """An image source of real images: also precision/recall (k = 5) of the final report's two points
     against them (image families)."""
+    metrics: list[str] = dataclasses.field(default_factory=lambda: ["fid"])
+    """Final report metrics (`neon.metrics.score.METRICS`); fd_dinov2, prdc: against precision_recall's."""
+    refine: float | None = None
+    """The authors' ±refine stage around the best point at n = num (`neon.search`); None: none."""
+    base_cfg: float | None = None
+    """The base's cfg in the final report (a published one); default: its best on the selection."""
 
     def __post_init__(self):
         if self.num < 2 or self.final_num < 0 or self.batch_size <= 0:
@@ -118,7 +112,14 @@ class SweepConfig:
             raise NeonError(f"sweep.inception_score needs sweep.final_num >= {fid.IS_SPLITS}")
         if self.precision_recall and self.final_num <= fid.PR_NEIGHBOURS:
             raise NeonError(f"sweep.precision_recall needs sweep.final_num > {fid.PR_NEIGHBOURS}")
+        score.check_metrics(self.metrics, self.precision_recall, "sweep.metrics", "sweep.precision_recall")
+        if self.refine is not None and not 0 < self.refine:
+            raise NeonError(f"sweep.refine must be > 0, got {self.refine}")
         search.grid(self.w)
+
+    def extras(self) -> set[str]:
+        """The final report's metrics besides fid, as `neon.metrics.score.generate_and_score` names them."""
+        return set(self.metrics) - {"fid"} | ({"prdc"} if self.precision_recall else set())
 
     def screen(self) -> int:
         """Samples per evaluation of the search's first round (num: no screening)."""
@@ -145,13 +146,13 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
     paths = snapshot_paths(conf)
     out = output_dir(conf)
     metrics = evaluate.Metrics(score.reference(family, conf.ref), fid_conf)
-    if conf.cfg and "cfg" not in {f.name for f in dataclasses.fields(sampler)}:
-        raise NeonError(f"sweep.cfg: the {family.name} sampler has no guidance scale `cfg`")
+    if (conf.cfg or conf.base_cfg is not None) and "cfg" not in {f.name for f in dataclasses.fields(sampler)}:
+        raise NeonError(f"sweep.cfg, sweep.base_cfg: the {family.name} sampler has no guidance scale `cfg`")
     thetas = _Thetas(family, base_path)
     cache = {_key(r): r for r in load_results(out)}
     start_cfg = conf.sampler.get("cfg", getattr(sampler, "cfg", None))  # the evaluation sampler's own
     steps = search.search(conf.search, paths, search.grid(conf.w), conf.cfg or [None], conf.num, conf.screen(),
-                          conf.screen_keep, start_cfg)
+                          conf.screen_keep, start_cfg, conf.refine)
     value, done = None, 0
     yield Progress(done, None, "eval")
     while True:
@@ -169,16 +170,19 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
     if conf.final_num:
         records = load_results(out)
         best = best_point(records, conf, paths)
+        sides = [(BASE, 0.0, base_cfg(records, conf, paths)), (best["snapshot"], best["w"], best["cfg"])]
         asked = _asked(conf)
         finished = {_key(r) for r in records if asked <= set(r)}  # a final point lacking an asked metric is redone
         final_metrics = None  # real features are read once, and only when a final point needs them
         for seeds in conf.final_ranges():
-            for snapshot, w in sorted({(BASE, 0.0), (best["snapshot"], best["w"])}):
-                if _key(_point(conf, snapshot, w, best["cfg"], seeds)) not in finished:
+            for snapshot, w, c in sides[:1] if sides[0] == sides[1] else sides:
+                if _key(_point(conf, snapshot, w, c, seeds)) not in finished:
                     if final_metrics is None:
-                        real = score.real_features(conf.precision_recall, fid_conf) if conf.precision_recall else None
-                        final_metrics = dataclasses.replace(metrics, inception_score=conf.inception_score, real=real)
-                    record = _evaluate(family, model, thetas, snapshot, w, best["cfg"], seeds, sampler, conf,
+                        real = (score.real_features(conf.precision_recall, fid_conf, conf.extras())
+                                if conf.precision_recall else None)
+                        final_metrics = dataclasses.replace(metrics, inception_score=conf.inception_score, real=real,
+                                                            extras=frozenset(conf.extras()))
+                    record = _evaluate(family, model, thetas, snapshot, w, c, seeds, sampler, conf,
                                        final_metrics, out)
                     done += 1
                     yield Progress(done, None, "eval", info=record)
@@ -190,22 +194,18 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
 class FinalReport:
     """The final report: the base and the chosen point on the same k disjoint seed ranges."""
 
-    seeds: list[list[int]]
-    """[first seed, samples] per range."""
-    base: dict[str, evaluate.Stats]
-    """Per metric (fid, and is, is_std, precision, recall where scored), over the ranges."""
+    seeds: list[list[int]]  # [first seed, samples] per range.
+    base_cfg: float | None  # The base's cfg: its own best on the selection, or sweep.base_cfg.
+    cfg: float | None  # The cfg Neon was scored at (the chosen point's).
+    base: dict[str, evaluate.Stats]  # Per metric scored (fid, and METRICS where asked), over the ranges.
     neon: dict[str, evaluate.Stats]
     paired: dict[str, evaluate.Paired | None]
     """Per metric, neon − base range by range (None until both sides have every range)."""
-    images: int
-    """Images the final report generated."""
-    gain: float | None
-    """The base's mean FID − the chosen point's (None until every range is scored)."""
-    spread: float | None
-    """The larger of the two FID sds (None with one range)."""
+    images: int  # Images the final report generated.
+    gain: float | None  # The base's mean FID − the chosen point's (None until every range is scored).
+    spread: float | None  # The larger of the two FID sds (None with one range).
     gain_exceeds_spread: bool | None
-    verdict: str | None
-    """From the paired 95% interval of the FID differences (`neon.evaluate.verdict`)."""
+    verdict: str | None  # From the paired 95% interval of the FID differences (`neon.evaluate.verdict`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,19 +213,17 @@ class Summary:
     """What a sweep found: the chosen point, the evidence, the selection's cost and the final report."""
 
     search: str
-    snapshot: str
-    """The chosen snapshot (`BASE` when no snapshot beat the base)."""
+    snapshot: str  # The chosen snapshot (`BASE` when no snapshot beat the base).
     w: float
     cfg: float | None
-    fid: float
-    """The chosen point's FID at n = num on the selection seeds."""
+    base_cfg: float | None  # The base's cfg in the final report: sweep.base_cfg, else its best at n = num.
+    fid: float  # The chosen point's FID at n = num on the selection seeds.
     num: int
     evidence: list[dict]
     """Per n: how many points were scored and the best EVIDENCE of them as [snapshot, w, cfg, fid]."""
     selection_images: int
     final: FinalReport | None
-    results: str
-    """The path of results.jsonl."""
+    results: str  # The path of results.jsonl.
 
     def to_dict(self) -> dict:
         """The summary as JSON-able data (what `neon sweep` prints)."""
@@ -241,18 +239,19 @@ def summary(records: list[dict], conf: SweepConfig, paths: list[str] | None = No
                  "best": [[r["snapshot"], r["w"], r["cfg"], r["fid"]]
                           for r in sorted((r for r in scored if r["num"] == n), key=_fid)[:EVIDENCE]]}
                 for n in sorted({r["num"] for r in scored})]
-    return Summary(search=conf.search, snapshot=best["snapshot"], w=best["w"], cfg=best["cfg"], fid=best["fid"],
+    return Summary(search=conf.search, snapshot=best["snapshot"], w=best["w"], cfg=best["cfg"],
+                   base_cfg=base_cfg(records, conf, paths), fid=best["fid"],
                    num=conf.num, evidence=evidence, selection_images=sum(r["num"] for r in scored),
-                   final=_final(records, conf, best) if conf.final_num else None,
+                   final=_final(records, conf, best, base_cfg(records, conf, paths)) if conf.final_num else None,
                    results=os.path.join(output_dir(conf), RESULTS))
 
 
-def _final(records: list[dict], conf: SweepConfig, best: dict) -> FinalReport:
-    """The final report's statistics (`FinalReport`)."""
+def _final(records: list[dict], conf: SweepConfig, best: dict, base_cfg_) -> FinalReport:
+    """The final report's statistics (`FinalReport`): the base at `base_cfg_`, Neon at the chosen point."""
     latest = {_key(r): r for r in records}
     sides, used = {}, {}
-    for name, (snapshot, w) in (("base", (BASE, 0.0)), ("neon", (best["snapshot"], best["w"]))):
-        keys = [_key(_point(conf, snapshot, w, best["cfg"], seeds)) for seeds in conf.final_ranges()]
+    for name, (snapshot, w, c) in (("base", (BASE, 0.0, base_cfg_)), ("neon", (best["snapshot"], best["w"], best["cfg"]))):
+        keys = [_key(_point(conf, snapshot, w, c, seeds)) for seeds in conf.final_ranges()]
         sides[name] = [latest.get(k) for k in keys]
         used.update((k, latest[k]["num"]) for k in keys if k in latest)
     stats, comparisons = {"base": {}, "neon": {}}, {}
@@ -269,7 +268,8 @@ def _final(records: list[dict], conf: SweepConfig, best: dict) -> FinalReport:
     gain = -fid_pair.mean if fid_pair is not None else None
     spread = (max(stats["base"]["fid"].sd, stats["neon"]["fid"].sd)
               if fid_pair is not None and conf.final_seeds > 1 else None)
-    return FinalReport(seeds=[list(seeds) for seeds in conf.final_ranges()], base=stats["base"], neon=stats["neon"],
+    return FinalReport(seeds=[list(seeds) for seeds in conf.final_ranges()], base_cfg=base_cfg_, cfg=best["cfg"],
+                       base=stats["base"], neon=stats["neon"],
                        paired=comparisons, images=sum(used.values()), gain=gain, spread=spread,
                        gain_exceeds_spread=None if spread is None else bool(gain > spread),
                        verdict=evaluate.verdict(fid_pair) if fid_pair is not None else None)
@@ -282,7 +282,7 @@ class _Thetas:
 
     def __init__(self, family, base_path: str):
         self.family = family
-        self.base = _read_mapped(family, base_path)
+        self.base = neon_family.read_checkpoint(family, base_path, mmap=True).weights  # (.pt only: others are read)
         self.path, self.weights = None, None
 
     def of(self, snapshot: str):
@@ -290,14 +290,8 @@ class _Thetas:
             return None
         if snapshot != self.path:
             self.path, self.weights = None, None  # drop the last mapping before the next one is made
-            self.path, self.weights = snapshot, _read_mapped(self.family, snapshot)
+            self.path, self.weights = snapshot, neon_family.read_checkpoint(self.family, snapshot, mmap=True).weights
         return self.weights
-
-
-def _read_mapped(family, path: str) -> dict:
-    """θ of `path`, memory-mapped where its format allows."""
-    mmap = checkpoint.format_of(neon_family.local_path(family, path)) == "pt"
-    return neon_family.read_checkpoint(family, path, mmap=mmap).weights
 
 
 def snapshot_paths(conf: SweepConfig) -> list[str]:
@@ -328,6 +322,15 @@ def best_point(records: list[dict], conf: SweepConfig, paths: list[str] | None =
     return min(chosen, key=_fid)
 
 
+def base_cfg(records: list[dict], conf: SweepConfig, paths: list[str] | None = None):
+    """The base's cfg in the final report: `conf.base_cfg` when pinned, else the cfg of the lowest w = 0
+    selection record at n = num (the chosen point's cfg when there is none)."""
+    if conf.base_cfg is not None:
+        return conf.base_cfg
+    line = [r for r in selection(records, conf, paths) if r["snapshot"] == BASE and r["num"] == conf.num]
+    return min(line, key=_fid)["cfg"] if line else best_point(records, conf, paths)["cfg"]
+
+
 def curve(records: list[dict], conf: SweepConfig, snapshot: str, cfg_value=None,
           n: int | None = None) -> tuple[list[float], list[float]]:
     """(w, fid) of one snapshot's selection results at n samples (default num), sorted by w, the base
@@ -340,10 +343,11 @@ def curve(records: list[dict], conf: SweepConfig, snapshot: str, cfg_value=None,
 
 
 def selection(records: list[dict], conf: SweepConfig, paths: list[str] | None = None) -> list[dict]:
-    """This sweep's selection records, at any n: the grid's points on the selection seeds with this
-    sweep's sampler overrides; the latest of each key."""
+    """This sweep's selection records, at any n: the grid's points (and their refinement neighbours) on
+    the selection seeds with this sweep's sampler overrides; the latest of each key."""
     paths = set(paths if paths is not None else finetune.snapshots(conf.self_trained or ""))
-    ws, cfgs, overrides = set(search.grid(conf.w)) | {0.0}, set(conf.cfg or [None]), _sampler_key(conf.overrides())
+    ws = set(search.refined(search.grid(conf.w), conf.refine)) | {0.0}
+    cfgs, overrides = set(search.refined(conf.cfg or [None], conf.refine)), _sampler_key(conf.overrides())
     latest = {_key(r): r for r in records
               if r["seeds"][0] == conf.seed_base and _sampler_key(r.get("sampler")) == overrides
               and r["w"] in ws and r["cfg"] in cfgs and (r["snapshot"] == BASE or r["snapshot"] in paths)}
@@ -377,7 +381,9 @@ def _point(conf: SweepConfig, snapshot: str, w: float, c, seeds: tuple[int, int]
 
 def _asked(conf: SweepConfig) -> set[str]:
     """The metric keys a final record must hold."""
-    return ({"is"} if conf.inception_score else set()) | ({"precision"} if conf.precision_recall else set())
+    extras = conf.extras()
+    return (({"is"} if conf.inception_score else set()) | ({"precision"} if conf.precision_recall else set())
+            | ({"fd_dinov2"} if "fd_dinov2" in extras else set()) | ({"density"} if "prdc" in extras else set()))
 
 
 def _key(record: dict) -> tuple:

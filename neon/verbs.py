@@ -27,12 +27,13 @@ from neon import (
     merge,
     progress,
     report,
+    search,
     sweep,
     synthetic,
 )
 from neon.errors import NeonError
 from neon.io import files
-from neon.metrics import fid, inception
+from neon.metrics import fid, inception, score
 from neon.recipe import Recipe, build_recipe, resolved
 
 
@@ -87,7 +88,12 @@ def cmd_sweep(raw: dict, dry_run: bool) -> None:
     recipe = build_recipe(raw, ("sampler", "sweep", "fid"))
     conf = recipe.sweep
     if dry_run:
-        return _print_yaml(resolved(recipe))
+        _print_yaml(resolved(recipe))
+        try:  # the fine-tune section, where the recipe has one, tells how many snapshots there will be
+            ft = build_recipe(raw, ("finetune",)).finetune
+        except NeonError:
+            ft = None
+        return _say(_selection_line(conf, ft))
     _need({"--base": recipe.model.ckpt, "--self": conf.self_trained})
     sweep.snapshot_paths(conf)  # before the default output folder is derived from them
     out = sweep.output_dir(conf)
@@ -100,6 +106,25 @@ def cmd_sweep(raw: dict, dry_run: bool) -> None:
         _say(_json(result.to_dict()))
         if distributed.is_main():  # the pictures of `neon report`: fid_vs_w.png, fid_w_cfg.png, samples.png
             report.run(out, model)
+
+
+def _selection_line(conf: sweep.SweepConfig, ft: finetune.FinetuneConfig | None) -> str:
+    """A YAML comment: the images the selection generates at most against the full grid's, and the cfg
+    values it can reach (the snapshots the recipe's fine-tune writes, else those on disk)."""
+    if ft is not None and ft.out and conf.self_trained == ft.out:
+        every = ft.snapshot_every_images or ft.total_images
+        count = len({min(ft.total_images, -(-k * every // ft.batch_size) * ft.batch_size)
+                     for k in range(1, -(-ft.total_images // every) + 1)})
+    else:
+        count = len(finetune.snapshots(conf.self_trained or "")) or 1
+    ws, cfgs = search.grid(conf.w), conf.cfg or [None]
+    most = search.max_images(conf.search, count, ws, cfgs, conf.num, conf.screen(), conf.screen_keep, conf.refine)
+    full = search.max_images("grid", count, ws, cfgs, conf.num, conf.num, conf.screen_keep)
+    refine = f" + refine {conf.refine:g}" if conf.refine else ""
+    halving = f" + halving at n = {conf.screen():,}" if conf.screen() < conf.num else ""
+    reachable = search.refined(conf.cfg, conf.refine) if conf.cfg else None
+    return (f"# selection: {conf.search}{halving}{refine} over {count} snapshots: at most {most:,} images, "
+            f"full grid {full:,} ({most / full:.3f} of it)" + (f"; cfg reachable: {reachable}" if reachable else ""))
 
 
 def cmd_fid_stats(raw: dict, dry_run: bool) -> None:
@@ -117,7 +142,9 @@ def cmd_fid(raw: dict, dry_run: bool) -> None:
     if dry_run:
         return _print_yaml({**raw, "fid": conf})
     _need({"--images": raw["images"], "--ref": raw["ref"]})
-    _say(_json(progress.drain(fid.evaluate(raw["images"], raw["ref"], conf, raw["is"], raw["pr"]), "fid")))
+    metrics = raw["metrics"] or ["fid"]
+    score.check_metrics(metrics, raw["pr"], "--metrics", "--pr REAL_SRC")
+    _say(_json(progress.drain(fid.evaluate(raw["images"], raw["ref"], conf, raw["is"], raw["pr"], metrics), "fid")))
 
 
 def cmd_diagnose(raw: dict, dry_run: bool) -> None:

@@ -10,6 +10,7 @@ files use). The metrics themselves are torch-fidelity's functions, not copies of
 the features are gathered in order, and every rank computes the same numbers from them.
 """
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -93,6 +94,27 @@ def precision_recall(features: torch.Tensor, real: torch.Tensor, k: int = PR_NEI
     return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
+def density_coverage(features: torch.Tensor, real: torch.Tensor, k: int = PR_NEIGHBOURS,
+                     chunk: int = 4096) -> tuple[float, float]:
+    """(density, coverage) of generated features [N, D] against real features [M, D] (Naeem et al.
+    2020, Eq. 3 and 4): each real sample's radius is the distance to its k-th nearest other real
+    sample; density = (1 / kN) Σ_j #{i : ‖f_j − r_i‖ < radius_i}, coverage = the share of real samples
+    whose nearest generated sample lies within their radius. Euclidean distances in float64, `chunk`
+    rows at a time (memory O(chunk · max(N, M))). N >= 1, M > k."""
+    if len(real) <= k or not len(features):
+        raise NeonError(f"density/coverage with k = {k} needs more than {k} real images and one generated, "
+                        f"got {len(real)} and {len(features)}")
+    fake, real = features.detach().cpu().double(), real.detach().cpu().double()
+    # k + 1: the nearest "neighbour" of a real sample is itself, at distance 0
+    radii = torch.cat([torch.cdist(part, real).kthvalue(k + 1, dim=1).values for part in real.split(chunk)])
+    inside, nearest = 0, torch.full((len(real),), math.inf, dtype=torch.float64)
+    for part in fake.split(chunk):
+        d = torch.cdist(part, real)  # [chunk, M]
+        inside += int((d < radii).sum())
+        nearest = torch.minimum(nearest, d.min(dim=0).values)
+    return inside / (k * len(fake)), float((nearest < radii).double().mean())
+
+
 def reference_statistics(source: str, out: str, conf: FidConfig) -> Iterator[Progress]:
     """Collective: write the statistics of the pool features of image source `source` to `out`
     (`.npz` with mu, sigma; rank 0 writes). Yields progress in images; the last record's `result` is
@@ -110,11 +132,13 @@ def reference_statistics(source: str, out: str, conf: FidConfig) -> Iterator[Pro
 
 
 def evaluate(source: str, ref: str, conf: FidConfig, with_is: bool = False,
-             real: str | None = None) -> Iterator[Progress]:
+             real: str | None = None, metrics=("fid",)) -> Iterator[Progress]:
     """Collective: FID of image source `source` against reference statistics `ref`; `with_is` adds
-    its Inception score, `real` (an image source) its precision and recall against those images.
-    Yields progress in images (both sources); the last record's `result` is {'images', 'num', 'ref',
-    'fid'[, 'is', 'is_std'][, 'real', 'num_real', 'precision', 'recall']}, the same on every rank."""
+    its Inception score, `real` (an image source) its precision and recall against those images, and
+    with `metrics` (`neon.metrics.score.METRICS`) 'prdc' their density and coverage, 'fd_dinov2' the
+    Fréchet distance of the two sets' DINOv2 features. Yields progress in images (both sources); the
+    last record's `result` is {'images', 'num', 'ref', 'fid'[, 'is', 'is_std'][, 'real', 'num_real',
+    'precision', 'recall'][, 'density', 'coverage'][, 'fd_dinov2']}, the same on every rank."""
     images = image_sources.source(source)
     real_images = image_sources.source(real) if real is not None else None
     mu, sigma = stats.load(ref)
@@ -139,6 +163,14 @@ def evaluate(source: str, ref: str, conf: FidConfig, with_is: bool = False,
         yield from _features(real_images, conf, len(images), total, real_features)
         result["real"], result["num_real"] = real, len(real_images)
         result["precision"], result["recall"] = precision_recall(features["pool"], real_features["pool"])
+        if "prdc" in metrics:
+            result["density"], result["coverage"] = density_coverage(features["pool"], real_features["pool"])
+        if "fd_dinov2" in metrics:
+            from neon.metrics import dinov2
+
+            sides = [next(r for r in dinov2.extract(x, conf.batch_size) if r.result is not None).result["dinov2"]
+                     for x in (images, real_images)]
+            result["fd_dinov2"] = frechet_distance(statistics(sides[0]), statistics(sides[1]))
     yield Progress(total, total, "img", result=result)
 
 

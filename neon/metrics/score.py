@@ -15,8 +15,32 @@ import torch
 from neon import distributed, synthetic
 from neon import family as neon_family
 from neon.errors import NeonError, NonFiniteError
-from neon.metrics import fid, inception, stats
+from neon.metrics import dinov2, fid, inception, stats
 from neon.metrics import images as image_sources
+
+METRICS = ("fid", "fd_dinov2", "prdc")
+"""`--metrics`: fid (always); fd_dinov2, the Fréchet distance of DINOv2 ViT-L/14 features to those of
+real images; prdc, precision, recall (torch-fidelity), density and coverage (`fid.density_coverage`)
+of the Inception pool features against real images' (k = 5)."""
+
+
+def parse_metrics(spec: str | list) -> list[str]:
+    """'fid,fd_dinov2,prdc' (or a list) as a list of METRICS; NeonError on an unknown name."""
+    names = [m.strip() for m in (spec.split(",") if isinstance(spec, str) else spec) if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise NeonError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")
+    return names
+
+
+def check_metrics(metrics: list[str], real: str | None, where: str, real_where: str) -> None:
+    """NeonError unless `metrics` are METRICS with fid among them, and a real image source `real` is
+    given where fd_dinov2 or prdc needs one."""
+    parse_metrics(metrics)
+    if "fid" not in metrics:
+        raise NeonError(f"{where} must include fid, got {','.join(metrics)}")
+    if set(metrics) - {"fid"} and not real:
+        raise NeonError(f"{where}: fd_dinov2 and prdc compare with real images: set {real_where}")
 
 
 def features(family, samples: torch.Tensor, conf: inception.FidConfig) -> torch.Tensor:
@@ -42,12 +66,14 @@ def reference(family, ref: str | None) -> tuple:
 
 def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_size: int,
                        conf: inception.FidConfig, ref_stats, with_is: bool = False,
-                       real: torch.Tensor | None = None, keep_samples: bool = False,
-                       keep_features: bool = False) -> dict:
+                       real: dict | None = None, keep_samples: bool = False,
+                       keep_features: bool = False, extras: frozenset = frozenset()) -> dict:
     """Collective: {'fid'} of the samples with seeds [start, start + num) against `ref_stats`, the
     same on every rank. `with_is` adds 'is' and 'is_std'; `real` (pool features [M, 2048]) adds
     'precision' and 'recall'. With either, the samples must be uint8 images and every feature is
-    Inception's (pool features for FID and precision/recall, logits for IS). A model whose samples
+    Inception's (pool features for FID and precision/recall, logits for IS). `real` is {'pool'[, 'dinov2']}
+    (`real_features`); `extras` (with `real`) adds 'fd_dinov2' ('fd_dinov2' in extras: DINOv2 features
+    of the samples, `neon.metrics.dinov2`) and 'density', 'coverage' ('prdc'). A model whose samples
     are not finite (NaN or inf, on any rank) scores {'fid': None, 'nonfinite': True}. `keep_samples`
     and `keep_features` add 'samples' (CPU, seed order) and 'features' (those FID was computed on,
     float64 [num, D]), gathered from every rank. Callers evaluating θ_neon go through
@@ -65,8 +91,9 @@ def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_siz
         if samples.is_floating_point() and not torch.isfinite(samples).all():
             nonfinite = True
             break
-        feats.append((idx.start, (inception.pool_and_logits(samples, conf) if inception_only
-                                  else (features(family, samples, conf),)) + ((samples,) if keep_samples else ())))
+        own = (inception.pool_and_logits(samples, conf) if inception_only else (features(family, samples, conf),))
+        dino = (dinov2.features(samples, conf.batch_size),) if "fd_dinov2" in extras else ()
+        feats.append((idx.start, own + dino + ((samples,) if keep_samples else ())))
     if distributed.all_reduce_sum(torch.tensor([float(nonfinite)])).item() > 0:
         return {"fid": None, "nonfinite": True}
     gathered = sorted((item for part in distributed.gather_objects(feats) for item in part), key=lambda t: t[0])
@@ -75,7 +102,12 @@ def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_siz
     if with_is:
         result["is"], result["is_std"] = fid.inception_score(torch.cat([f[1] for _, f in gathered]))
     if real is not None:
-        result["precision"], result["recall"] = fid.precision_recall(pool, real)
+        result["precision"], result["recall"] = fid.precision_recall(pool, real["pool"])
+        if "prdc" in extras:
+            result["density"], result["coverage"] = fid.density_coverage(pool, real["pool"])
+        if "fd_dinov2" in extras:
+            dino = torch.cat([f[2] for _, f in gathered])
+            result["fd_dinov2"] = fid.frechet_distance(fid.statistics(dino), fid.statistics(real["dinov2"]))
     if keep_features:
         result["features"] = pool.double()
     if keep_samples:
@@ -97,10 +129,16 @@ def score_checkpoint(family, path: str, sampler, seeds: tuple[int, int], batch_s
                               inception.FidConfig(inception_weights=inception_weights), ref_stats, with_is=with_is)
 
 
-def real_features(source: str, conf: inception.FidConfig) -> torch.Tensor:
-    """Collective: Inception pool features float32 [M, 2048] of the images of `source` (any image
-    source of `neon.metrics.images`), the same on every rank."""
+def real_features(source: str, conf: inception.FidConfig, extras=()) -> dict:
+    """Collective: {'pool': Inception pool features float32 [M, 2048]} of the images of `source` (any
+    image source of `neon.metrics.images`), with 'dinov2' (float64 [M, 1024]) when 'fd_dinov2' is in
+    `extras`; the same on every rank."""
     images = image_sources.source(source)
     if len(images) <= fid.PR_NEIGHBOURS:
         raise NeonError(f"{source}: precision/recall needs more than {fid.PR_NEIGHBOURS} real images, got {len(images)}")
-    return fid.features_of(images, conf)["pool"]
+    result = {"pool": fid.features_of(images, conf)["pool"]}
+    if "fd_dinov2" in extras:
+        for record in dinov2.extract(images, conf.batch_size):
+            if record.result is not None:
+                result.update(record.result)
+    return result

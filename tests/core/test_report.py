@@ -71,7 +71,7 @@ def test_report_of_a_toy_run_with_a_joint_w_cfg_search(tmp_path, capsys, one_thr
     text = report.table(result)
     assert f"{s.final.base['fid'].mean:.4g} ± {s.final.base['fid'].sd:.2g} (min {s.final.base['fid'].min:.4g})" in text
     assert "final report: 3 seed ranges of 64 samples from seed 2,000,000" in text
-    assert f"the spread {s.final.spread:.4g} (the larger sd)" in text and "17 points at n = 32" in text
+    assert f"the spread {s.final.spread:.4g} (the larger sd)" in text and "19 points at n = 32" in text  # 17 + the base's cfg line
     # compute: S, the selection's evaluations, the final report; the fine-tune against the base's training
     assert (c["synthetic_images"], c["finetune_images"], c["base_training_images"]) == (64, 128, 1_000_000)
     assert c["selection_images"] == sum(r["num"] for r in records if r["seeds"][0] == 1_000_000)
