@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("--fid_stats", required=True, help="reference statistics .npz (path or URL)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
     parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
+    score.add_metric_flags(parser)
     args = parser.parse_args(argv)
     run_command(lambda: _run(args))
 
@@ -40,11 +41,11 @@ def main(argv=None) -> None:
 def _run(args) -> None:
     sampler = family.Sampler(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
     value = score.score_checkpoint(family, args.var_ckpt, sampler, (args.seed, args.num_images), args.batch_size,
-                                   args.fid_stats, codec=args.vae_ckpt, inception_weights=args.inception_weights,
-                                   img_size=args.img_size)["fid"]
+                                   args.fid_stats, codec=args.vae_ckpt, inception_weights=args.inception_weights, metrics=args.metrics, real=args.real,
+                                   img_size=args.img_size)
     if distributed.is_main():
         print(json.dumps({"var_ckpt": args.var_ckpt, "cfg": args.cfg, "num_images": args.num_images,
-                          "seeds": [args.seed, args.num_images], "fid": value}))
+                          "seeds": [args.seed, args.num_images], **value}))
 
 
 if __name__ == "__main__":

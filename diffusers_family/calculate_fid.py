@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--batch_size", type=int, default=64, help="images per sampler call and process")
     parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
+    score.add_metric_flags(parser)
     args = parser.parse_args(argv)
     run_command(lambda: _run(args))
 
@@ -36,10 +37,10 @@ def main(argv=None) -> None:
 def _run(args) -> None:
     sampler = family.Sampler(num_steps=args.num_steps, cfg=args.cfg, eta=args.eta)
     value = score.score_checkpoint(family, args.ckpt, sampler, (args.seed, args.num_images), args.batch_size,
-                                   args.fid_stats, inception_weights=args.inception_weights)["fid"]
+                                   args.fid_stats, inception_weights=args.inception_weights, metrics=args.metrics, real=args.real)
     if distributed.is_main():
         print(json.dumps({"ckpt": args.ckpt, "fid_stats": args.fid_stats, "num_images": args.num_images,
-                          "num_steps": args.num_steps, "cfg": args.cfg, "eta": args.eta, "fid": value}))
+                          "num_steps": args.num_steps, "cfg": args.cfg, "eta": args.eta, **value}))
 
 
 if __name__ == "__main__":

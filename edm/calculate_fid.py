@@ -39,6 +39,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num_steps", type=int, default=18, help="Heun steps")
     parser.add_argument("--arch", choices=sorted(PRESETS), help="architecture of a .safetensors file")
     parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
+    score.add_metric_flags(parser)
     args = parser.parse_args(argv)
     run_command(lambda: _run(args))
 
@@ -47,10 +48,10 @@ def _run(args) -> None:
     seeds = parse_seeds(args.seeds)
     value = score.score_checkpoint(family, args.network, family.Sampler(num_steps=args.num_steps), seeds,
                                    args.max_batch_size, args.ref, arch=args.arch,
-                                   inception_weights=args.inception_weights)["fid"]
+                                   inception_weights=args.inception_weights, metrics=args.metrics, real=args.real)
     if distributed.is_main():
         print(json.dumps({"network": args.network, "ref": args.ref, "seeds": list(seeds), "num_steps": args.num_steps,
-                          "fid": value}))
+                          **value}))
 
 
 if __name__ == "__main__":

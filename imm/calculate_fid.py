@@ -35,6 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
     parser.add_argument("--arch", choices=sorted(PRESETS), help="architecture of a .safetensors file")
     parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
+    score.add_metric_flags(parser)
     args = parser.parse_args(argv)
     run_command(lambda: _run(args))
 
@@ -45,10 +46,10 @@ def _run(args) -> None:
     sampler = family.Sampler(num_steps=args.steps, cfg=args.cfg)
     value = score.score_checkpoint(family, args.model_ckpt, sampler, (args.seed, args.num_images), args.batch_size,
                                    args.fid_stats, arch=args.arch, codec=args.vae,
-                                   inception_weights=args.inception_weights, img_size=args.img_size)["fid"]
+                                   inception_weights=args.inception_weights, metrics=args.metrics, real=args.real, img_size=args.img_size)
     if distributed.is_main():
         print(json.dumps({"model_ckpt": args.model_ckpt, "steps": args.steps, "cfg": args.cfg,
-                          "num_images": args.num_images, "seeds": [args.seed, args.num_images], "fid": value}))
+                          "num_images": args.num_images, "seeds": [args.seed, args.num_images], **value}))
 
 
 if __name__ == "__main__":

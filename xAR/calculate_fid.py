@@ -39,6 +39,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
     parser.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception score")
     parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
+    score.add_metric_flags(parser)
     args = parser.parse_args(argv)
     run_command(lambda: _run(args))
 
@@ -47,7 +48,7 @@ def _run(args) -> None:
     sampler = family.Sampler(cfg=args.cfg, num_steps=args.flow_steps, precision=args.precision)
     metrics = score.score_checkpoint(family, args.model_ckpt, sampler, (args.seed, args.num_images), args.batch_size,
                                      args.fid_stats, arch=args.model, codec=args.vae_path,
-                                     inception_weights=args.inception_weights, img_size=args.img_size,
+                                     inception_weights=args.inception_weights, metrics=args.metrics, real=args.real, img_size=args.img_size,
                                      with_is=args.inception_score)
     if distributed.is_main():
         print(json.dumps({"model_ckpt": args.model_ckpt, "cfg": args.cfg, "flow_steps": args.flow_steps,

@@ -115,18 +115,32 @@ def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_siz
     return result
 
 
+def add_metric_flags(parser) -> None:
+    """`--metrics fid,fd_dinov2,prdc` and `--real REAL_SRC`, the flags every `calculate_fid.py` shares."""
+    parser.add_argument("--metrics", type=parse_metrics, default=["fid"],
+                        help="fid,fd_dinov2,prdc (fd_dinov2, prdc and precision/recall against --real)")
+    parser.add_argument("--real", metavar="REAL_SRC", help="real images (a folder, an .npz or a synthetic set)")
+
+
 def score_checkpoint(family, path: str, sampler, seeds: tuple[int, int], batch_size: int, ref: str, *,
                      arch: str | None = None, codec: str | None = None, inception_weights: str | None = None,
-                     img_size: int | None = None, with_is: bool = False) -> dict:
+                     img_size: int | None = None, with_is: bool = False, metrics=("fid",),
+                     real: str | None = None) -> dict:
     """Collective: what every family's `calculate_fid.py` does. Fetch the reference `ref` (a path or a
     URL), load the checkpoint `path` on this rank's device, check `img_size` (when given) against the
-    model's, and `generate_and_score` it. Returns {'fid'} (and 'is', 'is_std' with `with_is`)."""
+    model's, and `generate_and_score` it. Returns {'fid'} (and 'is', 'is_std' with `with_is`; with a
+    `real` image source 'precision', 'recall' and the `metrics` besides fid: 'fd_dinov2', 'density',
+    'coverage')."""
+    check_metrics(list(metrics), real, "--metrics", "--real")
+    conf = inception.FidConfig(inception_weights=inception_weights)
     ref_stats = stats.fetch(ref)
+    extras = frozenset(metrics) - {"fid"}
+    real_feats = real_features(real, conf, extras) if real else None
     model = family.load(path, arch, distributed.device(), codec=codec)
     if img_size is not None and img_size != model.image_size:
         raise NeonError(f"--img_size {img_size}, but {path} makes {model.image_size} px images")
-    return generate_and_score(family, model, sampler, seeds, batch_size,
-                              inception.FidConfig(inception_weights=inception_weights), ref_stats, with_is=with_is)
+    return generate_and_score(family, model, sampler, seeds, batch_size, conf, ref_stats, with_is=with_is,
+                              real=real_feats, extras=extras)
 
 
 def real_features(source: str, conf: inception.FidConfig, extras=()) -> dict:

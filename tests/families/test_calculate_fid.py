@@ -31,9 +31,17 @@ def test_edm_calculate_fid(tmp_path, capsys, inception_file):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the same seeds, labels and sampler as the synthetic set: the FID of the set against itself
     assert result["seeds"] == [0, 12] and abs(result["fid"]) < 1e-6
+    # density/coverage against the set itself: every sample is its own real neighbour (Naeem et al.: 1, 1)
+    edm_fid.main(["--network_pkl", base, "--ref", ref, "--seeds", "0-11", "--max_batch_size", "6", "--num_steps",
+                  "3", "--inception_weights", inception_file, "--metrics", "fid,prdc", "--real", str(tmp_path / "S")])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["coverage"] == 1.0 and result["density"] == pytest.approx(1.0) and result["precision"] == 1.0
     with pytest.raises(SystemExit) as exit_info:
         edm_fid.main(["--network_pkl", base, "--ref", ref, "--seeds", "9-3"])
     assert exit_info.value.code == 2 and "the range is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        edm_fid.main(["--network_pkl", base, "--ref", ref, "--metrics", "fid,prdc"])
+    assert exit_info.value.code == 2 and "set --real" in capsys.readouterr().err
 
 
 def test_var_calculate_fid(tmp_path, capsys, inception_file):
