@@ -47,7 +47,8 @@ from neon.toy.family import family as toy  # noqa: E402
 from tests.families.custom_family import CustomFamily  # noqa: E402
 
 STRATEGIES = [("grid", {}), ("grid + halving", {"search": "grid", "screen_num": "quarter"}),
-              ("brent + halving", {"search": "brent"}), ("coordinate + halving", {"search": "coordinate"})]
+              ("brent + halving", {"search": "brent"}), ("coordinate + halving", {"search": "coordinate"}),
+              ("coordinate + refine", {"search": "coordinate", "refine": 0.1})]
 
 
 @dataclasses.dataclass(frozen=True)

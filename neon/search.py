@@ -166,8 +166,8 @@ def search(strategy: str, snapshots: Sequence[str], ws: Sequence[float], cfgs: S
         near_c = [c] + (_neighbours(c, refine, False) if c is not None else [])
         for p in [point(s, a, b) for a in near_w for b in near_c][1:]:
             yield from scores.ask(p, num)
-        (_, _, c), _ = min(((p, f) for p, f in scores.at(num) if p[0] == BASE), key=lambda item: item[1])
-        for b in _neighbours(c, refine, False) if c is not None else []:
+        base = min(((p, f) for p, f in scores.at(num) if p[0] == BASE), key=lambda item: item[1], default=None)
+        for b in _neighbours(base[0][2], refine, False) if base is not None and base[0][2] is not None else []:
             yield from scores.ask(point(BASE, 0.0, b), num)
     best, fid = min(scores.at(num), key=lambda item: item[1])
     base = min(((p, f) for p, f in scores.at(num) if p[0] == BASE), key=lambda item: item[1], default=None)

@@ -113,3 +113,22 @@ def test_the_grid_order_and_the_base_point():
     assert search.point("a", 0.0, 1.5) == ("base", 0.0, 1.5)
     with pytest.raises(ValueError, match="unknown search strategy"):
         next(search.search("random", ["a"], [1.0], [None], 10, 10, 0.5))
+
+
+def test_refinement_without_cfg_when_the_base_was_not_rescored():
+    """w alone, halving keeps two points that are not the base: the refinement looks around the best w and
+    leaves the base's cfg alone (it has none)."""
+    def f(snapshot, w, cfg, n):
+        return (w - 0.83) ** 2
+
+    steps = search.search("brent", ["s"], search.grid("-2:2:0.25"), [None], 1000, 250, 0.1, refine=0.1)
+    asked, value = [], None
+    try:
+        while True:
+            p = steps.send(value)
+            asked.append(p)
+            value = f(*p)
+    except StopIteration as done:
+        choice = done.value
+    assert choice["w"] == 0.85 and choice["base_cfg"] is None  # off the grid: 0.75 refined by +0.1
+    assert {p[1] for p in asked if p[3] == 1000} >= {0.75, 0.65, 0.85}
