@@ -90,10 +90,10 @@ def _run(out: str, s: dict) -> dict:
     sampler = fam.Sampler(**s["sampler"])
     s_dir = _synthetic(out, fam, base, base_path, sampler, s["synthetic"])
     diagnosis = _diagnose(out, fam, base, generator, s_dir, s["diagnose"])
-    self_path = _finetune(os.path.join(out, "self-train"), fam, base_path, s_dir, s["self_train"], "θ_s on S")
-    controls = {"control": _finetune(os.path.join(out, "control"), fam, base_path, real_set, s["self_train"],
+    self_path = _finetune(os.path.join(out, "self-train"), fam, base, s_dir, s["self_train"], "θ_s on S")
+    controls = {"control": _finetune(os.path.join(out, "control"), fam, base, real_set, s["self_train"],
                                      "control on real"),
-                "control_ema": _finetune(os.path.join(out, "control-ema"), fam, base_path, real_set,
+                "control_ema": _finetune(os.path.join(out, "control-ema"), fam, base, real_set,
                                          {**s["self_train"], **s["control_ema"]}, "control on real, EMA")}
 
     conf = _sweep_config(out, self_path, s)
@@ -220,9 +220,12 @@ def _diagnose(out: str, fam, base, generator: tuple, s_dir: str, section: dict) 
     return result
 
 
-def _finetune(run_dir: str, fam, base_path: str, data_dir: str, section: dict, desc: str) -> str:
-    """The base fine-tuned on the set at `data_dir` into `run_dir`; returns its last snapshot."""
-    _train(fam, fam.load(base_path), {**section, "data": data_dir, "out": run_dir}, desc)
+def _finetune(run_dir: str, fam, base, data_dir: str, section: dict, desc: str) -> str:
+    """A copy of the base fine-tuned on the set at `data_dir` into `run_dir` (nothing is done when its
+    last snapshot is there); returns that snapshot."""
+    done = finetune.snapshots(run_dir)
+    if not done or finetune.images_seen(done[-1]) < section["total_images"]:
+        _train(fam, copy.deepcopy(base), {**section, "data": data_dir, "out": run_dir}, desc)
     return finetune.snapshots(run_dir)[-1]
 
 

@@ -20,10 +20,10 @@ from edm.digits import classifier, data, demo
 from edm.digits.family import TINY, DigitsFamily
 from edm.family import family as edm
 
-# The reduced run: the tiny network, a few hundred images, 5 report ranges of 30 samples.
-SMALL = {"base.arch": TINY, "base.train.total_images": 320, "synthetic.num": 60, "synthetic.batch_size": 60,
-         "self_train.total_images": 96, "diagnose.batches": 2, "sampler.num_steps": 3, "sweep.w": [0.0, 1.0],
-         "sweep.num": 30, "sweep.screen_num": 30, "report.num": 30, "samples.num": 10}
+# The reduced run: the tiny network, a shorter classifier, a few hundred images, 5 report ranges of 30.
+SMALL = {"base.arch": TINY, "classifier.epochs": 15, "base.train.total_images": 320, "synthetic.num": 60,
+         "synthetic.batch_size": 60, "self_train.total_images": 96, "diagnose.batches": 2, "sampler.num_steps": 3,
+         "sweep.w": [0.0, 1.0], "sweep.num": 30, "sweep.screen_num": 30, "report.num": 30, "samples.num": 10}
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +99,10 @@ def test_reduced_run_writes_its_results_and_resumes(tmp_path):
     s = saved["settings"]
     assert s["base"]["arch"] == TINY and "quick" not in s
 
-    # no image plays two roles; the classifier, trained on its 300 only, is the real one
+    # no image plays two roles; the classifier trained on its 300 only (shorter here: the recipe's reaches 0.95)
     roles = saved["split"]
     assert sorted(i for role in data.ROLES for i in roles[role]) == list(range(1797))
-    assert saved["classifier"]["heldout_accuracy"] >= 0.95
+    assert saved["classifier"]["heldout_accuracy"] >= 0.8
 
     # S, selection and k >= 5 report ranges of the same n: disjoint seeds
     selection, ranges = saved["selection"]["seeds"], saved["report"]["seeds"]
