@@ -194,7 +194,8 @@ class FinalReport:
     seeds: list[list[int]]
     """[first seed, samples] per range."""
     base: dict[str, evaluate.Stats]
-    """Per metric (fid; is, is_std, precision, recall and `extra`'s metrics where scored), over the ranges."""
+    """Per metric (fid; is, is_std, precision, recall and `extra`'s metrics where scored), over the
+    ranges."""
     neon: dict[str, evaluate.Stats]
     paired: dict[str, evaluate.Paired | None]
     """Per metric, neon − base range by range (None until both sides have every range)."""
