@@ -138,14 +138,15 @@ class SweepConfig:
 
 
 def run(family, model, base_path: str, sampler, conf: SweepConfig,
-        fid_conf: inception.FidConfig = inception.FidConfig()) -> Iterator[Progress]:
+        fid_conf: inception.FidConfig = inception.FidConfig(), extra=None) -> Iterator[Progress]:
     """Collective: the search (`conf.search`), then the final report. Yields progress in evaluations
     (the total is None: a search decides as it goes), each new result record (as written to
     results.jsonl) as a record's `info`; records already in the file are reused, not yielded. The last
-    record's `result` is the `Summary`."""
+    record's `result` is the `Summary`. `extra` is `neon.evaluate.Metrics.extra` (an experiment's own
+    metrics): its keys join every record, and the final report summarizes and pairs them too."""
     paths = snapshot_paths(conf)
     out = output_dir(conf)
-    metrics = evaluate.Metrics(score.reference(family, conf.ref), fid_conf)
+    metrics = evaluate.Metrics(score.reference(family, conf.ref), fid_conf, extra=extra)
     if (conf.cfg or conf.base_cfg is not None) and "cfg" not in {f.name for f in dataclasses.fields(sampler)}:
         raise NeonError(f"sweep.cfg, sweep.base_cfg: the {family.name} sampler has no guidance scale `cfg`")
     thetas = _Thetas(family, base_path)
@@ -197,7 +198,7 @@ class FinalReport:
     seeds: list[list[int]]  # [first seed, samples] per range.
     base_cfg: float | None  # The base's cfg: its own best on the selection, or sweep.base_cfg.
     cfg: float | None  # The cfg Neon was scored at (the chosen point's).
-    base: dict[str, evaluate.Stats]  # Per metric scored (fid, and METRICS where asked), over the ranges.
+    base: dict[str, evaluate.Stats]  # Per metric scored (fid, METRICS where asked, `extra`'s), over the ranges.
     neon: dict[str, evaluate.Stats]
     paired: dict[str, evaluate.Paired | None]
     """Per metric, neon − base range by range (None until both sides have every range)."""
@@ -255,7 +256,7 @@ def _final(records: list[dict], conf: SweepConfig, best: dict, base_cfg_) -> Fin
         sides[name] = [latest.get(k) for k in keys]
         used.update((k, latest[k]["num"]) for k in keys if k in latest)
     stats, comparisons = {"base": {}, "neon": {}}, {}
-    for metric in METRICS:
+    for metric in METRICS + _extra_metrics(r for rows in sides.values() for r in rows if r is not None):
         values = {name: [r.get(metric) for r in rows if r is not None] for name, rows in sides.items()}
         if metric != "fid" and not any(v is not None for vs in values.values() for v in vs):
             continue
@@ -384,6 +385,14 @@ def _asked(conf: SweepConfig) -> set[str]:
     extras = conf.extras()
     return (({"is"} if conf.inception_score else set()) | ({"precision"} if conf.precision_recall else set())
             | ({"fd_dinov2"} if "fd_dinov2" in extras else set()) | ({"density"} if "prdc" in extras else set()))
+
+
+def _extra_metrics(records) -> tuple[str, ...]:
+    """Numeric keys of `records` that are neither METRICS nor a record's own fields: the metrics an
+    `extra` added (`neon.evaluate.Metrics.extra`), sorted."""
+    fields = {"snapshot", "w", "cfg", "num", "seeds", "sampler", "seconds", "real", "nonfinite"}
+    return tuple(sorted({k for r in records for k, v in r.items() if k not in fields and k not in METRICS
+                         and isinstance(v, (int, float)) and not isinstance(v, bool)}))
 
 
 def _key(record: dict) -> tuple:

@@ -2,17 +2,19 @@
 
 Sampling, the loss, checkpoints and θ are the EDM family's (`edm.family.family`), unchanged; this
 adapter adds what the core's optional hooks ask for (`neon.family.Family`): `features` (the
-classifier's penultimate layer, float64 [B, 64]), `reference` (the held-out split's statistics of
-those features) and `real` (the train split, for `neon diagnose --real digits:N`). So the sweep,
-`neon fid` and `generate_and_score` score digits through the core's one scoring path.
+classifier's penultimate layer, float64 [B, 64]), `reference` (the statistics of those features on
+the split's `reference` images) and `real` (the `generator` images, for `neon diagnose --real
+digits:N`); the roles are `edm.digits.data.split`'s. So the sweep, `neon fid` and
+`generate_and_score` score digits through the core's one scoring path.
 
 Images are uint8 [B, 3, 16, 16] with three equal channels (grey), as every image family's; the
 networks are trained without augmentation (`augment_pipe` None: flipped or rotated digits are other
 digits), which `load` keeps.
 
 The classifier is the one given to `DigitsFamily(net)` (the demo passes the one it trained and
-saved), else one trained here in memory on first use with the default settings (seconds; the same
-network on the same machine and thread count).
+saved), else one trained here in memory on first use on the `features` images with the default
+settings (seconds; the same network on the same machine and thread count). `split` (a
+`data.split()` result; default the recipe's) says which images play which role.
 """
 
 import torch
@@ -38,9 +40,16 @@ class DigitsFamily:
     Sampler = EDMSampler
     format = edm.format
 
-    def __init__(self, net: classifier.Classifier | None = None):
+    def __init__(self, net: classifier.Classifier | None = None, split: dict | None = None):
         self._classifier = net
+        self._split = split
         self._reference = None
+
+    def split(self) -> dict:
+        """The data split whose roles this family uses (`data.split()` unless one was given)."""
+        if self._split is None:
+            self._split = data.split()
+        return self._split
 
     def init(self, arch: dict) -> Model:
         """A fresh network of `arch` (EDM preconditioner kwargs with `class_name`), drawn from
@@ -72,7 +81,7 @@ class DigitsFamily:
     def classifier(self) -> classifier.Classifier:
         """The feature network (trained here on first use when none was given)."""
         if self._classifier is None:
-            self._classifier = classifier.train(*data.split()["train"])
+            self._classifier = classifier.train(*self.split()["features"][:2])
         return self._classifier
 
     def features(self, samples: torch.Tensor) -> torch.Tensor:
@@ -82,14 +91,14 @@ class DigitsFamily:
             return net.features(samples.cpu()).double()
 
     def reference(self) -> tuple:
-        """(mu float64 [64], sigma float64 [64, 64]) of the held-out split's features."""
+        """(mu float64 [64], sigma float64 [64, 64]) of the `reference` images' features."""
         if self._reference is None:
-            self._reference = fid.statistics(self.features(data.split()["heldout"][0]))
+            self._reference = fid.statistics(self.features(self.split()["reference"][0]))
         return self._reference
 
     def real(self, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`num` train images (uint8 [num, 3, 16, 16]) and labels (int64 [num]), chosen by `seed`."""
-        images, labels = data.split()["train"]
+        """`num` generator images (uint8 [num, 3, 16, 16]) and labels (int64 [num]), chosen by `seed`."""
+        images, labels, _ = self.split()["generator"]
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]
         return images[pick], labels[pick]
 

@@ -14,7 +14,6 @@ correct DDIM (see `neon.toy.models.EpsMLP.sample_notebook` for how the two diffe
 is the same under both.
 """
 
-import contextlib
 import json
 import os
 
@@ -25,6 +24,7 @@ from neon import diagnose, finetune, log, progress, sweep, synthetic
 from neon.io import files
 from neon.errors import NeonError
 from neon.family import write_checkpoint
+from neon.threads import one_thread  # tests and benchmarks reach it as appendix.one_thread
 from neon.toy import models
 from neon.toy.family import METHODS, ToySampler, family
 from neon.toy.train import STEPS, train_base
@@ -156,18 +156,6 @@ def plot_cosines(rows: list[dict], path: str | None = None):
         ax.axvline(1.0, color="k", linestyle=":", linewidth=1)
         ax.set(title=f"{kind}: gradient alignment", xlabel=name, ylabel="cos_P", ylim=(-1.05, 1.05))
     return _finish(fig, path)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run with one intra-op thread: the toy networks are so small that a second thread costs more
-    than it gives (2.1 vs 2.7 ms per training step measured on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _sampler(kind: str, method: str, **fields) -> ToySampler:
