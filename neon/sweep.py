@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from neon import distributed, evaluate, finetune, merge, search
+from neon import distributed, evaluate, finetune, merge, search, stop, synthetic
 from neon import family as neon_family
 from neon.errors import NeonError
 from neon.io import checkpoint, files
@@ -118,6 +118,8 @@ class SweepConfig:
             raise NeonError(f"sweep.inception_score needs sweep.final_num >= {fid.IS_SPLITS}")
         if self.precision_recall and self.final_num <= fid.PR_NEIGHBOURS:
             raise NeonError(f"sweep.precision_recall needs sweep.final_num > {fid.PR_NEIGHBOURS}")
+        if max(self.num, self.final_num) > synthetic.MAX_NUM:  # before any allocation of that size
+            raise NeonError(f"sweep.num and sweep.final_num must be at most {synthetic.MAX_NUM:,}")
         search.grid(self.w)
 
     def screen(self) -> int:
@@ -148,6 +150,8 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
     if conf.cfg and "cfg" not in {f.name for f in dataclasses.fields(sampler)}:
         raise NeonError(f"sweep.cfg: the {family.name} sampler has no guidance scale `cfg`")
     thetas = _Thetas(family, base_path)
+    for path in paths:  # every snapshot it may use, before the first evaluation is scored or written
+        merge.check_self_trained(thetas.base, thetas.of(path), path)
     cache = {_key(r): r for r in load_results(out)}
     start_cfg = conf.sampler.get("cfg", getattr(sampler, "cfg", None))  # the evaluation sampler's own
     steps = search.search(conf.search, paths, search.grid(conf.w), conf.cfg or [None], conf.num, conf.screen(),
@@ -360,7 +364,10 @@ def _evaluate(family, model, thetas: _Thetas, snapshot, w, c, seeds, sampler, co
     if distributed.is_main():
         os.makedirs(out, exist_ok=True)
         files.append_jsonl(os.path.join(out, RESULTS), record)
-    distributed.barrier()
+    signum = stop.agree()  # the barrier too: a SIGTERM/SIGUSR1 caught by any rank stops all after this point
+    if signum is not None:
+        raise stop.Stopped(f"the sweep stopped after scoring {snapshot} w={w:g} cfg={c} "
+                           f"(results in {os.path.join(out, RESULTS)})", signum)
     return record
 
 

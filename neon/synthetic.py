@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from neon import distributed, log, precision
+from neon import distributed, log, precision, stop
 from neon.errors import NeonError, NonFiniteError
 from neon.io import files, rows
 from neon.progress import Progress
@@ -28,6 +28,7 @@ from neon.progress import Progress
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+MAX_NUM = 100_000_000  # samples of a set or an evaluation: checked before anything of that size is allocated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,8 @@ class SyntheticConfig:
     def __post_init__(self):
         if self.num < 0 or self.batch_size <= 0 or self.shard_size <= 0:
             raise NeonError("synthetic.num must be >= 0 and batch_size, shard_size > 0")
+        if self.num > MAX_NUM:
+            raise NeonError(f"synthetic.num must be at most {MAX_NUM:,} (the paper's sets hold up to 750,000)")
         if self.labels not in ("balanced", "none"):
             raise NeonError(f"synthetic.labels must be 'balanced' or 'none', got {self.labels!r}")
 
@@ -115,8 +118,10 @@ def write(family, model, sampler, conf: SyntheticConfig, base_sha256: str) -> It
             files.write_json(os.path.join(conf.out, MANIFEST), manifest)
             # the writer hashed these shards itself: readers need not hash them again
             _stamp(conf.out, {name: manifest["shards"][name] for name in map(_shard_name, todo)})
-        distributed.barrier()
+        signum = stop.agree()  # the barrier too: a signal caught by any rank stops all after this round
         done += sum(_shard_len(j, conf) for j in todo)
+        if signum is not None and done < conf.num:
+            raise stop.Stopped(f"sampling stopped at {done} of {conf.num} samples in {conf.out}", signum)
         yield Progress(done, conf.num, "sample", result=conf.out if done == conf.num else None)
 
 

@@ -98,14 +98,16 @@ def test_neon_debug_shows_the_traceback_of_a_user_error(tmp_path):
     assert result.returncode == 1 and "Traceback" in result.stderr and "NeonError: no such checkpoint" in result.stderr
 
 
-def test_a_torn_jsonl_line_is_skipped_and_appends_go_on(tmp_path, caplog):
+def test_a_torn_jsonl_line_is_skipped_and_dropped_before_the_next_append(tmp_path, caplog):
     path = str(tmp_path / "results.jsonl")
     files.append_jsonl(path, {"w": 0.5, "fid": 1.0})
     with open(path, "a") as f:
         f.write('{"w": 1.0, "fi')  # a killed append
+    assert files.read_jsonl(path) == [{"w": 0.5, "fid": 1.0}] and "line 2 is not a JSON record" in caplog.text
     files.append_jsonl(path, {"w": 1.5, "fid": float("nan"), "nested": [float("inf"), 2.0]})
     assert files.read_jsonl(path) == [{"w": 0.5, "fid": 1.0}, {"w": 1.5, "fid": None, "nested": [None, 2.0]}]
-    assert "line 2 is not a JSON record" in caplog.text
+    assert [json.loads(line) for line in open(path)] == files.read_jsonl(path)  # every line a record (pandas)
+    assert "dropped its torn last line" in caplog.text
     assert all("NaN" not in line and "Infinity" not in line for line in open(path))
 
 
@@ -122,6 +124,7 @@ def test_a_sweep_resumes_over_a_torn_results_line(tmp_path, base_ckpt, synthetic
     capsys.readouterr()
     cli.main(args)
     records = files.read_jsonl(str(results))
+    assert len(results.read_text().splitlines()) == len(records)  # the torn line is gone from the file
     redone = {k: v for k, v in records[-1].items() if k != "seconds"}
     assert len(records) == len(lines) and redone == {k: v for k, v in json.loads(lines[-1]).items() if k != "seconds"}
 

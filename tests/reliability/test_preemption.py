@@ -1,0 +1,156 @@
+"""Graceful preemption (README, "Errors, limits and the output lock"): SIGTERM during `sample`,
+`finetune` and `sweep` stops them at a boundary with exit code 143 and one line saying where, the
+fine-tune after writing its training state; the same command resumes and ends with exactly what an
+uninterrupted run makes. The signal is sent from inside the work (`Hooked`, or `signalling.py` under
+torchrun), so the step it lands in is known."""
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from neon import cli, finetune, stop
+from neon import family as neon_family
+from neon.io import checkpoint, files
+from neon.toy.family import family as toy
+from tests.conftest import REPO, Crashing
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+
+
+class Hooked:
+    """The toy family, calling `action()` at the n-th call of `method` (then going on)."""
+
+    def __init__(self, method: str, n: int, action):
+        self.method, self.n, self.action, self.calls = method, n, action, 0
+
+    def __getattr__(self, name):
+        attr = getattr(toy, name)
+        if name != self.method:
+            return attr
+
+        def counted(*args):
+            self.calls += 1
+            if self.calls == self.n:
+                self.action()
+            return attr(*args)
+        return counted
+
+
+def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _exit(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(list(map(str, argv)))
+    return info.value.code, capsys.readouterr().err
+
+
+def _finetune_args(base, data, out, *extra):
+    return ["finetune", "--family", "toy", "--ckpt", base, "--data", data, "--out", out, "--images", "256",
+            "--batch-size", "16", "--lr", "1e-3", "--ema-beta", "0.9", "--finetune.snapshot_every_images", "64",
+            *extra]
+
+
+def _same_state(a, b):
+    one, two = (checkpoint.read_state(os.path.join(d, finetune.STATE)) for d in (a, b))
+    assert one["images_seen"] == two["images_seen"]
+    for key in ("net", "ema"):
+        assert one[key].keys() == two[key].keys() and all(torch.equal(one[key][k], two[key][k]) for k in one[key])
+
+
+def test_sigterm_during_a_finetune_keeps_its_state_and_the_rerun_equals_an_uninterrupted_run(
+        tmp_path, base_ckpt, synthetic_set, monkeypatch, capsys):
+    run, whole = str(tmp_path / "run"), str(tmp_path / "whole")
+    with monkeypatch.context() as m:
+        m.setattr(neon_family, "get", lambda spec: Hooked("loss", 5, sigterm))  # in the 5th step (80 images)
+        code, err = _exit(_finetune_args(base_ckpt, synthetic_set, run), capsys)
+    assert code == stop.EXIT_CODES[signal.SIGTERM] == 143 and err.count("\n") == 1
+    assert err.startswith("stopped: the fine-tune stopped at 80 of 256 images") and "run the same command" in err
+    assert checkpoint.read_state(os.path.join(run, finetune.STATE))["images_seen"] == 80  # past the snapshot
+    assert [os.path.basename(p) for p in finetune.snapshots(run)] == ["snapshot-0000000064.pt"]  # none not due
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were given back
+    cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, run))))
+    cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, whole))))
+    _same_state(run, whole)
+    last = [checkpoint.read(os.path.join(d, "snapshot-0000000256.pt")).weights for d in (run, whole)]
+    assert all(torch.equal(last[0][k], last[1][k]) for k in last[0])
+
+
+def test_the_state_interval_bounds_what_a_hard_kill_loses(tmp_path, base_ckpt, synthetic_set, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    with monkeypatch.context() as m:  # an hour passes between two looks at the clock; a kill in the 7th step
+        m.setattr(finetune, "time", types.SimpleNamespace(monotonic=itertools.count(0, 3600).__next__))
+        m.setattr(neon_family, "get", lambda spec: Crashing("loss", 7))
+        code, _ = _exit(_finetune_args(base_ckpt, synthetic_set, run), capsys)  # every 30 minutes by default
+    assert code == 130
+    assert checkpoint.read_state(os.path.join(run, finetune.STATE))["images_seen"] == 96  # not the snapshot's 64
+    code, err = _exit(_finetune_args(base_ckpt, synthetic_set, run, "--finetune.state_every_minutes", "-1"), capsys)
+    assert code == 2 and "state_every_minutes must be >= 0" in err
+
+
+def test_sigterm_during_sample_and_sweep_stops_after_the_shard_or_point(tmp_path, base_ckpt, synthetic_set,
+                                                                       monkeypatch, capsys):
+    sample = ["sample", "--family", "toy", "--ckpt", base_ckpt, "--out", tmp_path / "S", "--num-images", "96",
+              "--batch-size", "16", "--shard-size", "24", "--synthetic.labels", "none", "--sampler.zeta", "1.1"]
+    with monkeypatch.context() as m:
+        m.setattr(neon_family, "get", lambda spec: Hooked("sample", 3, sigterm))  # in shard 1 (2 calls a shard)
+        code, err = _exit(sample, capsys)
+    assert code == 143 and err == (f"stopped: sampling stopped at 48 of 96 samples in {tmp_path / 'S'}; stopped by "
+                                   f"SIGTERM: run the same command to resume\n")
+    assert sorted(json.load(open(tmp_path / "S" / "manifest.json"))["shards"]) == ["shard-00000.npz", "shard-00001.npz"]
+    cli.main(list(map(str, sample)))
+    for name in sorted(os.listdir(synthetic_set)):
+        if name.startswith("shard-"):
+            assert (tmp_path / "S" / name).read_bytes() == open(os.path.join(synthetic_set, name), "rb").read()
+
+    cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, tmp_path / "run", "--images", "64"))))
+    sweep = ["sweep", "--family", "toy", "--base", base_ckpt, "--self", tmp_path / "run", "--w", "0:1:0.5",
+             "--num-images", "16", "--batch-size", "16"]
+    with monkeypatch.context() as m:
+        m.setattr(neon_family, "get", lambda spec: Hooked("sample", 2, sigterm))  # in the 2nd point
+        code, err = _exit(sweep + ["--out", tmp_path / "sweep"], capsys)
+    lines = err.splitlines()  # the result lines, then the stop
+    assert code == 143 and lines[-1].startswith("stopped: the sweep stopped after scoring ")
+    assert all(json.loads(line) for line in lines[:-1])
+    assert len(files.read_jsonl(str(tmp_path / "sweep" / "results.jsonl"))) == 2  # the point in progress kept
+    cli.main(list(map(str, sweep + ["--out", tmp_path / "sweep"])))
+    cli.main(list(map(str, sweep + ["--out", tmp_path / "whole"])))
+    fids = [[(r["snapshot"], r["w"], r["fid"]) for r in files.read_jsonl(str(tmp_path / d / "results.jsonl"))]
+            for d in ("sweep", "whole")]
+    assert sorted(fids[0]) == sorted(fids[1]) and len(fids[0]) == 3
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(tmp_path, base_ckpt, synthetic_set):
+    """torchrun forwards the agent's SIGTERM to both workers; they agree on the step through the
+    step's all-reduce. The resumed run ends where one process with 2 micro-steps ends (within float
+    tolerance: DDP sums the gradient in another order, tests/dist/test_world_size.py)."""
+    run = tmp_path / "run"
+    argv = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "neon.cli",
+            *map(str, _finetune_args(base_ckpt, synthetic_set, run, "--images", "160")),
+            "--family", "tests.reliability.signalling:family"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stopped = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120,
+                             env={**env, "NEON_TEST_SIGNAL_AT": "6"})  # in the 6th step, past the snapshot at 64
+    assert stopped.returncode != 0 and "stopped: the fine-tune stopped at " in stopped.stderr, stopped.stderr[-2000:]
+    seen = checkpoint.read_state(str(run / finetune.STATE))["images_seen"]
+    assert 64 < seen < 160 and [os.path.basename(p) for p in finetune.snapshots(str(run))] == ["snapshot-0000000064.pt"]
+    resumed = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, tmp_path / "one", "--images", "160",
+                                          "--finetune.accumulate", "2"))))
+    two, one = (checkpoint.read_state(str(d / finetune.STATE)) for d in (run, tmp_path / "one"))
+    for key in ("net", "ema"):
+        for k in one[key]:
+            torch.testing.assert_close(two[key][k], one[key][k], rtol=1e-5, atol=1e-6)
