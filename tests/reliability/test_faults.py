@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from neon import cli, verbs
-from neon.io import files
+from neon.io import checkpoint, files
 from neon.family import read_checkpoint
 from neon.toy.family import family as toy
 from tests.conftest import REPO, run_neon, save_base
@@ -193,3 +193,26 @@ def test_merge_overflow_names_the_dtype_and_the_tensor(tmp_path, capsys):
                             str(tmp_path / "m.pt")], capsys)
     assert code == 2 and "overflows float32 in " in captured.err and not (tmp_path / "m.pt").exists()
     assert math.isfinite(1e39)  # finite as a Python float: only the float32 result is not
+
+
+def test_legacy_torch_save_files_are_read_as_base_self_and_state(tmp_path, base_ckpt, synthetic_set, capsys):
+    """Older checkpoints are not zip files: they cannot be memory-mapped, so they are read whole."""
+    legacy = str(tmp_path / "legacy.pt")
+    torch.save(checkpoint.read(base_ckpt).data, legacy, _use_new_zipfile_serialization=False)
+    cli.main(["merge", "--base", legacy, "--self", legacy, "--w", "1", "--out", str(tmp_path / "m.pt")])
+    one, two = read_checkpoint(toy, str(tmp_path / "m.pt")).weights, read_checkpoint(toy, base_ckpt).weights
+    assert all(torch.equal(one[k], two[k]) for k in two)  # θ + 1 · (θ − θ) = θ
+    run = tmp_path / "run"
+    args = ["finetune", "--family", "toy", "--ckpt", legacy, "--data", synthetic_set, "--out", str(run),
+            "--batch-size", "16"]
+    cli.main(args + ["--images", "16"])
+    state = checkpoint.read_state(str(run / "state-latest.pt"))
+    torch.save(state, str(run / "state-latest.pt"), _use_new_zipfile_serialization=False)
+    os.rename(run / "snapshot-0000000016.pt", run / "zip.pt")
+    torch.save(torch.load(run / "zip.pt"), str(run / "snapshot-0000000016.pt"), _use_new_zipfile_serialization=False)
+    os.remove(run / "zip.pt")
+    cli.main(args + ["--images", "32"])  # resumed from the legacy state (read with mmap asked for)
+    assert checkpoint.read_state(str(run / "state-latest.pt"))["images_seen"] == 32
+    cli.main(["sweep", "--family", "toy", "--base", legacy, "--self", str(run), "--w", "0,1", "--num-images", "16",
+              "--batch-size", "16", "--out", str(tmp_path / "sweep")])
+    assert len(files.read_jsonl(str(tmp_path / "sweep" / "results.jsonl"))) == 3
