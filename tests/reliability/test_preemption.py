@@ -154,3 +154,34 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(tmp_path, base_ckpt
     for key in ("net", "ema"):
         for k in one[key]:
             torch.testing.assert_close(two[key][k], one[key][k], rtol=1e-5, atol=1e-6)
+
+
+FAKE_TORCHRUN = """#!/usr/bin/env bash
+# a stand-in: logs its verb, then works until a signal, which it answers as a neon worker does
+echo "$PET_SIGNALS_TO_HANDLE ${@: -3:1}" >> "$LOG"
+trap 'exit 143' TERM
+trap 'exit 138' USR1
+echo started >> "$LOG"
+for _ in $(seq 100); do sleep 0.1; done
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_the_launcher_waits_for_the_stopped_step_and_starts_no_other(tmp_path, sig):
+    """scripts/torchrun.sh under a signal to its process group (as SLURM signals a job step): it outlives
+    the signal, waits for torchrun, and exits 143 without starting the next step."""
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_TORCHRUN)
+    fake.chmod(0o755)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "LOG": str(log), "NPROC": "1"}
+    job = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "torchrun.sh"), "recipe.yaml"], env=env,
+                           start_new_session=True, stderr=subprocess.PIPE, text=True)
+    while "started" not in (log.read_text() if log.exists() else ""):
+        assert job.poll() is None
+    os.killpg(job.pid, sig)
+    assert job.wait(timeout=20) == 143
+    assert "sample stopped by a signal" in job.stderr.read()
+    # one step only, and torchrun told to forward SIGUSR1 too
+    assert log.read_text().splitlines() == ["SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 sample", "started"]
