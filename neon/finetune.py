@@ -22,8 +22,8 @@ import dataclasses
 import glob
 import json
 import logging
-import os
 import math
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -110,7 +110,8 @@ class FinetuneConfig:
         if self.lr < 0 or self.ramp_images < 0:
             raise NeonError("finetune.lr and finetune.ramp_images must be >= 0")
         if not (math.isfinite(self.state_every_minutes) and self.state_every_minutes >= 0):
-            raise NeonError(f"finetune.state_every_minutes must be >= 0 (0: off), got {self.state_every_minutes}")
+            raise NeonError(f"finetune.state_every_minutes must be >= 0 (0: off), got "
+                            f"{self.state_every_minutes}")
 
     @property
     def has_ema(self) -> bool:
@@ -344,7 +345,8 @@ def _checked_state(out, identity) -> dict | None:
     return state
 
 
-def _save(out, family, model, net, ema, opt, scaler, images_seen, identity, loss, snapshot=True) -> str | None:
+def _save(out, family, model, net, ema, opt, scaler, images_seen, identity, loss,
+          snapshot: bool = True) -> str | None:
     """Collective: rank 0 writes the snapshot (with `snapshot`) and then the training state; every rank
     waits for it, and every rank raises rank 0's I/O error (a full disk) if it had one. Returns the
     snapshot's path (None without one)."""

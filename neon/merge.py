@@ -28,7 +28,8 @@ def extrapolate(base: Mapping[str, torch.Tensor], self_trained: Mapping[str, tor
     Floating tensors are computed in float32 (float64 when the base tensor is float64) and cast
     back to the base dtype. Non-floating tensors (integer buffers, bool) and tensors with any
     non-finite entry in the base (e.g. attention masks holding −inf) are the base's tensor,
-    unchanged; a self-trained tensor must be floating exactly where the base's is. The inputs are not modified.
+    unchanged; a self-trained tensor must be floating exactly where the base's is. The
+    inputs are not modified.
 
     Args:
         base: θ_base.
@@ -138,8 +139,9 @@ def check_self_trained(base: Mapping[str, torch.Tensor], self_trained: Mapping[s
 def _check_kind(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
     """A floating tensor is extrapolated, any other copied from the base: both sides must agree which."""
     if a.is_floating_point() != b.is_floating_point():
-        dtypes = f"{str(b.dtype).replace('torch.', '')} where the base's is {str(a.dtype).replace('torch.', '')}"
-        raise NeonError(f"the self-trained {name or 'tensor'} is {dtypes}: not weights of the same network")
+        mine, base = (str(t.dtype).replace("torch.", "") for t in (b, a))
+        raise NeonError(f"the self-trained {name or 'tensor'} is {mine} where the base's is {base}: not "
+                        f"weights of the same network")
 
 
 def _streamed(base_path: str, self_path: str, names: list[str], w: float,

@@ -30,7 +30,8 @@ class Stopped(Exception):
     exit code (`EXIT_CODES`), the message says where it stopped."""
 
     def __init__(self, message: str, signum: int):
-        super().__init__(f"{message}; stopped by {signal.Signals(signum).name}: run the same command to resume")
+        name = signal.Signals(signum).name
+        super().__init__(f"{message}; stopped by {name}: run the same command to resume")
         self.code = EXIT_CODES.get(signum, 128 + signum)
 
 

@@ -53,7 +53,8 @@ class SyntheticConfig:
         if self.num < 0 or self.batch_size <= 0 or self.shard_size <= 0:
             raise NeonError("synthetic.num must be >= 0 and batch_size, shard_size > 0")
         if self.num > MAX_NUM:
-            raise NeonError(f"synthetic.num must be at most {MAX_NUM:,} (the paper's sets hold up to 750,000)")
+            raise NeonError(f"synthetic.num must be at most {MAX_NUM:,} (the paper's sets hold up to "
+                            f"750,000)")
         if self.labels not in ("balanced", "none"):
             raise NeonError(f"synthetic.labels must be 'balanced' or 'none', got {self.labels!r}")
 

@@ -18,7 +18,8 @@ class Signalling:
 
     def loss(self, *args):
         self.calls += 1
-        if self.calls == int(os.environ.get("NEON_TEST_SIGNAL_AT", "0")) and os.environ.get("RANK", "0") == "0":
+        at = int(os.environ.get("NEON_TEST_SIGNAL_AT", "0"))
+        if self.calls == at and os.environ.get("RANK", "0") == "0":
             agent = "TORCHELASTIC_RUN_ID" in os.environ
             os.kill(os.getppid() if agent else os.getpid(), signal.SIGTERM)
         return toy.loss(*args)

@@ -305,14 +305,17 @@ CASES = [
     ("diagnose-batches-zero", lambda P, t: ["diagnose", "--family", "toy", "--ckpt", P.base, "--real", "toy:64",
                                             "--synthetic", P.S, "--batches", "0"], "batches"),
     # the last probe failures (issue 25): limits before allocation, tensor kinds, the sweep's early check
-    ("sample-num-huge", lambda P, t: [*SAMPLE, "--ckpt", P.base, "--out", out(t), "--num-images", str(10**15)],
-     "synthetic.num must be at most 100,000,000"),
-    ("sweep-num-huge", lambda P, t: [*SWEEP, "--base", P.base, "--self", P.run, "--out", out(t), "--num-images",
-                                     str(10**15)], "sweep.num and sweep.final_num must be at most"),
+    ("sample-num-huge", lambda P, t: [*SAMPLE, "--ckpt", P.base, "--out", out(t), "--num-images",
+                                      str(10**15)], "synthetic.num must be at most 100,000,000"),
+    ("sweep-num-huge", lambda P, t: [*SWEEP, "--base", P.base, "--self", P.run, "--out", out(t),
+                                     "--num-images", str(10**15)],
+     "sweep.num and sweep.final_num must be at most"),
     ("merge-self-int-where-float", lambda P, t: ["merge", "--base", P.base, "--self", retyped(t, torch.int64),
-                                                 "--w", "1", "--out", out(t, "m.pt")], "is int64 where the base's is float32"),
+                                                 "--w", "1", "--out", out(t, "m.pt")],
+     "is int64 where the base's is float32"),
     ("merge-self-float-where-int", lambda P, t: ["merge", "--base", retyped(t, torch.int64), "--self", P.base,
-                                                 "--w", "1", "--out", out(t, "m.pt")], "is float32 where the base's is int64"),
+                                                 "--w", "1", "--out", out(t, "m.pt")],
+     "is float32 where the base's is int64"),
     ("sweep-self-nan-before-any-score", lambda P, t: [*SWEEP, "--base", P.base, "--self", os.path.dirname(
         nan_ckpt(folder(t, "run"), "snapshot-0000000016.pt")), "--out", out(t)], "holds non-finite values"),
     # report

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from neon import cli, verbs
-from neon.io import checkpoint, files
 from neon.family import read_checkpoint
+from neon.io import checkpoint, files
 from neon.toy.family import family as toy
 from tests.conftest import REPO, run_neon, save_base
 from tests.reliability.test_bad_inputs import nan_ckpt
@@ -209,10 +209,11 @@ def test_legacy_torch_save_files_are_read_as_base_self_and_state(tmp_path, base_
     state = checkpoint.read_state(str(run / "state-latest.pt"))
     torch.save(state, str(run / "state-latest.pt"), _use_new_zipfile_serialization=False)
     os.rename(run / "snapshot-0000000016.pt", run / "zip.pt")
-    torch.save(torch.load(run / "zip.pt"), str(run / "snapshot-0000000016.pt"), _use_new_zipfile_serialization=False)
+    torch.save(torch.load(run / "zip.pt"), str(run / "snapshot-0000000016.pt"),
+               _use_new_zipfile_serialization=False)
     os.remove(run / "zip.pt")
     cli.main(args + ["--images", "32"])  # resumed from the legacy state (read with mmap asked for)
     assert checkpoint.read_state(str(run / "state-latest.pt"))["images_seen"] == 32
-    cli.main(["sweep", "--family", "toy", "--base", legacy, "--self", str(run), "--w", "0,1", "--num-images", "16",
-              "--batch-size", "16", "--out", str(tmp_path / "sweep")])
+    cli.main(["sweep", "--family", "toy", "--base", legacy, "--self", str(run), "--w", "0,1",
+              "--num-images", "16", "--batch-size", "16", "--out", str(tmp_path / "sweep")])
     assert len(files.read_jsonl(str(tmp_path / "sweep" / "results.jsonl"))) == 3

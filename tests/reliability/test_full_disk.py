@@ -49,7 +49,8 @@ class Disk:
 def disk(tmp_path):
     path = str(tmp_path / "disk")
     os.makedirs(path)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", path], capture_output=True, text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", path], capture_output=True,
+                             text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs as the full disk ({mounted.stderr.strip() or 'not root'})")
     try:
@@ -88,7 +89,8 @@ def test_a_full_disk_during_sample(disk, tmp_path, base_ckpt, synthetic_set, mon
     cli.main(list(map(str, argv)))
     for name in sorted(os.listdir(synthetic_set)):
         if name.startswith("shard-"):
-            assert open(os.path.join(out, name), "rb").read() == open(os.path.join(synthetic_set, name), "rb").read()
+            with open(os.path.join(out, name), "rb") as a, open(os.path.join(synthetic_set, name), "rb") as b:
+                assert a.read() == b.read()
 
 
 def test_a_full_disk_during_finetune(disk, tmp_path, base_ckpt, synthetic_set, monkeypatch, capsys):
@@ -97,7 +99,8 @@ def test_a_full_disk_during_finetune(disk, tmp_path, base_ckpt, synthetic_set, m
         m.setattr(neon_family, "get", lambda spec: Hooked("loss", 6, disk.fill))  # before the snapshot at 128
         code, err = _exit(_finetune_args(base_ckpt, synthetic_set, run), capsys)
     _full(code, err, os.path.join(run, "snapshot-0000000128.pt"))
-    assert not disk.temporaries() and checkpoint.read_state(os.path.join(run, finetune.STATE))["images_seen"] == 64
+    assert not disk.temporaries()
+    assert checkpoint.read_state(os.path.join(run, finetune.STATE))["images_seen"] == 64
     disk.free()
     cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, run))))
     cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, whole))))
@@ -119,12 +122,14 @@ def test_a_full_disk_during_sweep_and_merge(disk, tmp_path, base_ckpt, synthetic
     disk.free()
     cli.main(list(map(str, argv + ["--out", out])))
     cli.main(list(map(str, argv + ["--out", tmp_path / "whole"])))
-    results = [[{k: v for k, v in r.items() if k != "seconds"} for r in files.read_jsonl(os.path.join(d, "results.jsonl"))]
+    results = [[{k: v for k, v in r.items() if k != "seconds"}
+                for r in files.read_jsonl(os.path.join(d, "results.jsonl"))]
                for d in (out, str(tmp_path / "whole"))]
     assert results[0] == results[1] and len(results[0]) == 3
 
     base, merged = save_base(tmp_path / "base.pt"), os.path.join(disk.path, "neon.pt")
-    merge = ["merge", "--base", base, "--self", os.path.join(tmp_path, "run", "snapshot-0000000064.pt"), "--w", "1"]
+    snapshot = os.path.join(tmp_path, "run", "snapshot-0000000064.pt")
+    merge = ["merge", "--base", base, "--self", snapshot, "--w", "1"]
     capsys.readouterr()
     disk.fill()
     code, err = _exit(merge + ["--out", merged], capsys)

@@ -58,15 +58,16 @@ def _exit(argv, capsys):
 
 def _finetune_args(base, data, out, *extra):
     return ["finetune", "--family", "toy", "--ckpt", base, "--data", data, "--out", out, "--images", "256",
-            "--batch-size", "16", "--lr", "1e-3", "--ema-beta", "0.9", "--finetune.snapshot_every_images", "64",
-            *extra]
+            "--batch-size", "16", "--lr", "1e-3", "--ema-beta", "0.9",
+            "--finetune.snapshot_every_images", "64", *extra]
 
 
 def _same_state(a, b):
     one, two = (checkpoint.read_state(os.path.join(d, finetune.STATE)) for d in (a, b))
     assert one["images_seen"] == two["images_seen"]
     for key in ("net", "ema"):
-        assert one[key].keys() == two[key].keys() and all(torch.equal(one[key][k], two[key][k]) for k in one[key])
+        assert one[key].keys() == two[key].keys()
+        assert all(torch.equal(one[key][k], two[key][k]) for k in one[key])
 
 
 def test_sigterm_during_a_finetune_keeps_its_state_and_the_rerun_equals_an_uninterrupted_run(
@@ -76,9 +77,11 @@ def test_sigterm_during_a_finetune_keeps_its_state_and_the_rerun_equals_an_unint
         m.setattr(neon_family, "get", lambda spec: Hooked("loss", 5, sigterm))  # in the 5th step (80 images)
         code, err = _exit(_finetune_args(base_ckpt, synthetic_set, run), capsys)
     assert code == stop.EXIT_CODES[signal.SIGTERM] == 143 and err.count("\n") == 1
-    assert err.startswith("stopped: the fine-tune stopped at 80 of 256 images") and "run the same command" in err
+    assert err.startswith("stopped: the fine-tune stopped at 80 of 256 images")
+    assert "run the same command to resume" in err
     assert checkpoint.read_state(os.path.join(run, finetune.STATE))["images_seen"] == 80  # past the snapshot
-    assert [os.path.basename(p) for p in finetune.snapshots(run)] == ["snapshot-0000000064.pt"]  # none not due
+    snapshots = [os.path.basename(p) for p in finetune.snapshots(run)]
+    assert snapshots == ["snapshot-0000000064.pt"]  # none that was not due
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were given back
     cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, run))))
     cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, whole))))
@@ -87,32 +90,38 @@ def test_sigterm_during_a_finetune_keeps_its_state_and_the_rerun_equals_an_unint
     assert all(torch.equal(last[0][k], last[1][k]) for k in last[0])
 
 
-def test_the_state_interval_bounds_what_a_hard_kill_loses(tmp_path, base_ckpt, synthetic_set, monkeypatch, capsys):
+def test_the_state_interval_bounds_what_a_hard_kill_loses(tmp_path, base_ckpt, synthetic_set, monkeypatch,
+                                                           capsys):
     run = str(tmp_path / "run")
     with monkeypatch.context() as m:  # an hour passes between two looks at the clock; a kill in the 7th step
         m.setattr(finetune, "time", types.SimpleNamespace(monotonic=itertools.count(0, 3600).__next__))
         m.setattr(neon_family, "get", lambda spec: Crashing("loss", 7))
         code, _ = _exit(_finetune_args(base_ckpt, synthetic_set, run), capsys)  # every 30 minutes by default
     assert code == 130
-    assert checkpoint.read_state(os.path.join(run, finetune.STATE))["images_seen"] == 96  # not the snapshot's 64
-    code, err = _exit(_finetune_args(base_ckpt, synthetic_set, run, "--finetune.state_every_minutes", "-1"), capsys)
+    state = checkpoint.read_state(os.path.join(run, finetune.STATE))
+    assert state["images_seen"] == 96  # the last step's, not the snapshot's 64
+    code, err = _exit(_finetune_args(base_ckpt, synthetic_set, run, "--finetune.state_every_minutes", "-1"),
+                      capsys)
     assert code == 2 and "state_every_minutes must be >= 0" in err
 
 
 def test_sigterm_during_sample_and_sweep_stops_after_the_shard_or_point(tmp_path, base_ckpt, synthetic_set,
                                                                        monkeypatch, capsys):
     sample = ["sample", "--family", "toy", "--ckpt", base_ckpt, "--out", tmp_path / "S", "--num-images", "96",
-              "--batch-size", "16", "--shard-size", "24", "--synthetic.labels", "none", "--sampler.zeta", "1.1"]
-    with monkeypatch.context() as m:
-        m.setattr(neon_family, "get", lambda spec: Hooked("sample", 3, sigterm))  # in shard 1 (2 calls a shard)
+              "--batch-size", "16", "--shard-size", "24", "--synthetic.labels", "none",
+              "--sampler.zeta", "1.1"]
+    with monkeypatch.context() as m:  # in shard 1 (2 calls a shard)
+        m.setattr(neon_family, "get", lambda spec: Hooked("sample", 3, sigterm))
         code, err = _exit(sample, capsys)
-    assert code == 143 and err == (f"stopped: sampling stopped at 48 of 96 samples in {tmp_path / 'S'}; stopped by "
-                                   f"SIGTERM: run the same command to resume\n")
-    assert sorted(json.load(open(tmp_path / "S" / "manifest.json"))["shards"]) == ["shard-00000.npz", "shard-00001.npz"]
+    assert code == 143 and err == (f"stopped: sampling stopped at 48 of 96 samples in {tmp_path / 'S'}; "
+                                   f"stopped by SIGTERM: run the same command to resume\n")
+    shards = json.loads((tmp_path / "S" / "manifest.json").read_text())["shards"]
+    assert sorted(shards) == ["shard-00000.npz", "shard-00001.npz"]
     cli.main(list(map(str, sample)))
     for name in sorted(os.listdir(synthetic_set)):
         if name.startswith("shard-"):
-            assert (tmp_path / "S" / name).read_bytes() == open(os.path.join(synthetic_set, name), "rb").read()
+            with open(os.path.join(synthetic_set, name), "rb") as f:
+                assert (tmp_path / "S" / name).read_bytes() == f.read()
 
     cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, tmp_path / "run", "--images", "64"))))
     sweep = ["sweep", "--family", "toy", "--base", base_ckpt, "--self", tmp_path / "run", "--w", "0:1:0.5",
@@ -142,10 +151,12 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(tmp_path, base_ckpt
             "--family", "tests.reliability.signalling:family"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     stopped = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120,
-                             env={**env, "NEON_TEST_SIGNAL_AT": "6"})  # in the 6th step, past the snapshot at 64
-    assert stopped.returncode != 0 and "stopped: the fine-tune stopped at " in stopped.stderr, stopped.stderr[-2000:]
+                             env={**env, "NEON_TEST_SIGNAL_AT": "6"})  # in the 6th step, past the snapshot
+    assert stopped.returncode != 0, stopped.stderr[-2000:]
+    assert "stopped: the fine-tune stopped at " in stopped.stderr, stopped.stderr[-2000:]
     seen = checkpoint.read_state(str(run / finetune.STATE))["images_seen"]
-    assert 64 < seen < 160 and [os.path.basename(p) for p in finetune.snapshots(str(run))] == ["snapshot-0000000064.pt"]
+    assert 64 < seen < 160
+    assert [os.path.basename(p) for p in finetune.snapshots(str(run))] == ["snapshot-0000000064.pt"]
     resumed = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, tmp_path / "one", "--images", "160",
