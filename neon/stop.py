@@ -15,8 +15,6 @@ import contextlib
 import signal
 import threading
 
-import torch
-
 from neon import distributed
 
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGUSR1: 138}  # 128 + 15, 128 + 10
@@ -61,12 +59,19 @@ def requested() -> int | None:
     return _caught[0] if _caught else None
 
 
-def agree() -> int | None:
+def agree(error: OSError | None = None) -> int | None:
     """Collective: the signal that stops every rank (SIGTERM before SIGUSR1) when any rank caught one,
-    else None. One small all-reduce: call it at a boundary (a shard, an evaluation), not per batch."""
+    else None; but first, when any rank passes the OSError of its writes at this boundary (a full
+    disk), every rank raises the first one, so none waits on a rank that has gone. One small gather:
+    call it at a boundary (a shard, an evaluation), not per batch."""
     if distributed.world() == 1:
-        return requested()
-    return from_flags(distributed.all_reduce_sum(torch.tensor(flags())).tolist())
+        mine = [(error, flags())]
+    else:
+        mine = distributed.gather_objects((error, flags()))
+    for rank_error, _ in mine:
+        if rank_error is not None:
+            raise rank_error
+    return from_flags([sum(column) for column in zip(*(rank_flags for _, rank_flags in mine))])
 
 
 def flags() -> list[float]:

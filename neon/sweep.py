@@ -361,10 +361,14 @@ def _evaluate(family, model, thetas: _Thetas, snapshot, w, c, seeds, sampler, co
                                 "seconds": round(time.time() - started, 3)})
     if metrics.real is not None:
         record["real"] = conf.precision_recall
+    error = None
     if distributed.is_main():
-        os.makedirs(out, exist_ok=True)
-        files.append_jsonl(os.path.join(out, RESULTS), record)
-    signum = stop.agree()  # the barrier too: a SIGTERM/SIGUSR1 caught by any rank stops all after this point
+        try:
+            os.makedirs(out, exist_ok=True)
+            files.append_jsonl(os.path.join(out, RESULTS), record)
+        except OSError as e:  # a full disk: raised on every rank by stop.agree
+            error = e
+    signum = stop.agree(error)  # the barrier too: a signal caught by any rank stops all after this point
     if signum is not None:
         raise stop.Stopped(f"the sweep stopped after scoring {snapshot} w={w:g} cfg={c} "
                            f"(results in {os.path.join(out, RESULTS)})", signum)

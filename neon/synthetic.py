@@ -109,17 +109,28 @@ def write(family, model, sampler, conf: SyntheticConfig, base_sha256: str) -> It
     for round_start in range(0, len(pending), distributed.world()):
         todo = pending[round_start:round_start + distributed.world()]
         mine = distributed.shard(todo)
-        written = [_write_shard(family, model, sampler, conf, labels, j) for j in mine]
-        for shard_records in distributed.gather_objects(written):
+        try:
+            written = [_write_shard(family, model, sampler, conf, labels, j) for j in mine]
+        except OSError as e:  # a full disk: every rank raises it below, none waits on this one
+            written = e
+        everyone = distributed.gather_objects(written)
+        for shard_records in everyone:
+            if isinstance(shard_records, OSError):
+                raise shard_records
+        for shard_records in everyone:
             for name, digest, shape in shard_records:
                 manifest["shards"][name] = digest
                 manifest["sample_shape"] = shape
+        error = None
         if distributed.is_main():
             manifest["shards"] = dict(sorted(manifest["shards"].items()))
-            files.write_json(os.path.join(conf.out, MANIFEST), manifest)
-            # the writer hashed these shards itself: readers need not hash them again
-            _stamp(conf.out, {name: manifest["shards"][name] for name in map(_shard_name, todo)})
-        signum = stop.agree()  # the barrier too: a signal caught by any rank stops all after this round
+            try:
+                files.write_json(os.path.join(conf.out, MANIFEST), manifest)
+                # the writer hashed these shards itself: readers need not hash them again
+                _stamp(conf.out, {name: manifest["shards"][name] for name in map(_shard_name, todo)})
+            except OSError as e:  # a full disk: raised on every rank by stop.agree
+                error = e
+        signum = stop.agree(error)  # the barrier too: a signal caught by any rank stops all after this round
         done += sum(_shard_len(j, conf) for j in todo)
         if signum is not None and done < conf.num:
             raise stop.Stopped(f"sampling stopped at {done} of {conf.num} samples in {conf.out}", signum)

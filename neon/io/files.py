@@ -152,7 +152,8 @@ def check_output(path: str, kind: str, suffixes: Sequence[str] = ()) -> None:
     if not os.path.isdir(parent):
         raise NeonError(f"cannot create {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):  # (root passes; its failures come as OSError at creation)
-        raise NeonError(f"cannot create {path}: {parent} is not writable")
+        why = "on a read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "not writable"
+        raise NeonError(f"cannot create {path}: {parent} is {why}")
 
 
 LOCK = ".neon.lock"

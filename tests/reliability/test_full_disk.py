@@ -140,3 +140,14 @@ def test_a_full_disk_during_sweep_and_merge(disk, tmp_path, base_ckpt, synthetic
     cli.main(merge + ["--out", str(tmp_path / "neon.pt")])
     one, two = (checkpoint.read(p).weights for p in (merged, str(tmp_path / "neon.pt")))
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_a_read_only_disk_is_refused_before_any_work(disk, base_ckpt, capsys):
+    os.makedirs(os.path.join(disk.path, "S"))
+    subprocess.run(["mount", "-o", "remount,ro", disk.path], check=True)
+    merged = os.path.join(disk.path, "m.pt")
+    code, err = _exit(["merge", "--base", base_ckpt, "--self", base_ckpt, "--w", "1", "--out", merged], capsys)
+    assert code == 2 and err == f"error: cannot create {merged}: {disk.path} is on a read-only file system\n"
+    out = os.path.join(disk.path, "S")
+    code, err = _exit(["sample", "--family", "toy", "--ckpt", base_ckpt, "--out", out, "--num-images", "8"], capsys)
+    assert code == 2 and err == f"error: cannot create {out}: {out} is on a read-only file system\n"
