@@ -158,6 +158,10 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
     optimizer step whose `info` is {images_seen, loss (this rank's), lr, snapshot (path or None)}; the
     last record's `result` is {images_seen, loss (the last step's, None when there was nothing left to
     do), snapshots (every snapshot of the run)}. The model's weights are modified in place.
+
+    Faults (module docstring): a SIGTERM/SIGUSR1 caught by any rank inside `neon.stop.catching` raises
+    `neon.stop.Stopped` on every rank after the same step, its training state written; an I/O error of
+    rank 0's writes is raised on every rank.
     """
     data = open_data(conf, family.name)
     world, rank = distributed.world(), distributed.rank()
@@ -213,7 +217,11 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
         # The step's one all-reduce (and host sync): a non-finite loss on any rank, whether rank 0's clock
         # says the training state is due, and the signals caught; every rank acts on the same sums.
         due = distributed.is_main() and state_every > 0 and time.monotonic() - state_written >= state_every
-        flags = torch.cat([bad, torch.tensor([float(due), *stop.flags()], device=bad.device)])
+        host = [float(due), *stop.flags()]
+        flags = torch.cat([bad, bad.new_zeros(len(host))])
+        for i, value in enumerate(host):
+            if value:  # a scalar fill: the usual step copies nothing from the host to the device
+                flags[1 + i].fill_(value)
         summed = distributed.all_reduce_sum(flags).tolist()
         signum, state_due = stop.from_flags(summed[2:]), summed[1] > 0
         if summed[0] > 0:  # every rank stops, not only the one that saw it
