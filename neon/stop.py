@@ -5,10 +5,11 @@ job asks for with `sbatch --signal=B:USR1@SECONDS`).
 signal, and the long loops (`neon.synthetic.write`, `neon.finetune.run`, `neon.sweep.run`) look at it
 at their boundaries: a shard, an optimizer step, an evaluation. Ranks must stop at the same boundary,
 so a loop agrees on the flags through a collective it already makes (the fine-tune adds `flags()` to
-its per-step all-reduce) or through `agree()` (which also raises a rank's I/O error on every rank). The loop then leaves everything complete (the fine-tune
-writes its training state) and raises `Stopped`, which `neon.errors.run_command` prints as one line
-and turns into the signal's exit code (`EXIT_CODES`: 128 + the signal's number, as a shell reports a
-process the signal killed), so a launcher can tell a stop that resumes from a failure and requeue.
+its per-step all-reduce) or through `agree()` (which also raises a rank's I/O error on every rank).
+The loop then leaves everything complete (the fine-tune writes its training state) and raises
+`Stopped`, which `neon.errors.run_command` prints as one line and turns into the signal's exit code
+(`EXIT_CODES`: 128 + the signal's number, as a shell reports a process the signal killed), so a
+launcher can tell a stop that resumes from a failure, and requeue.
 """
 
 import contextlib

@@ -146,8 +146,10 @@ def test_a_read_only_disk_is_refused_before_any_work(disk, base_ckpt, capsys):
     os.makedirs(os.path.join(disk.path, "S"))
     subprocess.run(["mount", "-o", "remount,ro", disk.path], check=True)
     merged = os.path.join(disk.path, "m.pt")
-    code, err = _exit(["merge", "--base", base_ckpt, "--self", base_ckpt, "--w", "1", "--out", merged], capsys)
+    code, err = _exit(["merge", "--base", base_ckpt, "--self", base_ckpt, "--w", "1", "--out", merged],
+                      capsys)
     assert code == 2 and err == f"error: cannot create {merged}: {disk.path} is on a read-only file system\n"
     out = os.path.join(disk.path, "S")
-    code, err = _exit(["sample", "--family", "toy", "--ckpt", base_ckpt, "--out", out, "--num-images", "8"], capsys)
+    code, err = _exit(["sample", "--family", "toy", "--ckpt", base_ckpt, "--out", out, "--num-images", "8"],
+                      capsys)
     assert code == 2 and err == f"error: cannot create {out}: {out} is on a read-only file system\n"

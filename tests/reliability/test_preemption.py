@@ -196,3 +196,43 @@ def test_the_launcher_waits_for_the_stopped_step_and_starts_no_other(tmp_path, s
     assert "sample stopped by a signal" in job.stderr.read()
     # one step only, and torchrun told to forward SIGUSR1 too
     assert log.read_text().splitlines() == ["SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 sample", "started"]
+
+
+SLURM_STAND_INS = {
+    "srun": """#!/usr/bin/env bash
+echo "$$" > "$LOG.srun"
+trap 'echo "step got USR1" >> "$LOG"; exit 138' USR1
+echo "step started" >> "$LOG"
+for _ in $(seq 100); do sleep 0.1; done
+""",
+    "scancel": """#!/usr/bin/env bash
+echo "scancel $*" >> "$LOG"
+kill -USR1 "$(cat "$LOG.srun")"
+""",
+    "scontrol": """#!/usr/bin/env bash
+if [ "$1" = show ]; then echo 127.0.0.1; else echo "scontrol $*" >> "$LOG"; fi
+""",
+}
+
+
+def test_slurm_passes_the_warning_signal_to_the_step_and_requeues(tmp_path):
+    """scripts/slurm.sbatch under stand-ins for srun, scancel and scontrol: SIGUSR1 to the batch shell
+    (what `--signal=B:USR1@300` sends) reaches the job step, and the job is requeued once it ends."""
+    for name, text in SLURM_STAND_INS.items():
+        path = tmp_path / "bin" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "LOG": str(log),
+           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n0", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_SUBMIT_DIR": REPO}
+    job = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "slurm.sbatch"), "recipe.yaml"], env=env,
+                           stdout=subprocess.PIPE, text=True)
+    while "step started" not in (log.read_text() if log.exists() else ""):
+        assert job.poll() is None
+    job.send_signal(signal.SIGUSR1)
+    assert job.wait(timeout=20) == 0
+    assert log.read_text().splitlines() == ["step started", "scancel --signal=USR1 42", "step got USR1",
+                                            "scontrol requeue 42"]
+    assert "requeueing job 42" in job.stdout.read()
