@@ -236,3 +236,25 @@ def test_slurm_passes_the_warning_signal_to_the_step_and_requeues(tmp_path):
     assert log.read_text().splitlines() == ["step started", "scancel --signal=USR1 42", "step got USR1",
                                             "scontrol requeue 42"]
     assert "requeueing job 42" in job.stdout.read()
+
+
+def test_ranks_agree_on_the_signal_and_raise_a_rank_s_io_error(monkeypatch):
+    """`stop.agree` over 2 ranks (the gather stood in for): any rank's signal stops both, SIGTERM before
+    SIGUSR1; an OSError of any rank is raised on every rank."""
+    from neon import distributed
+
+    full = OSError(28, "No space left on device", "/out/shard-00001.npz")
+    others = {"flags": [0.0, 0.0], "error": None}
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(distributed, "gather_objects", lambda mine: [mine, (others["error"], others["flags"])])
+    with stop.catching():
+        assert stop.agree() is None
+        others["flags"] = [0.0, 1.0]  # the other rank caught SIGUSR1
+        assert stop.agree() == signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGTERM)  # this one SIGTERM: it wins
+        assert stop.requested() == signal.SIGTERM and stop.agree() == signal.SIGTERM
+        others["error"] = full
+        with pytest.raises(OSError) as info:
+            stop.agree()
+        assert info.value is full
+    assert stop.requested() is None
