@@ -9,10 +9,17 @@ mismatched checkpoints). `run_command`, which every entry point (the `neon` verb
 * any other exception is a bug: one line `error: internal error: <type>: <message>` with a pointer
   to `NEON_DEBUG=1`, exit code 1;
 * with NEON_DEBUG=1 set, every error but Ctrl-C shows its traceback instead (for bug reports);
-* Ctrl-C: `error: interrupted`, exit code 130 (every output is resumable or atomic).
+* Ctrl-C: `error: interrupted`, exit code 130 (every output is resumable or atomic);
+* a graceful stop on SIGTERM or SIGUSR1 (`neon.stop.Stopped`): one line `stopped: <where>; ... run
+  the same command to resume` on rank 0, exit code 143 or 138 (`neon.stop.EXIT_CODES`).
+
+An OSError is a user error too: a full disk or quota, a read-only or unwritable folder, a failing
+device. Writers leave nothing partial (`neon.io.files.atomic`), so the message says to free space and
+run the same command again, which resumes.
 """
 
 import argparse
+import errno
 import os
 import sys
 
@@ -64,7 +71,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_command(body) -> None:
     """Run `body()` as a command: logging, the process group under torchrun, and every error printed
     as one line (module docstring)."""
-    from neon import distributed, log  # both import this module
+    from neon import distributed, log, stop  # they import this module
 
     debug = os.environ.get("NEON_DEBUG") == "1"
     try:
@@ -75,6 +82,10 @@ def run_command(body) -> None:
         if debug:
             raise
         fail(str(e) if isinstance(e, NeonError) else _os_message(e))
+    except stop.Stopped as e:
+        if distributed.is_main():
+            print(f"stopped: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(e.code)
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except MemoryError:
@@ -90,8 +101,12 @@ def run_command(body) -> None:
         distributed.shutdown()
 
 
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
 def _os_message(e: OSError) -> str:
     reason = e.strerror or str(e)
-    if e.filename is not None:
-        return f"{e.filename}: {reason.lower() if reason else e}"
-    return reason
+    text = f"{e.filename}: {reason.lower() if reason else e}" if e.filename is not None else reason
+    if e.errno in _FULL:
+        text += " (nothing partial was written: free some space and run the same command again to resume)"
+    return text

@@ -7,6 +7,12 @@ training state (`state-latest.pt`: optimizer, scaler, data position), and runnin
 again resumes from the training state. A run killed after a snapshot and resumed ends with exactly
 the weights of an uninterrupted run.
 
+Faults: on SIGTERM or SIGUSR1 (`neon.stop`) every rank finishes the optimizer step in progress, the
+training state is written (a snapshot too only where one is due) and `neon.stop.Stopped` is raised;
+the training state is also written every `state_every_minutes` of wall time, so a hard kill (SIGKILL,
+a dead node) loses at most that much work. The ranks agree on both at the step's one all-reduce,
+which already carries the non-finite-loss flag: no extra collective or host sync per step.
+
 This is the only place the core wraps a network in DistributedDataParallel.
 """
 
@@ -16,13 +22,15 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
 import re
+import time
 from collections.abc import Iterator
 
 import torch
 
-from neon import config, distributed, precision, rng, synthetic
+from neon import config, distributed, precision, rng, stop, synthetic
 from neon import family as neon_family
 from neon.errors import NeonError
 from neon.io import checkpoint, files
@@ -77,6 +85,10 @@ class FinetuneConfig:
     """Clip the global gradient norm to this value; None: no clipping."""
     seed: int = 0
     """Seeds the data order and every random draw of the loss."""
+    state_every_minutes: float = 30
+    """Also write the training state every this many minutes of wall time (rank 0's clock), so a hard
+    kill loses at most that much; 0: only with snapshots and on a graceful stop. Writing it costs
+    about two copies of the weights plus the optimizer's moments of disk traffic."""
 
     def __post_init__(self):
         if self.total_images <= 0 or self.batch_size <= 0:
@@ -97,6 +109,9 @@ class FinetuneConfig:
             raise NeonError("finetune.ema_rampup_ratio needs finetune.ema_halflife_images")
         if self.lr < 0 or self.ramp_images < 0:
             raise NeonError("finetune.lr and finetune.ramp_images must be >= 0")
+        if not (math.isfinite(self.state_every_minutes) and self.state_every_minutes >= 0):
+            raise NeonError(f"finetune.state_every_minutes must be >= 0 (0: off), got "
+                            f"{self.state_every_minutes}")
 
     @property
     def has_ema(self) -> bool:
@@ -143,6 +158,10 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
     optimizer step whose `info` is {images_seen, loss (this rank's), lr, snapshot (path or None)}; the
     last record's `result` is {images_seen, loss (the last step's, None when there was nothing left to
     do), snapshots (every snapshot of the run)}. The model's weights are modified in place.
+
+    Faults (module docstring): a SIGTERM/SIGUSR1 caught by any rank inside `neon.stop.catching` raises
+    `neon.stop.Stopped` on every rank after the same step, its training state written; an I/O error of
+    rank 0's writes is raised on every rank.
     """
     data = open_data(conf, family.name)
     world, rank = distributed.world(), distributed.rank()
@@ -166,6 +185,7 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(conf.precision)
     micro = conf.batch_size // (world * conf.accumulate)
     order = _DataOrder(len(data), conf.seed)
+    state_every, state_written = conf.state_every_minutes * 60, time.monotonic()
 
     loss = None
     if images_seen < conf.total_images:
@@ -194,7 +214,17 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
             losses.append(micro_loss.detach())
         loss = torch.stack(losses).mean()
         bad = (~torch.isfinite(torch.stack(losses))).any().to(torch.float32).reshape(1)
-        if distributed.all_reduce_sum(bad).item() > 0:  # every rank stops, not only the one that saw it
+        # The step's one all-reduce (and host sync): a non-finite loss on any rank, whether rank 0's clock
+        # says the training state is due, and the signals caught; every rank acts on the same sums.
+        due = distributed.is_main() and state_every > 0 and time.monotonic() - state_written >= state_every
+        host = [float(due), *stop.flags()]
+        flags = torch.cat([bad, bad.new_zeros(len(host))])
+        for i, value in enumerate(host):
+            if value:  # a scalar fill: the usual step copies nothing from the host to the device
+                flags[1 + i].fill_(value)
+        summed = distributed.all_reduce_sum(flags).tolist()
+        signum, state_due = stop.from_flags(summed[2:]), summed[1] > 0
+        if summed[0] > 0:  # every rank stops, not only the one that saw it
             raise NeonError(f"the loss became non-finite ({loss.item()}) at {images_seen} images; lower "
                             f"finetune.lr or check the synthetic set (the last good snapshot is kept)")
         if conf.grad_clip is not None:
@@ -209,6 +239,13 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
         snapshot = None
         if images_seen // every > (images_seen - conf.batch_size) // every or images_seen >= conf.total_images:
             snapshot = _save(conf.out, family, model, net, ema, opt, scaler, images_seen, identity, loss)
+        elif state_due or signum is not None:  # the training state alone: no snapshot that is not due
+            _save(conf.out, family, model, net, ema, opt, scaler, images_seen, identity, loss, snapshot=False)
+        if snapshot is not None or state_due or signum is not None:
+            state_written = time.monotonic()
+        if signum is not None and images_seen < conf.total_images:
+            raise stop.Stopped(f"the fine-tune stopped at {images_seen} of {conf.total_images} images, its "
+                               f"training state in {os.path.join(conf.out, STATE)}", signum)
         step_info = {"images_seen": images_seen, "loss": loss.item(), "lr": lr, "snapshot": snapshot}
         if images_seen < conf.total_images:
             yield Progress(images_seen, conf.total_images, "img", info=step_info)
@@ -272,7 +309,7 @@ class _DataOrder:
 def _identity(conf: FinetuneConfig, data) -> dict:
     """What a resumed run must share with the run that wrote the state (the length may grow)."""
     fields = config.to_dict(conf)
-    for name in ("data", "out", "total_images", "snapshot_every_images"):
+    for name in ("data", "out", "total_images", "snapshot_every_images", "state_every_minutes"):
         fields.pop(name)
     fields["data_shards"] = data.manifest["shards"]
     return json.loads(json.dumps(fields))
@@ -316,20 +353,32 @@ def _checked_state(out, identity) -> dict | None:
     return state
 
 
-def _save(out, family, model, net, ema, opt, scaler, images_seen, identity, loss) -> str:
-    """Rank 0 writes the snapshot and then the training state; every rank waits for it."""
+def _save(out, family, model, net, ema, opt, scaler, images_seen, identity, loss,
+          snapshot: bool = True) -> str | None:
+    """Collective: rank 0 writes the snapshot (with `snapshot`) and then the training state; every rank
+    waits for it, and every rank raises rank 0's I/O error (a full disk) if it had one. Returns the
+    snapshot's path (None without one)."""
     folder = bool(getattr(family.format, "folder_weights", ()))  # a family of folder checkpoints
-    path = os.path.join(out, snapshot_name(images_seen, folder))
+    path = os.path.join(out, snapshot_name(images_seen, folder)) if snapshot else None
+    error = None
     if distributed.is_main():
-        theta = _cpu((ema if ema is not None else net).state_dict())
-        neon_family.write_checkpoint(family, theta, path, like=model, family=family.name, images_seen=images_seen)
-        checkpoint.write({"images_seen": images_seen, "identity": identity, "net": _cpu(net.state_dict()),
-                          "ema": _cpu(ema.state_dict()) if ema is not None else {},
-                          "optimizer": opt.state_dict(), "scaler": scaler.state_dict()},
-                         os.path.join(out, STATE))
-        files.append_jsonl(os.path.join(out, "stats.jsonl"),
-                                {"images_seen": images_seen, "loss": loss.item(), "snapshot": path})
-    distributed.barrier()
+        try:
+            if snapshot:
+                theta = _cpu((ema if ema is not None else net).state_dict())
+                neon_family.write_checkpoint(family, theta, path, like=model, family=family.name,
+                                             images_seen=images_seen)
+            checkpoint.write({"images_seen": images_seen, "identity": identity, "net": _cpu(net.state_dict()),
+                              "ema": _cpu(ema.state_dict()) if ema is not None else {},
+                              "optimizer": opt.state_dict(), "scaler": scaler.state_dict()},
+                             os.path.join(out, STATE))
+            if snapshot:
+                files.append_jsonl(os.path.join(out, "stats.jsonl"),
+                                   {"images_seen": images_seen, "loss": loss.item(), "snapshot": path})
+        except OSError as e:
+            error = e
+    error = distributed.broadcast_object(error)  # the barrier too
+    if error is not None:
+        raise error
     return path
 
 

@@ -30,9 +30,17 @@ def setup(out_dir: str | None = None) -> None:
         path = os.path.abspath(os.path.join(out_dir, "log.txt"))
         if not any(getattr(h, "baseFilename", None) == path for h in root.handlers):
             os.makedirs(out_dir, exist_ok=True)
-            handler = logging.FileHandler(path)
+            handler = _QuietFileHandler(path)
             handler.setFormatter(logging.Formatter(_FORMAT))
             root.addHandler(handler)
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that drops a record it cannot write (a full disk) instead of printing logging's
+    traceback: the command's own writes report the disk, as one line."""
+
+    def handleError(self, record):
+        pass
 
 
 def progress(iterable=None, *, total: int | None = None, unit: str, desc: str | None = None,

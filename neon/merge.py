@@ -28,7 +28,8 @@ def extrapolate(base: Mapping[str, torch.Tensor], self_trained: Mapping[str, tor
     Floating tensors are computed in float32 (float64 when the base tensor is float64) and cast
     back to the base dtype. Non-floating tensors (integer buffers, bool) and tensors with any
     non-finite entry in the base (e.g. attention masks holding −inf) are the base's tensor,
-    unchanged. The inputs are not modified.
+    unchanged; a self-trained tensor must be floating exactly where the base's is. The
+    inputs are not modified.
 
     Args:
         base: θ_base.
@@ -120,6 +121,29 @@ def merge_files(base_path: str, self_path: str, w: float, out_path: str, format:
                 base_path, self_path, w, out_path, counts[True], counts[False])
 
 
+def check_self_trained(base: Mapping[str, torch.Tensor], self_trained: Mapping[str, torch.Tensor],
+                       name: str = "self-trained") -> None:
+    """Refuse self-trained weights that `extrapolate` would refuse at some w ≠ 0: other keys or shapes,
+    a floating tensor where the base's is not (or the reverse), NaN/inf where the base is finite. For
+    checks before any work (the sweep checks every snapshot before its first evaluation); NeonError
+    naming `name` and the tensor."""
+    _check_match(_shapes(base), _shapes(self_trained), "base", name)
+    for key, a in base.items():
+        b = self_trained[key]
+        _check_kind(a, b, key)
+        if a.is_floating_point() and _all_finite(a) and not _all_finite(b):
+            raise NeonError(f"{name}: {key} holds non-finite values (NaN or inf) where the base is finite: "
+                            f"a diverged fine-tune?")
+
+
+def _check_kind(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    """A floating tensor is extrapolated, any other copied from the base: both sides must agree which."""
+    if a.is_floating_point() != b.is_floating_point():
+        mine, base = (str(t.dtype).replace("torch.", "") for t in (b, a))
+        raise NeonError(f"the self-trained {name or 'tensor'} is {mine} where the base's is {base}: not "
+                        f"weights of the same network")
+
+
 def _streamed(base_path: str, self_path: str, names: list[str], w: float,
               counts: collections.Counter, allow_nonfinite: bool) -> Iterator[torch.Tensor]:
     # Both files are read in the base's order; each base buffer is ours, so it is updated in place.
@@ -136,6 +160,7 @@ def _streamed(base_path: str, self_path: str, names: list[str], w: float,
 def _extrapolate_tensor(a: torch.Tensor, b: torch.Tensor, w: float, in_place: bool = False, name: str = "",
                         allow_nonfinite: bool = False) -> tuple[torch.Tensor, bool]:
     """(result, whether it was extrapolated) for one tensor; `in_place` may overwrite `a`."""
+    _check_kind(a, b, name)
     if not a.is_floating_point() or not _all_finite(a):
         return a, False
     if not allow_nonfinite and not _all_finite(b):

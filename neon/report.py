@@ -6,7 +6,7 @@ they have seen, and its own `config.resolved.yaml`); through that run's `finetun
 set's `manifest.json`. Paths recorded relative are read relative to the working directory, so run it
 where the sweep ran.
 
-`run(sweep_dir)` returns {'summary': the `neon.sweep.Summary` (the chosen point, the evidence, the final
+`run(sweep_dir)` returns {'summary': the `neon.summary.Summary` (the chosen point, the evidence, the final
 metrics as mean, sd and min over the seed ranges, the paired comparison and its verdict, the gain and
 whether it exceeds the spread),
 'compute': `compute`, 'pictures': name -> path written (None when not written), 'notes': lines
@@ -42,6 +42,7 @@ import numpy as np
 
 from neon import config, distributed, evaluate, finetune, plots, search, sweep, synthetic
 from neon import family as neon_family
+from neon import summary as neon_summary
 from neon.errors import NeonError
 
 RESOLVED = "config.resolved.yaml"
@@ -65,7 +66,7 @@ def run(sweep_dir: str, model=None) -> dict:
     except NeonError as e:
         raise NeonError(f"{sweep_dir}: {e} (run neon report where the sweep ran)") from None
     records = sweep.load_results(sweep_dir)
-    result = sweep.summary(records, conf, paths)
+    result = neon_summary.summary(records, conf, paths)
     notes = []
     pictures = {"fid_vs_w": _fid_vs_w(records, conf, paths, result, sweep_dir)}
     if len(conf.cfg or []) > 1:

@@ -25,8 +25,9 @@ import os
 import time
 from collections.abc import Iterator
 
-from neon import distributed, evaluate, finetune, merge, search
+from neon import distributed, evaluate, finetune, merge, search, stop, synthetic
 from neon import family as neon_family
+from neon import summary as neon_summary
 from neon.errors import NeonError
 from neon.io import files
 from neon.metrics import fid, inception, score
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 RESULTS = "results.jsonl"
 BASE = search.BASE  # the `snapshot` of w = 0 evaluations: they do not depend on the snapshot
 METRICS = ("fid", "fd_dinov2", "is", "is_std", "precision", "recall", "density", "coverage")
-EVIDENCE = 10  # the summary lists the best this many points of each n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +115,8 @@ class SweepConfig:
         score.check_metrics(self.metrics, self.precision_recall, "sweep.metrics", "sweep.precision_recall")
         if self.refine is not None and not 0 < self.refine:
             raise NeonError(f"sweep.refine must be > 0, got {self.refine}")
+        if max(self.num, self.final_num) > synthetic.MAX_NUM:  # before any allocation of that size
+            raise NeonError(f"sweep.num and sweep.final_num must be at most {synthetic.MAX_NUM:,}")
         search.grid(self.w)
 
     def extras(self) -> set[str]:
@@ -150,7 +152,9 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
     if (conf.cfg or conf.base_cfg is not None) and "cfg" not in {f.name for f in dataclasses.fields(sampler)}:
         raise NeonError(f"sweep.cfg, sweep.base_cfg: the {family.name} sampler has no guidance scale `cfg`")
     thetas = _Thetas(family, base_path)
-    cache = {_key(r): r for r in load_results(out)}
+    for path in paths:  # every snapshot it may use, before the first evaluation is scored or written
+        merge.check_self_trained(thetas.base, thetas.of(path), path)
+    cache = {record_key(r): r for r in load_results(out)}
     start_cfg = conf.sampler.get("cfg", getattr(sampler, "cfg", None))  # the evaluation sampler's own
     steps = search.search(conf.search, paths, search.grid(conf.w), conf.cfg or [None], conf.num, conf.screen(),
                           conf.screen_keep, start_cfg, conf.refine)
@@ -161,7 +165,7 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
             snapshot, w, c, n = steps.send(value)
         except StopIteration:
             break
-        key = _key(_point(conf, snapshot, w, c, (conf.seed_base, n)))
+        key = record_key(record_point(conf, snapshot, w, c, (conf.seed_base, n)))
         if key not in cache:
             cache[key] = _evaluate(family, model, thetas, snapshot, w, c, (conf.seed_base, n), sampler, conf,
                                    metrics, out)
@@ -173,11 +177,11 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
         best = best_point(records, conf, paths)
         sides = [(BASE, 0.0, base_cfg(records, conf, paths)), (best["snapshot"], best["w"], best["cfg"])]
         asked = _asked(conf)
-        finished = {_key(r) for r in records if asked <= set(r)}  # a final point lacking an asked metric is redone
+        finished = {record_key(r) for r in records if asked <= set(r)}  # a final point lacking an asked metric is redone
         final_metrics = None  # real features are read once, and only when a final point needs them
         for seeds in conf.final_ranges():
             for snapshot, w, c in sides[:1] if sides[0] == sides[1] else sides:
-                if _key(_point(conf, snapshot, w, c, seeds)) not in finished:
+                if record_key(record_point(conf, snapshot, w, c, seeds)) not in finished:
                     if final_metrics is None:
                         real = (score.real_features(conf.precision_recall, fid_conf, conf.extras())
                                 if conf.precision_recall else None)
@@ -188,92 +192,7 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
                     done += 1
                     yield Progress(done, None, "eval", info=record)
     merge.extrapolate_into(model.net, thetas.base, None, 0.0)
-    yield Progress(done, done, "eval", result=summary(load_results(out), conf, paths))
-
-
-@dataclasses.dataclass(frozen=True)
-class FinalReport:
-    """The final report: the base and the chosen point on the same k disjoint seed ranges."""
-
-    seeds: list[list[int]]  # [first seed, samples] per range.
-    base_cfg: float | None  # The base's cfg: its own best on the selection, or sweep.base_cfg.
-    cfg: float | None  # The cfg Neon was scored at (the chosen point's).
-    base: dict[str, evaluate.Stats]  # Per metric scored (fid, METRICS where asked, `extra`'s), over the ranges.
-    neon: dict[str, evaluate.Stats]
-    paired: dict[str, evaluate.Paired | None]
-    """Per metric, neon − base range by range (None until both sides have every range)."""
-    images: int  # Images the final report generated.
-    gain: float | None  # The base's mean FID − the chosen point's (None until every range is scored).
-    spread: float | None  # The larger of the two FID sds (None with one range).
-    gain_exceeds_spread: bool | None
-    verdict: str | None  # From the paired 95% interval of the FID differences (`neon.evaluate.verdict`).
-
-
-@dataclasses.dataclass(frozen=True)
-class Summary:
-    """What a sweep found: the chosen point, the evidence, the selection's cost and the final report."""
-
-    search: str
-    snapshot: str  # The chosen snapshot (`BASE` when no snapshot beat the base).
-    w: float
-    cfg: float | None
-    base_cfg: float | None  # The base's cfg in the final report: sweep.base_cfg, else its best at n = num.
-    fid: float  # The chosen point's FID at n = num on the selection seeds.
-    num: int
-    evidence: list[dict]
-    """Per n: how many points were scored and the best EVIDENCE of them as [snapshot, w, cfg, fid]."""
-    selection_images: int
-    final: FinalReport | None
-    results: str  # The path of results.jsonl.
-
-    def to_dict(self) -> dict:
-        """The summary as JSON-able data (what `neon sweep` prints)."""
-        return files.finite_json(dataclasses.asdict(self))
-
-
-def summary(records: list[dict], conf: SweepConfig, paths: list[str] | None = None) -> Summary:
-    """The sweep's `Summary` from its results: the chosen point (the lowest FID at n = num), the
-    evidence, the images the selection generated and, with a final report, its statistics."""
-    best = best_point(records, conf, paths)
-    scored = selection(records, conf, paths)
-    evidence = [{"n": n, "points": sum(r["num"] == n for r in scored),
-                 "best": [[r["snapshot"], r["w"], r["cfg"], r["fid"]]
-                          for r in sorted((r for r in scored if r["num"] == n), key=_fid)[:EVIDENCE]]}
-                for n in sorted({r["num"] for r in scored})]
-    return Summary(search=conf.search, snapshot=best["snapshot"], w=best["w"], cfg=best["cfg"],
-                   base_cfg=base_cfg(records, conf, paths), fid=best["fid"],
-                   num=conf.num, evidence=evidence, selection_images=sum(r["num"] for r in scored),
-                   final=_final(records, conf, best, base_cfg(records, conf, paths)) if conf.final_num else None,
-                   results=os.path.join(output_dir(conf), RESULTS))
-
-
-def _final(records: list[dict], conf: SweepConfig, best: dict, base_cfg_) -> FinalReport:
-    """The final report's statistics (`FinalReport`): the base at `base_cfg_`, Neon at the chosen point."""
-    latest = {_key(r): r for r in records}
-    sides, used = {}, {}
-    for name, (snapshot, w, c) in (("base", (BASE, 0.0, base_cfg_)), ("neon", (best["snapshot"], best["w"], best["cfg"]))):
-        keys = [_key(_point(conf, snapshot, w, c, seeds)) for seeds in conf.final_ranges()]
-        sides[name] = [latest.get(k) for k in keys]
-        used.update((k, latest[k]["num"]) for k in keys if k in latest)
-    stats, comparisons = {"base": {}, "neon": {}}, {}
-    for metric in METRICS + _extra_metrics(r for rows in sides.values() for r in rows if r is not None):
-        values = {name: [r.get(metric) for r in rows if r is not None] for name, rows in sides.items()}
-        if metric != "fid" and not any(v is not None for vs in values.values() for v in vs):
-            continue
-        for name in stats:
-            stats[name][metric] = evaluate.summarize([v for v in values[name] if v is not None])
-        complete = all(r is not None and r.get(metric) is not None for rows in sides.values() for r in rows)
-        comparisons[metric] = (evaluate.paired([r[metric] for r in sides["neon"]], [r[metric] for r in sides["base"]])
-                               if complete else None)
-    fid_pair = comparisons["fid"]
-    gain = -fid_pair.mean if fid_pair is not None else None
-    spread = (max(stats["base"]["fid"].sd, stats["neon"]["fid"].sd)
-              if fid_pair is not None and conf.final_seeds > 1 else None)
-    return FinalReport(seeds=[list(seeds) for seeds in conf.final_ranges()], base_cfg=base_cfg_, cfg=best["cfg"],
-                       base=stats["base"], neon=stats["neon"],
-                       paired=comparisons, images=sum(used.values()), gain=gain, spread=spread,
-                       gain_exceeds_spread=None if spread is None else bool(gain > spread),
-                       verdict=evaluate.verdict(fid_pair) if fid_pair is not None else None)
+    yield Progress(done, done, "eval", result=neon_summary.summary(load_results(out), conf, paths))
 
 
 class _Thetas:
@@ -320,7 +239,7 @@ def best_point(records: list[dict], conf: SweepConfig, paths: list[str] | None =
     chosen = [r for r in selection(records, conf, paths) if r["num"] == conf.num]
     if not chosen:
         raise NeonError("the sweep has no results yet")
-    return min(chosen, key=_fid)
+    return min(chosen, key=record_fid)
 
 
 def base_cfg(records: list[dict], conf: SweepConfig, paths: list[str] | None = None):
@@ -329,7 +248,7 @@ def base_cfg(records: list[dict], conf: SweepConfig, paths: list[str] | None = N
     if conf.base_cfg is not None:
         return conf.base_cfg
     line = [r for r in selection(records, conf, paths) if r["snapshot"] == BASE and r["num"] == conf.num]
-    return min(line, key=_fid)["cfg"] if line else best_point(records, conf, paths)["cfg"]
+    return min(line, key=record_fid)["cfg"] if line else best_point(records, conf, paths)["cfg"]
 
 
 def curve(records: list[dict], conf: SweepConfig, snapshot: str, cfg_value=None,
@@ -349,7 +268,7 @@ def selection(records: list[dict], conf: SweepConfig, paths: list[str] | None = 
     paths = set(paths if paths is not None else finetune.snapshots(conf.self_trained or ""))
     ws = set(search.refined(search.grid(conf.w), conf.refine)) | {0.0}
     cfgs, overrides = set(search.refined(conf.cfg or [None], conf.refine)), _sampler_key(conf.overrides())
-    latest = {_key(r): r for r in records
+    latest = {record_key(r): r for r in records
               if r["seeds"][0] == conf.seed_base and _sampler_key(r.get("sampler")) == overrides
               and r["w"] in ws and r["cfg"] in cfgs and (r["snapshot"] == BASE or r["snapshot"] in paths)}
     return list(latest.values())
@@ -364,18 +283,25 @@ def _evaluate(family, model, thetas: _Thetas, snapshot, w, c, seeds, sampler, co
         fields["cfg"] = c
     scores = evaluate.evaluate(family, model, thetas.base, dataclasses.replace(sampler, **fields), seeds,
                                conf.batch_size, metrics, self_trained=thetas.of(snapshot), w=w)
-    record = files.finite_json({**_point(conf, snapshot, w, c, seeds), **scores,
+    record = files.finite_json({**record_point(conf, snapshot, w, c, seeds), **scores,
                                 "seconds": round(time.time() - started, 3)})
     if metrics.real is not None:
         record["real"] = conf.precision_recall
+    error = None
     if distributed.is_main():
-        os.makedirs(out, exist_ok=True)
-        files.append_jsonl(os.path.join(out, RESULTS), record)
-    distributed.barrier()
+        try:
+            os.makedirs(out, exist_ok=True)
+            files.append_jsonl(os.path.join(out, RESULTS), record)
+        except OSError as e:  # a full disk: raised on every rank by stop.agree
+            error = e
+    signum = stop.agree(error)  # the barrier too: a signal caught by any rank stops all after this point
+    if signum is not None:
+        raise stop.Stopped(f"the sweep stopped after scoring {snapshot} w={w:g} cfg={c} "
+                           f"(results in {os.path.join(out, RESULTS)})", signum)
     return record
 
 
-def _point(conf: SweepConfig, snapshot: str, w: float, c, seeds: tuple[int, int]) -> dict:
+def record_point(conf: SweepConfig, snapshot: str, w: float, c, seeds: tuple[int, int]) -> dict:
     """The key fields of a record."""
     return {"snapshot": snapshot, "w": w, "cfg": c, "num": seeds[1], "seeds": list(seeds), "sampler": conf.overrides()}
 
@@ -387,15 +313,7 @@ def _asked(conf: SweepConfig) -> set[str]:
             | ({"fd_dinov2"} if "fd_dinov2" in extras else set()) | ({"density"} if "prdc" in extras else set()))
 
 
-def _extra_metrics(records) -> tuple[str, ...]:
-    """Numeric keys of `records` that are neither METRICS nor a record's own fields: the metrics an
-    `extra` added (`neon.evaluate.Metrics.extra`), sorted."""
-    fields = {"snapshot", "w", "cfg", "num", "seeds", "sampler", "seconds", "real", "nonfinite"}
-    return tuple(sorted({k for r in records for k, v in r.items() if k not in fields and k not in METRICS
-                         and isinstance(v, (int, float)) and not isinstance(v, bool)}))
-
-
-def _key(record: dict) -> tuple:
+def record_key(record: dict) -> tuple:
     """A record's identity: records written before the sampler overrides were recorded have none."""
     return (record["snapshot"], float(record["w"]), record["cfg"], tuple(record["seeds"]),
             _sampler_key(record.get("sampler")))
@@ -405,5 +323,5 @@ def _sampler_key(overrides: dict | None) -> str:
     return json.dumps(overrides or {}, sort_keys=True)
 
 
-def _fid(record: dict) -> float:
+def record_fid(record: dict) -> float:
     return math.inf if record.get("fid") is None else record["fid"]

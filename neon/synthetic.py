@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from neon import distributed, log, precision
+from neon import distributed, log, precision, stop
 from neon.errors import NeonError, NonFiniteError
 from neon.io import files, rows
 from neon.progress import Progress
@@ -28,6 +28,7 @@ from neon.progress import Progress
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+MAX_NUM = 100_000_000  # samples of a set or an evaluation: checked before anything of that size is allocated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,9 @@ class SyntheticConfig:
     def __post_init__(self):
         if self.num < 0 or self.batch_size <= 0 or self.shard_size <= 0:
             raise NeonError("synthetic.num must be >= 0 and batch_size, shard_size > 0")
+        if self.num > MAX_NUM:
+            raise NeonError(f"synthetic.num must be at most {MAX_NUM:,} (the paper's sets hold up to "
+                            f"750,000)")
         if self.labels not in ("balanced", "none"):
             raise NeonError(f"synthetic.labels must be 'balanced' or 'none', got {self.labels!r}")
 
@@ -105,18 +109,31 @@ def write(family, model, sampler, conf: SyntheticConfig, base_sha256: str) -> It
     for round_start in range(0, len(pending), distributed.world()):
         todo = pending[round_start:round_start + distributed.world()]
         mine = distributed.shard(todo)
-        written = [_write_shard(family, model, sampler, conf, labels, j) for j in mine]
-        for shard_records in distributed.gather_objects(written):
+        try:
+            written = [_write_shard(family, model, sampler, conf, labels, j) for j in mine]
+        except OSError as e:  # a full disk: every rank raises it below, none waits on this one
+            written = e
+        everyone = distributed.gather_objects(written)
+        for shard_records in everyone:
+            if isinstance(shard_records, OSError):
+                raise shard_records
+        for shard_records in everyone:
             for name, digest, shape in shard_records:
                 manifest["shards"][name] = digest
                 manifest["sample_shape"] = shape
+        error = None
         if distributed.is_main():
             manifest["shards"] = dict(sorted(manifest["shards"].items()))
-            files.write_json(os.path.join(conf.out, MANIFEST), manifest)
-            # the writer hashed these shards itself: readers need not hash them again
-            _stamp(conf.out, {name: manifest["shards"][name] for name in map(_shard_name, todo)})
-        distributed.barrier()
+            try:
+                files.write_json(os.path.join(conf.out, MANIFEST), manifest)
+                # the writer hashed these shards itself: readers need not hash them again
+                _stamp(conf.out, {name: manifest["shards"][name] for name in map(_shard_name, todo)})
+            except OSError as e:  # a full disk: raised on every rank by stop.agree
+                error = e
+        signum = stop.agree(error)  # the barrier too: a signal caught by any rank stops all after this round
         done += sum(_shard_len(j, conf) for j in todo)
+        if signum is not None and done < conf.num:
+            raise stop.Stopped(f"sampling stopped at {done} of {conf.num} samples in {conf.out}", signum)
         yield Progress(done, conf.num, "sample", result=conf.out if done == conf.num else None)
 
 

@@ -28,6 +28,7 @@ from neon import (
     progress,
     report,
     search,
+    stop,
     sweep,
     synthetic,
 )
@@ -49,7 +50,8 @@ def cmd_sample(raw: dict, dry_run: bool) -> None:
     sha = files.sha256(base) if distributed.is_main() else None
     base_sha = distributed.broadcast_object(sha)
     with _claimed(conf.out, "neon sample", keep=lambda name: name.startswith("shard-")):
-        progress.drain(synthetic.write(fam, model, recipe.sampler, conf, base_sha), "sample")
+        with stop.catching():  # SIGTERM/SIGUSR1: the shards in progress are finished, then it stops
+            progress.drain(synthetic.write(fam, model, recipe.sampler, conf, base_sha), "sample")
         _save_resolved(conf.out, recipe)
     _say(f"synthetic set of {conf.num} samples in {conf.out}")
 
@@ -66,7 +68,8 @@ def cmd_finetune(raw: dict, dry_run: bool) -> None:
     with _claimed(conf.out, "neon finetune", keep=lambda name: name != "stats.jsonl"):
         _save_resolved(conf.out, recipe)
         log.setup(conf.out)
-        result = progress.drain(finetune.run(fam, model, conf), "finetune")
+        with stop.catching():  # SIGTERM/SIGUSR1: the step is finished and the training state written
+            result = progress.drain(finetune.run(fam, model, conf), "finetune")
     last = f" (last loss {result['loss']:.4f})" if result["loss"] is not None else " (already complete)"
     _say(f"fine-tuned to {conf.total_images} images; snapshots in {conf.out}{last}")
 
@@ -102,7 +105,8 @@ def cmd_sweep(raw: dict, dry_run: bool) -> None:
     with _claimed(out, "neon sweep"):
         _save_resolved(out, recipe)
         work = sweep.run(fam, model, recipe.model.ckpt, recipe.sampler, conf, recipe.fid)
-        result = progress.drain(work, "sweep", on_info=lambda record: _say(_json(record), err=True))
+        with stop.catching():  # SIGTERM/SIGUSR1: the evaluation in progress is finished and recorded
+            result = progress.drain(work, "sweep", on_info=lambda record: _say(_json(record), err=True))
         _say(_json(result.to_dict()))
         if distributed.is_main():  # the pictures of `neon report`: fid_vs_w.png, fid_w_cfg.png, samples.png
             report.run(out, model)

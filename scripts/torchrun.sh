@@ -12,7 +12,18 @@
 #   NODE_RANK=R              optional: c10d orders the nodes itself
 #   STEPS="VERB ..."         the steps to run, in order (default "sample finetune sweep"; e.g. STEPS=sweep)
 # With several nodes the recipe's output folders must be on a filesystem that every node sees.
+#
+# Preemption (README, "Errors, limits and the output lock"): a scheduler signals every process of the job
+# (SLURM's SIGTERM, or `scancel --signal=USR1` as scripts/slurm.sbatch sends ahead of the time limit).
+# The workers catch SIGTERM and SIGUSR1, finish the step in progress, save what resumes it and exit
+# (143, 138); torchrun forwards both to them too (SIGUSR1 only when PET_SIGNALS_TO_HANDLE names it) and
+# waits PET_SHUTDOWN_TIMEOUT seconds before it kills them; this shell waits for torchrun (the trap keeps
+# it alive) and then starts no further step.
 set -euo pipefail
+export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+export PET_SHUTDOWN_TIMEOUT="${PET_SHUTDOWN_TIMEOUT:-600}"
+stopped=0
+trap 'stopped=1' TERM USR1
 recipe="${1:?usage: bash scripts/torchrun.sh RECIPE.yaml}"
 nproc="${NPROC:-8}"
 nnodes="${NNODES:-1}"
@@ -29,5 +40,11 @@ launch() {  # launch VERB: one torchrun of `neon VERB --config RECIPE` on this n
 }
 
 for step in ${STEPS:-sample finetune sweep}; do
-  launch "$step"
+  status=0
+  launch "$step" || status=$?
+  if [ "$stopped" -eq 1 ]; then
+    echo "neon: $step stopped by a signal; run the same command again to resume" >&2
+    exit 143
+  fi
+  [ "$status" -eq 0 ] || exit "$status"
 done

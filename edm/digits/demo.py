@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from neon import config, diagnose, evaluate, finetune, plots, progress, sweep, synthetic
+from neon import config, diagnose, evaluate, finetune, plots, progress, summary, sweep, synthetic
 from neon import family as neon_family
 from neon.io import checkpoint, files
 from neon.metrics import fid
@@ -308,7 +308,7 @@ def _real(fam: DigitsFamily, real: tuple, num: int, reference: torch.Tensor) -> 
     return {"num": num, "fid": fid.frechet_distance(fid.statistics(features), fam.reference()), **scores}
 
 
-def _selection(records: list[dict], conf: sweep.SweepConfig, found: sweep.Summary) -> dict:
+def _selection(records: list[dict], conf: sweep.SweepConfig, found: summary.Summary) -> dict:
     """The search's evidence and its curves: (w, FID) at the screening n and at n = num."""
     curves = {}
     for n in sorted({conf.screen(), conf.num}):

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import io
 import os
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -151,10 +152,21 @@ def _check_input_file(path: str) -> None:
 def _torch_load(path: str, mmap: bool = False):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            data = _load(path, mmap)
     except Exception as e:
         raise NeonError(f"cannot read checkpoint {path}: {first_sentence(e)}") from None
     return _without_namespaces(data)
+
+
+def _load(path: str, mmap: bool):
+    """`torch.load` with `weights_only=True` onto the CPU, memory-mapped with `mmap` where the file
+    allows it: a legacy (non-zip) `torch.save` file, or a file system that cannot map, is read."""
+    if mmap and zipfile.is_zipfile(path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, OSError):  # mapping refused: read it as a whole below
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _without_namespaces(obj):
@@ -176,7 +188,7 @@ def read_state(path: str, mmap: bool = False) -> dict:
     if not os.path.exists(path):
         raise NeonError(f"no such state file: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        data = _load(path, mmap)
     except Exception as e:
         raise NeonError(f"cannot read state file {path}: {first_sentence(e)}") from None
     if not isinstance(data, dict):
@@ -220,9 +232,35 @@ def replaced(container: Container, state_dict: Mapping[str, torch.Tensor]) -> ob
 
 
 def write(obj: object, path: str) -> None:
-    """`torch.save(obj)` to `path` atomically (parent directories are created)."""
-    with files.atomic(path) as tmp:
-        torch.save(obj, tmp)
+    """`torch.save(obj)` to `path` atomically (parent directories are created). An I/O error (a full
+    disk, a quota) is raised as the OSError it is, naming `path`, with no file left: torch's own
+    writer would report it as `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`,
+    so the bytes go through a file object of ours that keeps the OSError."""
+    with files.atomic(path) as tmp, open(tmp, "wb") as f:
+        sink = _Sink(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
+class _Sink:
+    """A writable file object for `torch.save` that remembers the OSError of a failed write."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def in_memory(state_dict: Mapping[str, torch.Tensor]) -> io.BytesIO:

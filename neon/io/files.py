@@ -8,6 +8,7 @@ record per `write` call and read torn-line tolerant.
 """
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -46,9 +47,11 @@ def atomic(path: str) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise named(e, path) from None
         raise
 
 
@@ -71,9 +74,20 @@ def atomic_folder(path: str) -> Iterator[str]:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise named(e, path) from None
         raise
+
+
+def named(e: OSError, path: str) -> OSError:
+    """`e` as an OSError of its errno naming `path` (the final name, not a temporary's): what the
+    error printer shows. Errors of a temporary, or of a write that names no file, get `path`."""
+    parts = str(e.filename).split(os.sep) if e.filename is not None else [".x.h-1-00000000.tmp"]
+    if not any(_TEMPORARY.match(part) for part in parts):
+        return e
+    return OSError(e.errno, e.strerror or str(e), os.fspath(path))
 
 
 _HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
@@ -138,7 +152,8 @@ def check_output(path: str, kind: str, suffixes: Sequence[str] = ()) -> None:
     if not os.path.isdir(parent):
         raise NeonError(f"cannot create {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):  # (root passes; its failures come as OSError at creation)
-        raise NeonError(f"cannot create {path}: {parent} is not writable")
+        why = "on a read-only file system" if os.statvfs(parent).f_flag & os.ST_RDONLY else "not writable"
+        raise NeonError(f"cannot create {path}: {parent} is {why}")
 
 
 LOCK = ".neon.lock"
@@ -171,11 +186,17 @@ def claim(directory: str, command: str, keep_on_error: Callable[[str], bool] = l
         except (ValueError, KeyError, TypeError):
             who = "another neon process"
         raise NeonError(f"{directory} is in use by {who}; wait for it to finish or choose another output") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(),
-                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
-    handle.flush()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        handle.flush()
+    except OSError as e:  # a full disk: the lock's line did not fit
+        _release(lock_path, handle)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise named(e, lock_path) from None
     try:
         yield directory
     except BaseException:
@@ -191,7 +212,8 @@ def claim(directory: str, command: str, keep_on_error: Callable[[str], bool] = l
 def _release(lock_path: str, handle) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(lock_path)
-    handle.close()
+    with contextlib.suppress(OSError):  # a buffer that a full disk refused is dropped with the file
+        handle.close()
 
 
 def write_json(path: str, obj: object) -> None:
@@ -209,15 +231,41 @@ def write_text(path: str, text: str) -> None:
 
 def append_jsonl(path: str, record: dict) -> None:
     """Append `record` as one JSON line (NaN and ±inf written as null) in one `write` call on an
-    O_APPEND descriptor, so a crash leaves at most a torn last line, which `read_jsonl` drops."""
-    line = json.dumps(finite_json(record), allow_nan=False) + "\n"
+    O_APPEND descriptor, so a crash leaves at most a torn last line. A torn last line (no newline: an
+    append that died) is first dropped from the file, rewritten atomically, so that the file stays
+    valid JSON lines for every reader (`pandas.read_json(lines=True)`). An I/O error (a full disk) cuts
+    the file back to where it was: no partial line stays."""
+    data = (json.dumps(finite_json(record), allow_nan=False) + "\n").encode()
+    drop_torn_tail(path)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        if os.fstat(fd).st_size and not _ends_with_newline(fd):
-            line = "\n" + line  # a torn line before us stays on a line of its own
-        os.write(fd, line.encode())
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):  # a short write: the disk filled during it
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise named(e, path) from None
     finally:
         os.close(fd)
+
+
+def drop_torn_tail(path: str) -> bool:
+    """Drop the torn last line of a JSON-lines file (the bytes after its last newline), rewriting it
+    atomically; True when there was one. A missing or whole file is left alone."""
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except FileNotFoundError:
+        return False
+    if not content or content.endswith(b"\n"):
+        return False
+    cut = content.rfind(b"\n") + 1
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        f.write(content[:cut])
+    logger.warning("%s: dropped its torn last line (an interrupted write)", path)
+    return True
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -250,11 +298,6 @@ def finite_json(value):
     if isinstance(value, (list, tuple)):
         return [finite_json(v) for v in value]
     return value
-
-
-def _ends_with_newline(fd: int) -> bool:
-    size = os.fstat(fd).st_size
-    return os.pread(fd, 1, size - 1) == b"\n"
 
 
 def sha256(path: str) -> str:

@@ -193,7 +193,7 @@ def test_search_and_grid_choose_the_same_point_through_the_sweep(tmp_path, shift
     # a grid in the search's folder reuses every point the search scored at the full n
     _, more, _ = _shift_sweep(shift, tmp_path / "coordinate", cfg=CFG_GRID)
     full = [r for r in found if r["num"] == 256]
-    assert len(more) == 17 * 6 - len(full) and not {sweep._key(r) for r in more} & {sweep._key(r) for r in full}
+    assert len(more) == 17 * 6 - len(full) and not {sweep.record_key(r) for r in more} & {sweep.record_key(r) for r in full}
 
 
 def test_a_search_resumes_mid_search(tmp_path, shift):
@@ -203,9 +203,9 @@ def test_a_search_resumes_mid_search(tmp_path, shift):
         _shift_sweep(shift, tmp_path / "resumed", fam=ShiftFamily(crash_at=12), **kw)  # one batch a point: the 12th
     assert len(sweep.load_results(str(tmp_path / "resumed"))) == 11 < len(whole) - 6
     _, rest, resumed = _shift_sweep(shift, tmp_path / "resumed", **kw)
-    assert [sweep._key(r) for r in rest] == [sweep._key(r) for r in whole[11:]]
-    done = {sweep._key(r): r["fid"] for r in sweep.load_results(str(tmp_path / "resumed"))}
-    assert done == {sweep._key(r): r["fid"] for r in whole}
+    assert [sweep.record_key(r) for r in rest] == [sweep.record_key(r) for r in whole[11:]]
+    done = {sweep.record_key(r): r["fid"] for r in sweep.load_results(str(tmp_path / "resumed"))}
+    assert done == {sweep.record_key(r): r["fid"] for r in whole}
     assert resumed == dataclasses.replace(summary, results=str(tmp_path / "resumed" / sweep.RESULTS))
 
 

@@ -304,6 +304,20 @@ CASES = [
                                                  "--synthetic", out(t, "none")], "not a synthetic set"),
     ("diagnose-batches-zero", lambda P, t: ["diagnose", "--family", "toy", "--ckpt", P.base, "--real", "toy:64",
                                             "--synthetic", P.S, "--batches", "0"], "batches"),
+    # the last probe failures (issue 25): limits before allocation, tensor kinds, the sweep's early check
+    ("sample-num-huge", lambda P, t: [*SAMPLE, "--ckpt", P.base, "--out", out(t), "--num-images",
+                                      str(10**15)], "synthetic.num must be at most 100,000,000"),
+    ("sweep-num-huge", lambda P, t: [*SWEEP, "--base", P.base, "--self", P.run, "--out", out(t),
+                                     "--num-images", str(10**15)],
+     "sweep.num and sweep.final_num must be at most"),
+    ("merge-self-int-where-float", lambda P, t: ["merge", "--base", P.base, "--self", retyped(t, torch.int64),
+                                                 "--w", "1", "--out", out(t, "m.pt")],
+     "is int64 where the base's is float32"),
+    ("merge-self-float-where-int", lambda P, t: ["merge", "--base", retyped(t, torch.int64), "--self", P.base,
+                                                 "--w", "1", "--out", out(t, "m.pt")],
+     "is float32 where the base's is int64"),
+    ("sweep-self-nan-before-any-score", lambda P, t: [*SWEEP, "--base", P.base, "--self", os.path.dirname(
+        nan_ckpt(folder(t, "run"), "snapshot-0000000016.pt")), "--out", out(t)], "holds non-finite values"),
     # report
     ("report-no-sweep", lambda P, t: ["report", folder(t)], "holds no config.resolved.yaml"),
     ("report-snapshots-gone", lambda P, t: ["report", os.path.dirname(write(t, "sw/config.resolved.yaml",
@@ -313,6 +327,13 @@ CASES = [
     ("demo-out-a-file", lambda P, t: ["demo", "--quick", "--out", write(t, "out", "x")], "not a directory"),
     ("demo-overrides", lambda P, t: ["demo", "--sampler.zeta", "1"], "takes no recipe overrides"),
 ]
+
+
+def retyped(tmp, dtype) -> str:
+    """A toy checkpoint whose first tensor has `dtype` (the values kept)."""
+    weights = toy.tiny(0).net.state_dict()
+    first = next(iter(weights))
+    return toy_ckpt(tmp, "retyped.pt", weights={**weights, first: weights[first].to(dtype)})
 
 
 def folder(tmp, name="d") -> str:

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from neon import cli, verbs
-from neon.io import files
 from neon.family import read_checkpoint
+from neon.io import checkpoint, files
 from neon.toy.family import family as toy
 from tests.conftest import REPO, run_neon, save_base
 from tests.reliability.test_bad_inputs import nan_ckpt
@@ -98,14 +98,16 @@ def test_neon_debug_shows_the_traceback_of_a_user_error(tmp_path):
     assert result.returncode == 1 and "Traceback" in result.stderr and "NeonError: no such checkpoint" in result.stderr
 
 
-def test_a_torn_jsonl_line_is_skipped_and_appends_go_on(tmp_path, caplog):
+def test_a_torn_jsonl_line_is_skipped_and_dropped_before_the_next_append(tmp_path, caplog):
     path = str(tmp_path / "results.jsonl")
     files.append_jsonl(path, {"w": 0.5, "fid": 1.0})
     with open(path, "a") as f:
         f.write('{"w": 1.0, "fi')  # a killed append
+    assert files.read_jsonl(path) == [{"w": 0.5, "fid": 1.0}] and "line 2 is not a JSON record" in caplog.text
     files.append_jsonl(path, {"w": 1.5, "fid": float("nan"), "nested": [float("inf"), 2.0]})
     assert files.read_jsonl(path) == [{"w": 0.5, "fid": 1.0}, {"w": 1.5, "fid": None, "nested": [None, 2.0]}]
-    assert "line 2 is not a JSON record" in caplog.text
+    assert [json.loads(line) for line in open(path)] == files.read_jsonl(path)  # every line a record (pandas)
+    assert "dropped its torn last line" in caplog.text
     assert all("NaN" not in line and "Infinity" not in line for line in open(path))
 
 
@@ -122,6 +124,7 @@ def test_a_sweep_resumes_over_a_torn_results_line(tmp_path, base_ckpt, synthetic
     capsys.readouterr()
     cli.main(args)
     records = files.read_jsonl(str(results))
+    assert len(results.read_text().splitlines()) == len(records)  # the torn line is gone from the file
     redone = {k: v for k, v in records[-1].items() if k != "seconds"}
     assert len(records) == len(lines) and redone == {k: v for k, v in json.loads(lines[-1]).items() if k != "seconds"}
 
@@ -190,3 +193,27 @@ def test_merge_overflow_names_the_dtype_and_the_tensor(tmp_path, capsys):
                             str(tmp_path / "m.pt")], capsys)
     assert code == 2 and "overflows float32 in " in captured.err and not (tmp_path / "m.pt").exists()
     assert math.isfinite(1e39)  # finite as a Python float: only the float32 result is not
+
+
+def test_legacy_torch_save_files_are_read_as_base_self_and_state(tmp_path, base_ckpt, synthetic_set, capsys):
+    """Older checkpoints are not zip files: they cannot be memory-mapped, so they are read whole."""
+    legacy = str(tmp_path / "legacy.pt")
+    torch.save(checkpoint.read(base_ckpt).data, legacy, _use_new_zipfile_serialization=False)
+    cli.main(["merge", "--base", legacy, "--self", legacy, "--w", "1", "--out", str(tmp_path / "m.pt")])
+    one, two = read_checkpoint(toy, str(tmp_path / "m.pt")).weights, read_checkpoint(toy, base_ckpt).weights
+    assert all(torch.equal(one[k], two[k]) for k in two)  # θ + 1 · (θ − θ) = θ
+    run = tmp_path / "run"
+    args = ["finetune", "--family", "toy", "--ckpt", legacy, "--data", synthetic_set, "--out", str(run),
+            "--batch-size", "16"]
+    cli.main(args + ["--images", "16"])
+    state = checkpoint.read_state(str(run / "state-latest.pt"))
+    torch.save(state, str(run / "state-latest.pt"), _use_new_zipfile_serialization=False)
+    os.rename(run / "snapshot-0000000016.pt", run / "zip.pt")
+    torch.save(torch.load(run / "zip.pt"), str(run / "snapshot-0000000016.pt"),
+               _use_new_zipfile_serialization=False)
+    os.remove(run / "zip.pt")
+    cli.main(args + ["--images", "32"])  # resumed from the legacy state (read with mmap asked for)
+    assert checkpoint.read_state(str(run / "state-latest.pt"))["images_seen"] == 32
+    cli.main(["sweep", "--family", "toy", "--base", legacy, "--self", str(run), "--w", "0,1",
+              "--num-images", "16", "--batch-size", "16", "--out", str(tmp_path / "sweep")])
+    assert len(files.read_jsonl(str(tmp_path / "sweep" / "results.jsonl"))) == 3
