@@ -19,6 +19,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -77,6 +78,10 @@ class FinetuneConfig:
     """Clip the global gradient norm to this value; None: no clipping."""
     seed: int = 0
     """Seeds the data order and every random draw of the loss."""
+    workers: int = 2
+    """Input pipeline: threads that read and prepare the batches of the next steps (the family's
+    `prepare`) while a step runs; 0: each batch is read when its step starts. Not part of the run's
+    identity: the batches and their draws are the same for any number."""
 
     def __post_init__(self):
         if self.total_images <= 0 or self.batch_size <= 0:
@@ -97,6 +102,8 @@ class FinetuneConfig:
             raise NeonError("finetune.ema_rampup_ratio needs finetune.ema_halflife_images")
         if self.lr < 0 or self.ramp_images < 0:
             raise NeonError("finetune.lr and finetune.ramp_images must be >= 0")
+        if self.workers < 0:
+            raise NeonError(f"finetune.workers must be >= 0, got {self.workers}")
 
     @property
     def has_ema(self) -> bool:
@@ -166,6 +173,7 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(conf.precision)
     micro = conf.batch_size // (world * conf.accumulate)
     order = _DataOrder(len(data), conf.seed)
+    batches = _Pipeline(family, data, order, conf, rank, micro, device)
 
     loss = None
     if images_seen < conf.total_images:
@@ -175,21 +183,18 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
         lr = conf.lr * min(1.0, (images_seen + conf.batch_size) / conf.ramp_images) if conf.ramp_images else conf.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = order.take(images_seen, conf.batch_size)
         losses = []
-        for m in range(conf.accumulate):
+        for m, (samples, labels, generator) in enumerate(batches.take(images_seen)):
             shard = rank * conf.accumulate + m
-            indices = batch[shard * micro:(shard + 1) * micro]
             step_seed = rng.derive(conf.seed, step, shard)
             torch.manual_seed(step_seed)  # dropout / drop-path inside the network draw from the global RNG
-            generator = torch.Generator().manual_seed(step_seed)
             # DDP all-reduces the gradients on the last micro-step only
             sync = contextlib.nullcontext() if m == conf.accumulate - 1 or world == 1 else ddp_net.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                     enabled=autocast_dtype is not None):
-                    micro_loss = family.loss(train_model, data.read(indices).to(device, non_blocking=True),
-                                             data.labels[indices].to(device, non_blocking=True), generator)
+                    micro_loss = family.loss(train_model, samples.to(device, non_blocking=True),
+                                             labels.to(device, non_blocking=True), generator)
                 scaler.scale(micro_loss / conf.accumulate).backward()
             losses.append(micro_loss.detach())
         loss = torch.stack(losses).mean()
@@ -212,6 +217,7 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
         step_info = {"images_seen": images_seen, "loss": loss.item(), "lr": lr, "snapshot": snapshot}
         if images_seen < conf.total_images:
             yield Progress(images_seen, conf.total_images, "img", info=step_info)
+    batches.close()
     net.eval().requires_grad_(False)
     result = {"images_seen": images_seen, "loss": None if loss is None else loss.item(),
               "snapshots": snapshots(conf.out)}
@@ -269,10 +275,57 @@ class _DataOrder:
         return torch.cat(parts)
 
 
+class _Pipeline:
+    """The input pipeline: the micro-batches of this rank for a step, each (samples, labels,
+    generator), read and prepared (the family's optional `prepare`, drawing first from the step's
+    generator, which then goes to `loss`) on `conf.workers` threads, up to that many steps ahead, in
+    pinned memory on CUDA. The main thread takes the data order (`_DataOrder` is not shared), so
+    the batches and every draw are those of a run without the pipeline."""
+
+    def __init__(self, family, data, order: _DataOrder, conf: FinetuneConfig, rank: int, micro: int, device):
+        self.family, self.data, self.order, self.conf = family, data, order, conf
+        self.rank, self.micro, self.pin = rank, micro, device.type == "cuda"
+        self.prepare = neon_family.member(family, "prepare")
+        self.pool = ThreadPoolExecutor(conf.workers, "neon-input") if conf.workers else None
+        self.ahead: dict[int, Future] = {}
+
+    def take(self, position: int) -> list[tuple]:
+        """The micro-batches of the step starting at stream position `position`; the next steps'
+        are started."""
+        if self.pool is None:
+            return self._load(position, self.order.take(position, self.conf.batch_size))
+        for k in range(self.conf.workers + 1):
+            start = position + k * self.conf.batch_size
+            if start not in self.ahead and start < self.conf.total_images:
+                self.ahead[start] = self.pool.submit(self._load, start, self.order.take(start, self.conf.batch_size))
+        return self.ahead.pop(position).result()
+
+    def _load(self, position: int, batch: torch.Tensor) -> list[tuple]:
+        step, conf, out = position // self.conf.batch_size, self.conf, []
+        for m in range(conf.accumulate):
+            shard = self.rank * conf.accumulate + m
+            indices = batch[shard * self.micro:(shard + 1) * self.micro]
+            generator = torch.Generator().manual_seed(rng.derive(conf.seed, step, shard))
+            samples, labels = self.data.read(indices), self.data.labels[indices]
+            if self.prepare is not None:
+                samples = self.prepare(samples, generator)
+            if self.pin:
+                samples, labels = samples.pin_memory(), labels.pin_memory()
+            out.append((samples, labels, generator))
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for future in self.ahead.values():
+                future.cancel()
+            self.pool.shutdown(wait=True)
+            self.ahead.clear()
+
+
 def _identity(conf: FinetuneConfig, data) -> dict:
     """What a resumed run must share with the run that wrote the state (the length may grow)."""
     fields = config.to_dict(conf)
-    for name in ("data", "out", "total_images", "snapshot_every_images"):
+    for name in ("data", "out", "total_images", "snapshot_every_images", "workers"):
         fields.pop(name)
     fields["data_shards"] = data.manifest["shards"]
     return json.loads(json.dumps(fields))
