@@ -283,7 +283,7 @@ class _Pipeline:
     the batches and every draw are those of a run without the pipeline."""
 
     def __init__(self, family, data, order: _DataOrder, conf: FinetuneConfig, rank: int, micro: int, device):
-        self.family, self.data, self.order, self.conf = family, data, order, conf
+        self.data, self.order, self.conf = data, order, conf
         self.rank, self.micro, self.pin = rank, micro, device.type == "cuda"
         self.prepare = neon_family.member(family, "prepare")
         self.pool = ThreadPoolExecutor(conf.workers, "neon-input") if conf.workers else None
@@ -297,7 +297,8 @@ class _Pipeline:
         for k in range(self.conf.workers + 1):
             start = position + k * self.conf.batch_size
             if start not in self.ahead and start < self.conf.total_images:
-                self.ahead[start] = self.pool.submit(self._load, start, self.order.take(start, self.conf.batch_size))
+                batch = self.order.take(start, self.conf.batch_size)
+                self.ahead[start] = self.pool.submit(self._load, start, batch)
         return self.ahead.pop(position).result()
 
     def _load(self, position: int, batch: torch.Tensor) -> list[tuple]:
