@@ -6,9 +6,8 @@ and precision, backward, AdamW, the EMA copy) and the family's sampler (at 4 and
 the batch from there; samplers autocast on CUDA only, so these run in float32: an upper bound) run on
 fake CPU tensors (`torch._subclasses.fake_tensor.FakeTensorMode`; fake CUDA tensors fail in the
 autograd engine, and autocast does the same casts on both), under `_Tracker`: a dispatch
-mode that adds up the bytes of the live tensor storages (the peak is what a caching allocator needs
-at least, before fragmentation) and counts FLOPs with `torch.utils.flop_counter`'s formulas. The
-same tracker on real tensors measures a real step (tests/core/test_plan.py compares the two).
+mode that adds up the bytes of the live tensor storages (the peak: what a caching allocator needs at
+least) and counts FLOPs by `torch.utils.flop_counter`'s formulas (tests/core/test_plan.py: real too).
 
 Images: S, the fine-tune's images, the selection's upper bound for the recipe's search strategy
 (`selection_bound`) and the final report's. GPU-hours: the FLOPs of each step at `--gpu-tflops`
@@ -28,7 +27,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
 from neon import family as neon_family
-from neon import finetune, search, synthetic
+from neon import finetune, search
 from neon.errors import NeonError
 
 GIB = 2**30
@@ -60,8 +59,7 @@ class _Tracker(TorchDispatchMode):
         storage = tensor.untyped_storage()
         if storage in self._sizes:
             return
-        size = storage.nbytes()
-        self._sizes[storage] = size
+        self._sizes[storage] = size = storage.nbytes()
         self.live += size
         self.peak = max(self.peak, self.live)
         weakref.finalize(storage, self._free, size)
@@ -90,9 +88,8 @@ class _Tracker(TorchDispatchMode):
         else:
             if func is torch.ops.aten.index.Tensor and isinstance(args[0], FakeTensor):
                 args = (args[0], [j for i in args[1] for j in _mask_indices(i)], *args[2:])
-            if func._overloadpacket not in flop_registry and func.namespace == "aten":  # inference mode
-                # keeps linear, conv2d, …
-                with self:  # whole: their parts are what the FLOPs are counted on (as FlopCounterMode does)
+            if func._overloadpacket not in flop_registry and func.namespace == "aten":
+                with self:  # inference mode keeps linear, conv2d, …: count their parts (as FlopCounterMode)
                     out = func.decompose(*args, **kwargs)
                 if out is not NotImplemented:
                     return out
@@ -116,21 +113,19 @@ def _mask_indices(index) -> list:
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One measured step: its peak live bytes, FLOPs per image, the static bytes (weights, gradients,
-    optimizer and EMA state) within the peak and the FLOPs of one network evaluation per image."""
+    """One measured step: its peak live bytes, FLOPs per image and the static bytes (weights,
+    gradients, optimizer and EMA state) within the peak."""
 
     peak: int
     flops: float
     static: int = 0
-    net_flops: float = 0.0
     how: str = "measured"
     """How a sampling batch was measured: 'sampler' (the family's own) or 'forward' (a stand-in)."""
 
 
 def _bytes(module: torch.nn.Module | None) -> int:
-    if module is None:
-        return 0
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    tensors = [] if module is None else [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _batch(fam, model, batch: int):
@@ -144,22 +139,20 @@ def _batch(fam, model, batch: int):
     return samples, labels
 
 
-def measure_finetune(fam, model, batch: int, precision: str, ema: bool, device, tracker=None,
+def measure_finetune(fam, model, batch: int, precision: str, ema: bool, device,
                      real_optimizer: bool = False) -> Step:
     """One fine-tune step of `model` (its tensors on `device`: fake or real) at `batch` images: the
     family's CPU-side `prepare` (on real tensors, as the input pipeline runs it), `loss` under the
     precision's autocast, backward and an AdamW step (`_adam_step`, or torch's on real tensors with
     `real_optimizer`), with an EMA copy of the network alive."""
     net = model.net.train().requires_grad_(True)
-    tracker = tracker or _Tracker()
-    generator = torch.Generator().manual_seed(0)
+    tracker, generator = _Tracker(), torch.Generator().manual_seed(0)
     with unset_fake_temporarily():  # the CPU side runs on real tensors, as the input pipeline runs it
         samples, labels = _batch(fam, model, batch)
         prepare = neon_family.member(fam, "prepare")
         if prepare is not None:
             samples = prepare(samples, generator)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    hooks = tracker.count_calls(net)
     with tracker:
         _hold(tracker, model)
         copies = [p.detach().clone() for p in net.parameters()] if ema else []
@@ -174,13 +167,9 @@ def measure_finetune(fam, model, batch: int, precision: str, ema: bool, device, 
             _adam_step(params)
         for p in params:
             p.grad = None
-    for hook in hooks:
-        hook.remove()
     params = sum(p.numel() * p.element_size() for p in net.parameters())
-    static = _bytes(net) + _bytes(model.codec) + params * (3 + bool(ema))  # + grads, 2 moments, EMA
-    net_flops = tracker.calls[0][0] / tracker.calls[0][1] if tracker.calls else 0.0
-    del copies, opt, loss
-    return Step(tracker.peak, tracker.flops / batch, static, net_flops)
+    static = _bytes(net) + _bytes(model.codec) + params * (3 + bool(copies))  # + grads, 2 moments, EMA
+    return Step(tracker.peak, tracker.flops / batch, static)
 
 
 @torch.no_grad()
@@ -227,8 +216,8 @@ def measure_sample(fam, model, sampler, batch: int, device) -> Step:
 
 def _hold(tracker: _Tracker, model) -> None:
     """Count the model's tensors as live (they exist before the step)."""
-    for module in (model.net, model.codec):
-        for t in [] if module is None else [*module.parameters(), *module.buffers()]:
+    for module in filter(None, (model.net, model.codec)):
+        for t in [*module.parameters(), *module.buffers()]:
             tracker.add(t)
 
 
@@ -271,9 +260,8 @@ def _on_meta(model):
 def _fake(model, fake_mode, device):
     """`model` (on the meta device) with fake tensors on `device`."""
     with fake_mode:
-        for module in (model.net, model.codec):
-            if module is not None:
-                module.to_empty(device=device)
+        for module in filter(None, (model.net, model.codec)):
+            module.to_empty(device=device)
     return model
 
 
@@ -329,7 +317,7 @@ def plan(recipe, gpus: int = H100["gpus"], gpu_memory: float = H100["gpu_memory"
         if not out["finetune_fits"]:
             out["advice"] = _advice(step, micro, ft.accumulate, gpu_memory)
         sample_bytes = samples[0].numel() * samples.element_size()
-        host = gpus_per_node(gpus) * (θ_bytes + codec_bytes + 4 * micro * prepared[0].numel()
+        host = min(gpus, 8) * (θ_bytes + codec_bytes + 4 * micro * prepared[0].numel()
                                       * prepared.element_size()) + 16 * syn.num
         out.update(host_memory_gb_per_node=host / 1e9)
     else:
@@ -349,7 +337,7 @@ def plan(recipe, gpus: int = H100["gpus"], gpu_memory: float = H100["gpu_memory"
         flops = {"sample": syn.num * sampling.flops, "finetune": trained * step.flops,
                  "selection": selection * evaluating.flops, "final": final * evaluating.flops}
         rate = gpu_tflops * 1e12 * utilization * (1.0 if ft.precision in ("fp16", "bf16") else 0.5)
-        out.update(flops={k: v for k, v in flops.items()},
+        out.update(flops=flops,
                    gpu_hours_by_step={k: v / rate / 3600 for k, v in flops.items()},
                    gpu_hours=sum(flops.values()) / rate / 3600)
     else:
@@ -357,10 +345,6 @@ def plan(recipe, gpus: int = H100["gpus"], gpu_memory: float = H100["gpu_memory"
     base = recipe.model.base_training_images
     out["finetune_share_of_base"] = trained / base if base else None
     return out
-
-
-def gpus_per_node(gpus: int) -> int:
-    return min(gpus, 8)
 
 
 def _advice(step: Step, micro: int, accumulate: int, gpu_memory: float) -> str:
@@ -377,16 +361,16 @@ def _advice(step: Step, micro: int, accumulate: int, gpu_memory: float) -> str:
 
 def table(result: dict) -> str:
     """The plan as a readable table: one line per step of the recipe, then the totals."""
-    def gib(v):
-        return "?" if v is None else f"{v:.1f} GiB"
-
-    def gb(v):
-        return "?" if v is None else f"{v:,.1f} GB"
-
     hours = result.get("gpu_hours_by_step", {})
 
+    def gib(v, unit="GiB", form=".1f"):
+        return "?" if v is None else f"{v:{form}} {unit}"
+
+    def gb(v):
+        return gib(v, "GB", ",.1f")
+
     def h(step):
-        return f"{hours[step]:,.1f} GPU-h" if step in hours else "? GPU-h"
+        return gib(hours.get(step), "GPU-h", ",.1f")
 
     fits = {True: "fits", False: "DOES NOT FIT", None: "?"}[result["finetune_fits"]]
     lines = [
