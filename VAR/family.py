@@ -25,9 +25,9 @@ import torch
 
 from neon.io import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, check_finite, load_built, read_checkpoint
+from neon.family import Model, arch_kwargs, check_finite, load_built, preset_of, read_checkpoint
 
-from VAR.loss import training_loss
+from VAR.loss import augment, teacher_forcing_loss, training_loss, uint8_to_pm1
 from VAR.models import build_vae_var
 
 DEFAULT_CODEC = os.path.join("checkpoints", "vae_ch160v4096z32.pth")
@@ -37,6 +37,7 @@ PRESETS = {
     **{f"d{d}": {**_COMMON, "depth": d, "shared_aln": False, "patch_nums": PATCH_NUMS[256]} for d in (16, 20, 24, 30)},
     "d36": {**_COMMON, "depth": 36, "shared_aln": True, "patch_nums": PATCH_NUMS[512]},
 }
+PAPER_FILES = {f"var_d{d}.pth": f"d{d}" for d in (16, 20, 24, 30, 36)}
 TINY = {"V": 64, "Cvae": 8, "ch": 32, "share_quant_resi": 4, "num_classes": 10, "attn_l2_norm": True, "depth": 2,
         "shared_aln": False, "patch_nums": [1, 2, 4]}
 
@@ -97,8 +98,26 @@ class VARFamily:
     def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
         """Teacher-forced cross-entropy on the augmented batch; label drop and drop-path draw from the
-        global RNG, which the fine-tune loop reseeds at every step."""
+        global RNG, which the fine-tune loop reseeds at every step. `samples`: uint8 images, or the
+        float images `prepare` made of them (then `generator` has drawn the crops already)."""
+        if samples.is_floating_point():
+            return teacher_forcing_loss(model.net, model.codec, samples, labels)
         return training_loss(model.net, model.codec, samples, labels, generator)
+
+    def prepare(self, samples: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The CPU side of `loss`: the Lanczos resize and the random crop (offsets from `generator`),
+        then [-1, 1]: float32 [B, 3, H, W]."""
+        return uint8_to_pm1(augment(samples.cpu(), generator))
+
+    def full_size(self, ckpt: str | None, arch: str | None) -> Model:
+        kwargs = preset_of(ckpt, arch, PRESETS, PAPER_FILES, "VAR")
+        with torch.device("meta"):
+            vae, var = build_vae_var("meta", **kwargs)
+        return self._model(vae, var, kwargs)
+
+    def evaluations(self, sampler: VARSampler) -> float:
+        """One cached pass over the token pyramid, at the doubled batch of guidance (always run)."""
+        return 2.0
 
     def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:
         return {"arch": model.arch, "var_wo_ddp": state_dict}

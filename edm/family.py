@@ -23,7 +23,7 @@ import torch
 
 from neon.io import checkpoint, unpickle
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, build_net, check_finite, load_built, read_checkpoint
+from neon.family import Model, arch_kwargs, build_net, check_finite, load_built, preset_of, read_checkpoint
 
 from edm import networks
 from edm.loss import AugmentPipe, EDMLoss
@@ -40,6 +40,8 @@ PRESETS = {
 }
 TINY = {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
         "dropout": 0.1, "img_resolution": 8, "label_dim": 10}
+PAPER_FILES = {"edm-cifar10-32x32-cond-vp.pkl": "cifar10-cond",
+               "edm-cifar10-32x32-uncond-vp.pkl": "cifar10-uncond", "edm-ffhq-64x64-uncond-vp.pkl": "ffhq64"}
 # EDM's train.py augmentation (non-leaking, 9 augment labels); p is the paper's 0.12 (CIFAR-10).
 DEFAULT_AUGMENT = {"p": 0.12, "xflip": 1e8, "yflip": 1, "scale": 1, "rotate_frac": 1, "aniso": 1, "translate_frac": 1}
 _CLASSES = {"EDMPrecond": networks.EDMPrecond, "VPPrecond": networks.VPPrecond, "VEPrecond": networks.VEPrecond}
@@ -165,6 +167,14 @@ class EDMFamily:
     def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:
         """`{'ema', 'arch', 'augment_pipe'}`: the augment pipe of the base travels with θ."""
         return {"ema": state_dict, "arch": model.arch, "augment_pipe": model.extras.get("augment_pipe")}
+
+    def full_size(self, ckpt: str | None, arch: str | None) -> Model:
+        with torch.device("meta"):
+            return self._model(preset_of(ckpt, arch, PRESETS, PAPER_FILES, "EDM"), DEFAULT_AUGMENT)
+
+    def evaluations(self, sampler: EDMSampler) -> float:
+        """Heun: two network calls per step but the last (EDM Algorithm 2)."""
+        return 2.0 * sampler.num_steps - 1
 
     @staticmethod
     def _one_hot(labels: torch.Tensor, label_dim: int, device) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 
 from neon.io import checkpoint, unpickle
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, check_finite, load_built, read_checkpoint
+from neon.family import Model, arch_kwargs, check_finite, load_built, preset_of, read_checkpoint
 
 from edm.family import NVLABS_PICKLE_GLOBALS, from_network_pickle
 from imm.loss import IMMLoss
@@ -58,6 +58,7 @@ TINY = {**PRESETS["im256"], "img_resolution": 8, "label_dim": 10, "num_classes":
 TINY_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "act_fn": "silu", "layers_per_block": 1,
             "norm_num_groups": 8, "block_out_channels": [16, 32], "sample_size": 16,
             "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
+PAPER_FILES = {"imagenet256_ts_a2.pkl": "im256", "imagenet256_ts_a1.pkl": "im256"}
 LATENTS = {"raw_mean": list(IM256_RAW_MEAN), "raw_std": list(IM256_RAW_STD)}
 # The authors' im256.yaml loss (IMMLoss's own defaults, spelled out).
 LOSS = {"sigma": 1, "sample_t_mode": "uniform", "matrix_size": 4, "sample_repeat": 1, "a": 2, "b": 4, "k": 12,
@@ -214,6 +215,15 @@ class IMMFamily:
     def _encoder(model: Model) -> StabilityVAEEncoder:
         return StabilityVAEEncoder(model.codec, raw_mean=model.extras["raw_mean"], raw_std=model.extras["raw_std"],
                                    final_std=FINAL_STD)
+
+    def full_size(self, ckpt: str | None, arch: str | None) -> Model:
+        kwargs = preset_of(ckpt, arch, PRESETS, PAPER_FILES, "IMM")
+        return self._model(self._network(kwargs, "meta"), build_autoencoder(None, "meta"), kwargs,
+                           {**LATENTS, "vae_config": None})
+
+    def evaluations(self, sampler: IMMSampler) -> float:
+        """One network call per step, at the doubled batch of guidance."""
+        return sampler.num_steps * (1.0 if sampler.cfg is None or sampler.cfg == 1 else 2.0)
 
     @staticmethod
     def _network(arch: dict, device, path: str = "the arch") -> IMMPrecond:

@@ -1,4 +1,4 @@
-"""The `neon` command: sample | finetune | merge | sweep | report | fid-stats | fid | diagnose | demo.
+"""The `neon` command: sample | finetune | merge | sweep | report | fid-stats | fid | diagnose | demo | plan.
 
 One table, `VERBS`, is the command line: each verb's flags are `Flag` records, from which argparse's
 options are built and which say the key each flag sets (`--num-images` → `synthetic.num`). `main`
@@ -18,7 +18,7 @@ import dataclasses
 import re
 import sys
 
-from neon import config, verbs
+from neon import config, plan, verbs
 from neon.errors import ArgumentParser, NeonError, run_command
 from neon.metrics import score
 from neon.recipe import SECTIONS
@@ -160,6 +160,17 @@ VERBS = {
     "report": Verb("a finished sweep's final table (mean ± sd over seed ranges), compute and pictures", (
         Flag("sweep_dir", "sweep_dir", "the sweep's output folder (results.jsonl, config.resolved.yaml)"),),
         reads=(), overrides=()),
+    "plan": Verb("what a recipe costs before it runs: per-GPU memory, disk, images, GPU-hours (CPU only)", (
+        Flag("recipe", "recipe", "YAML recipe (or --config)", nargs="?", metavar="RECIPE"),
+        Flag("--gpus", "gpus", "GPUs the fine-tune's global batch is split over", int,
+             default=plan.H100["gpus"]),
+        Flag("--gpu-memory", "gpu_memory", "memory of one GPU in GiB (H100: 80)", float,
+             default=plan.H100["gpu_memory"], metavar="GB"),
+        Flag("--gpu-tflops", "gpu_tflops", "16-bit dense peak TFLOP/s of one GPU (H100 SXM: 989)", float,
+             default=plan.H100["gpu_tflops"], metavar="T"),
+        Flag("--utilization", "utilization", "fraction of the peak reached", float,
+             default=plan.H100["utilization"], metavar="U"),
+        Flag("--json", "json", "one JSON object on stdout instead of the table", bool, default=False))),
 }
 EPILOG = ("Any recipe field can be set with --section.field VALUE, "
           "e.g. --sampler.zeta 1.1 or --finetune.lr 1e-5.")

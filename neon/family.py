@@ -30,6 +30,7 @@ import importlib
 import importlib.metadata
 import inspect
 import itertools
+import os
 from typing import Protocol
 
 import torch
@@ -135,6 +136,23 @@ class Optional(Protocol):
         """The local checkpoint a name stands for (a hub id fetched once into a cache). Default: the
         path as it is."""
 
+    def prepare(self, samples: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The CPU-side part of `loss` (decoding, augmentation) of a batch of `samples` as the synthetic
+        set holds them, drawing first from the step's `generator`; `loss` then takes what it returns
+        with the same generator. The fine-tune's input pipeline runs it ahead of the step, off the main
+        thread (so it draws from no global RNG). Default: none (`loss` takes the samples as they are)."""
+
+    def full_size(self, ckpt: str | None, arch: str | None) -> Model:
+        """The recipe's full-size model (network and codec) on the meta device, without reading a
+        checkpoint: the preset `arch`, else the one the checkpoint's file name stands for (the paper's
+        files). `neon plan` measures it on fake tensors. Default: none (the plan gives no memory or
+        FLOPs)."""
+
+    def evaluations(self, sampler) -> float:
+        """Network evaluations per sample of `sampler`, in training forwards of one image (a doubled
+        batch for guidance counts twice; a cached autoregressive pass over all tokens once): what
+        `neon plan` multiplies when the sampler cannot run on fake tensors. Default: 1."""
+
 
 OPTIONAL = tuple(name for name in vars(Optional) if not name.startswith("_"))
 
@@ -145,6 +163,16 @@ def member(fam, name: str):
     if name not in OPTIONAL:
         raise ValueError(f"{name!r} is not an optional member of a family ({', '.join(OPTIONAL)})")
     return getattr(fam, name, None)
+
+
+def preset_of(ckpt: str | None, arch: str | None, presets: dict, files: dict, family_name: str) -> dict:
+    """The preset kwargs `arch` names, else those of the paper's checkpoint `ckpt` is by file name
+    (`files`: basename → preset name); NeonError naming the presets otherwise. For `full_size`."""
+    name = arch or files.get(os.path.basename(ckpt or ""))
+    if name not in presets:
+        raise NeonError(f"{family_name}: cannot tell the architecture of {ckpt!r}; pass --model.arch "
+                        f"{'|'.join(presets)}")
+    return presets[name]
 
 
 def names() -> list[str]:

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 
 import torch
 
+from neon import batches
 from neon import config, distributed, precision, rng, stop, synthetic
 from neon import family as neon_family
 from neon.errors import NeonError
@@ -89,6 +90,10 @@ class FinetuneConfig:
     """Also write the training state every this many minutes of wall time (rank 0's clock), so a hard
     kill loses at most that much; 0: only with snapshots and on a graceful stop. Writing it costs
     about two copies of the weights plus the optimizer's moments of disk traffic."""
+    workers: int = 2
+    """Input pipeline: threads that read and prepare the batches of the next steps (the family's
+    `prepare`) while a step runs; 0: each batch is read when its step starts. Not part of the run's
+    identity: the batches and their draws are the same for any number."""
 
     def __post_init__(self):
         if self.total_images <= 0 or self.batch_size <= 0:
@@ -112,6 +117,8 @@ class FinetuneConfig:
         if not (math.isfinite(self.state_every_minutes) and self.state_every_minutes >= 0):
             raise NeonError(f"finetune.state_every_minutes must be >= 0 (0: off), got "
                             f"{self.state_every_minutes}")
+        if self.workers < 0:
+            raise NeonError(f"finetune.workers must be >= 0, got {self.workers}")
 
     @property
     def has_ema(self) -> bool:
@@ -184,71 +191,72 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
     train_model = dataclasses.replace(model, net=ddp_net)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(conf.precision)
     micro = conf.batch_size // (world * conf.accumulate)
-    order = _DataOrder(len(data), conf.seed)
+    order = batches.DataOrder(len(data), conf.seed)
     state_every, state_written = conf.state_every_minutes * 60, time.monotonic()
+    stream = batches.Pipeline(family, data, order, conf, rank, micro, device)
 
-    loss = None
-    if images_seen < conf.total_images:
-        yield Progress(images_seen, conf.total_images, "img")
-    while images_seen < conf.total_images:
-        step = images_seen // conf.batch_size
-        lr = conf.lr * min(1.0, (images_seen + conf.batch_size) / conf.ramp_images) if conf.ramp_images else conf.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = order.take(images_seen, conf.batch_size)
-        losses = []
-        for m in range(conf.accumulate):
-            shard = rank * conf.accumulate + m
-            indices = batch[shard * micro:(shard + 1) * micro]
-            step_seed = rng.derive(conf.seed, step, shard)
-            torch.manual_seed(step_seed)  # dropout / drop-path inside the network draw from the global RNG
-            generator = torch.Generator().manual_seed(step_seed)
-            # DDP all-reduces the gradients on the last micro-step only
-            sync = contextlib.nullcontext() if m == conf.accumulate - 1 or world == 1 else ddp_net.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    micro_loss = family.loss(train_model, data.read(indices).to(device, non_blocking=True),
-                                             data.labels[indices].to(device, non_blocking=True), generator)
-                scaler.scale(micro_loss / conf.accumulate).backward()
-            losses.append(micro_loss.detach())
-        loss = torch.stack(losses).mean()
-        bad = (~torch.isfinite(torch.stack(losses))).any().to(torch.float32).reshape(1)
-        # The step's one all-reduce (and host sync): a non-finite loss on any rank, whether rank 0's clock
-        # says the training state is due, and the signals caught; every rank acts on the same sums.
-        due = distributed.is_main() and state_every > 0 and time.monotonic() - state_written >= state_every
-        host = [float(due), *stop.flags()]
-        flags = torch.cat([bad, bad.new_zeros(len(host))])
-        for i, value in enumerate(host):
-            if value:  # a scalar fill: the usual step copies nothing from the host to the device
-                flags[1 + i].fill_(value)
-        summed = distributed.all_reduce_sum(flags).tolist()
-        signum, state_due = stop.from_flags(summed[2:]), summed[1] > 0
-        if summed[0] > 0:  # every rank stops, not only the one that saw it
-            raise NeonError(f"the loss became non-finite ({loss.item()}) at {images_seen} images; lower "
-                            f"finetune.lr or check the synthetic set (the last good snapshot is kept)")
-        if conf.grad_clip is not None:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), conf.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            _update_ema(ema, net, conf.ema_decay(images_seen + conf.batch_size))
-        images_seen += conf.batch_size
-        snapshot = None
-        if images_seen // every > (images_seen - conf.batch_size) // every or images_seen >= conf.total_images:
-            snapshot = _save(conf.out, family, model, net, ema, opt, scaler, images_seen, identity, loss)
-        elif state_due or signum is not None:  # the training state alone: no snapshot that is not due
-            _save(conf.out, family, model, net, ema, opt, scaler, images_seen, identity, loss, snapshot=False)
-        if snapshot is not None or state_due or signum is not None:
-            state_written = time.monotonic()
-        if signum is not None and images_seen < conf.total_images:
-            raise stop.Stopped(f"the fine-tune stopped at {images_seen} of {conf.total_images} images, its "
-                               f"training state in {os.path.join(conf.out, STATE)}", signum)
-        step_info = {"images_seen": images_seen, "loss": loss.item(), "lr": lr, "snapshot": snapshot}
+    try:
+        loss = None
         if images_seen < conf.total_images:
-            yield Progress(images_seen, conf.total_images, "img", info=step_info)
+            yield Progress(images_seen, conf.total_images, "img")
+        while images_seen < conf.total_images:
+            step = images_seen // conf.batch_size
+            lr = conf.lr * min(1.0, (images_seen + conf.batch_size) / conf.ramp_images) if conf.ramp_images else conf.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            losses = []
+            for m, (samples, labels, generator) in enumerate(stream.take(images_seen)):
+                shard = rank * conf.accumulate + m
+                step_seed = rng.derive(conf.seed, step, shard)
+                torch.manual_seed(step_seed)  # dropout / drop-path inside the network draw from the global RNG
+                # DDP all-reduces the gradients on the last micro-step only
+                sync = contextlib.nullcontext() if m == conf.accumulate - 1 or world == 1 else ddp_net.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                        enabled=autocast_dtype is not None):
+                        micro_loss = family.loss(train_model, samples.to(device, non_blocking=True),
+                                                 labels.to(device, non_blocking=True), generator)
+                    scaler.scale(micro_loss / conf.accumulate).backward()
+                losses.append(micro_loss.detach())
+            loss = torch.stack(losses).mean()
+            bad = (~torch.isfinite(torch.stack(losses))).any().to(torch.float32).reshape(1)
+            # The step's one all-reduce (and host sync): a non-finite loss on any rank, whether rank 0's clock
+            # says the training state is due, and the signals caught; every rank acts on the same sums.
+            due = distributed.is_main() and state_every > 0 and time.monotonic() - state_written >= state_every
+            host = [float(due), *stop.flags()]
+            flags = torch.cat([bad, bad.new_zeros(len(host))])
+            for i, value in enumerate(host):
+                if value:  # a scalar fill: the usual step copies nothing from the host to the device
+                    flags[1 + i].fill_(value)
+            summed = distributed.all_reduce_sum(flags).tolist()
+            signum, state_due = stop.from_flags(summed[2:]), summed[1] > 0
+            if summed[0] > 0:  # every rank stops, not only the one that saw it
+                raise NeonError(f"the loss became non-finite ({loss.item()}) at {images_seen} images; lower "
+                                f"finetune.lr or check the synthetic set (the last good snapshot is kept)")
+            if conf.grad_clip is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), conf.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                _update_ema(ema, net, conf.ema_decay(images_seen + conf.batch_size))
+            images_seen += conf.batch_size
+            snapshot = None
+            if images_seen // every > (images_seen - conf.batch_size) // every or images_seen >= conf.total_images:
+                snapshot = _save(conf.out, family, model, net, ema, opt, scaler, images_seen, identity, loss)
+            elif state_due or signum is not None:  # the training state alone: no snapshot that is not due
+                _save(conf.out, family, model, net, ema, opt, scaler, images_seen, identity, loss, snapshot=False)
+            if snapshot is not None or state_due or signum is not None:
+                state_written = time.monotonic()
+            if signum is not None and images_seen < conf.total_images:
+                raise stop.Stopped(f"the fine-tune stopped at {images_seen} of {conf.total_images} images, its "
+                                   f"training state in {os.path.join(conf.out, STATE)}", signum)
+            step_info = {"images_seen": images_seen, "loss": loss.item(), "lr": lr, "snapshot": snapshot}
+            if images_seen < conf.total_images:
+                yield Progress(images_seen, conf.total_images, "img", info=step_info)
+    finally:
+        stream.close()  # also when the loop ends early: a stop, an error, a consumer that left
     net.eval().requires_grad_(False)
     result = {"images_seen": images_seen, "loss": None if loss is None else loss.item(),
               "snapshots": snapshots(conf.out)}
@@ -283,33 +291,10 @@ def open_data(conf: FinetuneConfig, family_name: str) -> synthetic.SyntheticSet:
     return data
 
 
-class _DataOrder:
-    """The data stream: epoch e visits S in the order randperm(N) seeded by (seed, e)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._epoch, self._perm = n, seed, None, None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(rng.derive(self.seed, epoch, -1))
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
-        return self._perm
-
-    def take(self, position: int, count: int) -> torch.Tensor:
-        """Indices of stream positions [position, position + count)."""
-        parts = []
-        while count > 0:
-            epoch, offset = divmod(position, self.n)
-            chunk = self._permutation(epoch)[offset:offset + count]
-            parts.append(chunk)
-            position, count = position + len(chunk), count - len(chunk)
-        return torch.cat(parts)
-
-
 def _identity(conf: FinetuneConfig, data) -> dict:
     """What a resumed run must share with the run that wrote the state (the length may grow)."""
     fields = config.to_dict(conf)
-    for name in ("data", "out", "total_images", "snapshot_every_images", "state_every_minutes"):
+    for name in ("data", "out", "total_images", "snapshot_every_images", "state_every_minutes", "workers"):
         fields.pop(name)
     fields["data_shards"] = data.manifest["shards"]
     return json.loads(json.dumps(fields))

@@ -25,6 +25,7 @@ from neon import (
     finetune,
     log,
     merge,
+    plan,
     progress,
     report,
     search,
@@ -188,6 +189,25 @@ def cmd_report(raw: dict, dry_run: bool) -> None:
         return _print_yaml(raw)
     _one_process("report")
     _say(report.table(report.run(raw["sweep_dir"])))
+
+
+def cmd_plan(raw: dict, dry_run: bool) -> None:
+    args = {key: raw.pop(key) for key in ("gpus", "gpu_memory", "gpu_tflops", "utilization", "json")}
+    path = raw.pop("recipe")
+    recipe = build_recipe(_merged(config.load_yaml(path), raw) if path else raw)
+    if dry_run:
+        return _print_yaml({**resolved(recipe), "plan": args})
+    result = plan.plan(recipe, args["gpus"], args["gpu_memory"], args["gpu_tflops"], args["utilization"])
+    _say(_json(result) if args["json"] else plan.table(result))
+
+
+def _merged(recipe: dict, changes: dict) -> dict:
+    """`recipe` with the values of `changes` (flags and dotted overrides) put in, section by section."""
+    out = dict(recipe)
+    for key, value in changes.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if nested else value
+    return out
 
 
 def _real_data(fam, spec: str, seed: int):

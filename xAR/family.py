@@ -33,7 +33,7 @@ import torch
 
 from neon.io import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, check_finite, load_built, read_checkpoint
+from neon.family import Model, arch_kwargs, check_finite, load_built, preset_of, read_checkpoint
 
 from xAR.loss import draw_flow_inputs, encode_images, flow_loss
 from xAR.models.vae import AutoencoderKL, Decoder, Encoder
@@ -58,6 +58,9 @@ PRESETS = {"xar_base": _preset(768, 8, 12), "xar_large": _preset(1024, 16, 16), 
 # tiny(): width 32 (2 heads of 16), 1 + 1 blocks, 10 classes; a KL VAE with 32 base channels and one
 # downsampling, so 32 px images make the 16×16 latent grid.
 TINY = {**_preset(32, 1, 2), "img_size": 32, "vae_stride": 2, "class_num": 10}
+# The paper's tokenizer, kl16.ckpt (what `infer_vae_config` reads from it), and checkpoints.
+KL16 = {"embed_dim": 16, "ch_mult": [1, 1, 2, 2, 4], "ch": 128, "num_res_blocks": 2, "use_variational": True}
+PAPER_FILES = {"xAR-B.pth": "xar_base", "xAR-L.pth": "xar_large", "xAR-H.pth": "xar_huge"}
 TINY_VAE = {"embed_dim": 16, "ch_mult": [1, 2], "ch": 32, "num_res_blocks": 2, "use_variational": True}
 
 # Transformer files: the EMA first (Neon snapshots, upstream training checkpoints, ours), then the
@@ -159,6 +162,15 @@ class XARFamily:
         # flow_loss calls `.velocity`; route it through net(...) so a DDP wrapper runs its forward.
         return flow_loss(types.SimpleNamespace(velocity=net), x0, _class_labels(labels, model.num_classes).to(device),
                          drop, t, noise)
+
+    def full_size(self, ckpt: str | None, arch: str | None) -> Model:
+        kwargs = preset_of(ckpt, arch, PRESETS, PAPER_FILES, "xAR")
+        with torch.device("meta"):
+            return _model(XARNet(**kwargs), build_vae(KL16), kwargs)
+
+    def evaluations(self, sampler: XARSampler) -> float:
+        """num_steps calls per cell at the doubled batch of guidance, each over one of the four cells."""
+        return 2.0 * sampler.num_steps
 
     def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:
         return {"model_ema": state_dict, "arch": model.arch}

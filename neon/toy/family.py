@@ -14,7 +14,7 @@ import torch
 
 from neon.io import checkpoint
 from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, build_and_load, read_checkpoint
+from neon.family import Model, arch_kwargs, build_and_load, preset_of, read_checkpoint
 from neon.toy import models
 
 
@@ -87,6 +87,15 @@ class ToyFamily:
         if model.arch["model"] == "diffusion":
             return models.diffusion_loss(model.net, samples, generator, model.arch.get("timesteps", 1000))
         return model.net(samples).mean()
+
+    def full_size(self, ckpt: str | None, arch: str | None) -> Model:
+        """The preset `arch`, else the demo's base of that file name (outputs/demo/ar-base.pt, …)."""
+        files = {f"{kind}-base.pt": kind for kind in PRESETS}
+        with torch.device("meta"):
+            return self._model(preset_of(ckpt, arch, PRESETS, files, "toy"))
+
+    def evaluations(self, sampler: ToySampler) -> float:
+        return 1.0  # per step of the diffusion sampler, once for the AR model: both negligible
 
     def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:
         return {"family": self.name, "arch": model.arch, "model": state_dict}

@@ -12,7 +12,7 @@ from neon.family import names as family_names
 from neon.family import read_checkpoint
 from neon.io import checkpoint
 from neon.toy.family import family as toy_family
-from tests.conftest import run_neon, save_base
+from tests.conftest import REPO, run_neon, save_base
 
 
 def test_sample_finetune_merge_sweep_through_the_cli(tmp_path, capsys):
@@ -171,6 +171,8 @@ DRY_RUNS = {  # verb: (argv, {dotted key: value the printed YAML holds})
                   "diagnose.batches": 4}),
     "demo": (["--quick"], {"demo": "toy", "out": os.path.join("outputs", "demo"), "quick": True}),
     "report": (["sw"], {"sweep_dir": "sw"}),
+    "plan": ([os.path.join(REPO, "configs", "toy", "ar_tau0.5.yaml"), "--gpus", "2", "--finetune.batch_size",
+              "500"], {"family": "toy", "finetune.batch_size": 500, "plan.gpus": 2, "plan.gpu_memory": 80.0}),
 }
 
 
