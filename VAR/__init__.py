@@ -3,4 +3,4 @@ their builder and the teacher-forced training loss. UPSTREAM.md maps upstream fi
 
 from .models import VAR, VQVAE, VectorQuantizer2, build_vae_var
 
-__all__ = ['VAR', 'VQVAE', 'VectorQuantizer2', 'build_vae_var']
+__all__ = ["VAR", "VQVAE", "VectorQuantizer2", "build_vae_var"]

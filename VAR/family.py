@@ -23,10 +23,9 @@ import os
 
 import torch
 
-from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import Model, arch_kwargs, check_finite, load_built, preset_of, read_checkpoint
-
+from neon.io import checkpoint
 from VAR.loss import augment, teacher_forcing_loss, training_loss, uint8_to_pm1
 from VAR.models import build_vae_var
 
@@ -34,12 +33,24 @@ DEFAULT_CODEC = os.path.join("checkpoints", "vae_ch160v4096z32.pth")
 _COMMON = {"V": 4096, "Cvae": 32, "ch": 160, "share_quant_resi": 4, "num_classes": 1000, "attn_l2_norm": True}
 PATCH_NUMS = {256: [1, 2, 3, 4, 5, 6, 8, 10, 13, 16], 512: [1, 2, 3, 4, 6, 9, 13, 18, 24, 32]}
 PRESETS = {
-    **{f"d{d}": {**_COMMON, "depth": d, "shared_aln": False, "patch_nums": PATCH_NUMS[256]} for d in (16, 20, 24, 30)},
+    **{
+        f"d{d}": {**_COMMON, "depth": d, "shared_aln": False, "patch_nums": PATCH_NUMS[256]}
+        for d in (16, 20, 24, 30)
+    },
     "d36": {**_COMMON, "depth": 36, "shared_aln": True, "patch_nums": PATCH_NUMS[512]},
 }
 PAPER_FILES = {f"var_d{d}.pth": f"d{d}" for d in (16, 20, 24, 30, 36)}
-TINY = {"V": 64, "Cvae": 8, "ch": 32, "share_quant_resi": 4, "num_classes": 10, "attn_l2_norm": True, "depth": 2,
-        "shared_aln": False, "patch_nums": [1, 2, 4]}
+TINY = {
+    "V": 64,
+    "Cvae": 8,
+    "ch": 32,
+    "share_quant_resi": 4,
+    "num_classes": 10,
+    "attn_l2_norm": True,
+    "depth": 2,
+    "shared_aln": False,
+    "patch_nums": [1, 2, 4],
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,31 +83,43 @@ class VARFamily:
             vae, var = build_vae_var("cpu", **TINY)
         return self._model(vae, var, TINY)
 
-    def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
-             codec: str | None = None) -> Model:
+    def load(
+        self, path: str, arch: str | None = None, device: torch.device | str = "cpu", codec: str | None = None
+    ) -> Model:
         container = read_checkpoint(self, path)
         weights = container.weights
         kwargs = arch_kwargs(container, arch, PRESETS, "VAR") or infer_arch(weights, path)
         codec = codec or DEFAULT_CODEC
         if not os.path.exists(codec):
-            raise NeonError(f"no VQ-VAE checkpoint at {codec}; pass --model.codec PATH (vae_ch160v4096z32.pth)")
+            raise NeonError(
+                f"no VQ-VAE checkpoint at {codec}; pass --model.codec PATH (vae_ch160v4096z32.pth)"
+            )
         vae, var = build_vae_var("meta", **kwargs)
         vae = load_built(vae, checkpoint.read(codec).weights, codec, "the VQ-VAE", device)
         return self._model(vae, load_built(var, weights, path, f"VAR d{kwargs.get('depth')}", device), kwargs)
 
-    def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: VARSampler) -> torch.Tensor:
+    def sample(
+        self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: VARSampler
+    ) -> torch.Tensor:
         var = model.net
         device = next(var.parameters()).device
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=device.type == "cuda"):
-            images = var.autoregressive_infer_cfg(len(seeds), labels.to(device), cfg=sampler.cfg, top_k=sampler.top_k,
-                                                  top_p=sampler.top_p, more_smooth=sampler.more_smooth,
-                                                  generators=generators)
+            images = var.autoregressive_infer_cfg(
+                len(seeds),
+                labels.to(device),
+                cfg=sampler.cfg,
+                top_k=sampler.top_k,
+                top_p=sampler.top_p,
+                more_smooth=sampler.more_smooth,
+                generators=generators,
+            )
         # Upstream Neon's conversion (truncation, not rounding).
-        return (check_finite(images.float(), 'VAR sampler').clamp(0, 1) * 255).to(torch.uint8)
+        return (check_finite(images.float(), "VAR sampler").clamp(0, 1) * 255).to(torch.uint8)
 
-    def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, model: Model, samples: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         """Teacher-forced cross-entropy on the augmented batch; label drop and drop-path draw from the
         global RNG, which the fine-tune loop reseeds at every step. `samples`: uint8 images, or the
         float images `prepare` made of them (then `generator` has drawn the crops already)."""
@@ -126,8 +149,13 @@ class VARFamily:
     def _model(vae, var, arch: dict) -> Model:
         vae.eval().requires_grad_(False)
         var.eval().requires_grad_(False)
-        return Model(net=var, codec=vae, image_size=16 * var.patch_nums[-1], num_classes=var.num_classes,
-                     arch=dict(arch))
+        return Model(
+            net=var,
+            codec=vae,
+            image_size=16 * var.patch_nums[-1],
+            num_classes=var.num_classes,
+            arch=dict(arch),
+        )
 
 
 def infer_arch(weights: dict[str, torch.Tensor], path: str = "checkpoint") -> dict:
@@ -139,9 +167,13 @@ def infer_arch(weights: dict[str, torch.Tensor], path: str = "checkpoint") -> di
     length = weights["pos_1LC"].shape[1]
     for patch_nums in PATCH_NUMS.values():
         if sum(p * p for p in patch_nums) == length:
-            return {**_COMMON, "depth": max(blocks) + 1, "patch_nums": patch_nums,
-                    "shared_aln": any(k.startswith("shared_ada_lin.") for k in weights),
-                    "num_classes": weights["class_emb.weight"].shape[0] - 1}
+            return {
+                **_COMMON,
+                "depth": max(blocks) + 1,
+                "patch_nums": patch_nums,
+                "shared_aln": any(k.startswith("shared_ada_lin.") for k in weights),
+                "num_classes": weights["class_emb.weight"].shape[0] - 1,
+            }
     raise NeonError(f"{path}: sequence length {length} matches no known resolution; pass --model.arch")
 
 

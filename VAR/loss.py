@@ -14,13 +14,13 @@ from PIL import Image
 
 from .models import VAR, VQVAE
 
-
 # Upstream's training pipeline: shorter side to round(1.125 · res) with Lanczos, then a random crop.
 RESIZE_RATIO = 1.125
 
 
-def training_loss(var: VAR, vae: VQVAE, images_u8: torch.Tensor, label_B: torch.Tensor,
-                  generator: torch.Generator) -> torch.Tensor:
+def training_loss(
+    var: VAR, vae: VQVAE, images_u8: torch.Tensor, label_B: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """The fine-tuning loss on uint8 [B, 3, H, W] images: `augment` (crop offsets from `generator`),
     then the teacher-forced cross-entropy; label drop and drop-path draw from torch's global generator."""
     images = uint8_to_pm1(augment(images_u8.cpu(), generator)).to(images_u8.device)
@@ -32,8 +32,12 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     torchvision pipeline does), then crop H×W at an offset drawn from `generator`."""
     size = images.shape[-1]
     big = round(RESIZE_RATIO * size)
-    resized = np.stack([np.asarray(Image.fromarray(img).resize((big, big), Image.LANCZOS))
-                        for img in images.permute(0, 2, 3, 1).numpy()])
+    resized = np.stack(
+        [
+            np.asarray(Image.fromarray(img).resize((big, big), Image.LANCZOS))
+            for img in images.permute(0, 2, 3, 1).numpy()
+        ]
+    )
     offsets = torch.randint(0, big - size + 1, (len(images), 2), generator=generator)
     rows = offsets[:, 0, None] + torch.arange(size)
     cols = offsets[:, 1, None] + torch.arange(size)
@@ -43,13 +47,15 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def uint8_to_pm1(img_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 in [-1, 1], exactly as torchvision's ToTensor then upstream's x + x - 1."""
+    """uint8 [B, 3, H, W] -> float32 in [-1, 1], exactly as torchvision's ToTensor then upstream's
+    x + x - 1."""
     x = img_u8.float().div(255)
     return x.add(x).add_(-1)
 
 
-def teacher_forcing_loss(var: VAR, vae: VQVAE, img_B3HW: torch.Tensor, label_B: torch.Tensor,
-                         label_smooth: float = 0.0) -> torch.Tensor:
+def teacher_forcing_loss(
+    var: VAR, vae: VQVAE, img_B3HW: torch.Tensor, label_B: torch.Tensor, label_smooth: float = 0.0
+) -> torch.Tensor:
     """Scalar float32 loss: mean over the batch of Σ_j CE(logits_j, token_j; label_smooth) / L.
 
     img_B3HW: float32 [B, 3, H, W] in [-1, 1], H = W = 16·patch_nums[-1]. label_B: int64 [B]. The tokens come
@@ -64,8 +70,9 @@ def teacher_forcing_loss(var: VAR, vae: VQVAE, img_B3HW: torch.Tensor, label_B: 
         x_BLCv_wo_first_l = vae.quantize.idxBl_to_var_input(gt_idx_Bl)
     logits_BLV = var(label_B, x_BLCv_wo_first_l)
     B, L, V = logits_BLV.shape
-    ce_BL = F.cross_entropy(logits_BLV.view(-1, V), gt_BL.view(-1), label_smoothing=label_smooth,
-                            reduction='none').view(B, L)
+    ce_BL = F.cross_entropy(
+        logits_BLV.view(-1, V), gt_BL.view(-1), label_smoothing=label_smooth, reduction="none"
+    ).view(B, L)
     # Upstream weighs positions by a float32 tensor of 1/L, rather than dividing the sum by L.
     weight_1L = torch.ones(1, L, device=ce_BL.device) / L
     return ce_BL.mul(weight_1L).sum(dim=-1).mean()

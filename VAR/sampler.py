@@ -45,18 +45,24 @@ def _mask_top_k_top_p(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> tor
 def _draw_tokens(logits_BlV: torch.Tensor, rng) -> torch.Tensor:
     """int64 [B, l]: one categorical draw per position. rng: a generator (or None: torch's default) shared
     by the batch, drawn in one `multinomial` call as upstream; or a list of B generators, one per sample."""
-    B, l, V = logits_BlV.shape
+    B, n, V = logits_BlV.shape
     probs_BlV = logits_BlV.softmax(dim=-1)
     if isinstance(rng, list):
-        return torch.stack([torch.multinomial(p_lV, 1, replacement=True, generator=g)[:, 0]
-                            for p_lV, g in zip(probs_BlV, rng)])
-    return torch.multinomial(probs_BlV.view(-1, V), 1, replacement=True, generator=rng).view(B, l)
+        return torch.stack(
+            [
+                torch.multinomial(p_lV, 1, replacement=True, generator=g)[:, 0]
+                for p_lV, g in zip(probs_BlV, rng)
+            ]
+        )
+    return torch.multinomial(probs_BlV.view(-1, V), 1, replacement=True, generator=rng).view(B, n)
 
 
 def _gumbel_softmax(logits_BlV: torch.Tensor, tau: float, rng) -> torch.Tensor:
     """softmax((logits + Gumbel noise) / tau) over V; rng as in `_draw_tokens`."""
     if isinstance(rng, list):
-        noise = torch.stack([torch.empty_like(row).exponential_(generator=g) for row, g in zip(logits_BlV, rng)])
+        noise = torch.stack(
+            [torch.empty_like(row).exponential_(generator=g) for row, g in zip(logits_BlV, rng)]
+        )
     else:
         noise = torch.empty_like(logits_BlV).exponential_(generator=rng)
     return ((logits_BlV - noise.log()) / tau).softmax(dim=-1)
@@ -65,11 +71,12 @@ def _gumbel_softmax(logits_BlV: torch.Tensor, tau: float, rng) -> torch.Tensor:
 def _sampling_rng(var, B, g_seed, generators):
     if generators is not None:
         if g_seed is not None or len(generators) != B:
-            raise ValueError('pass either g_seed or exactly B generators')
+            raise ValueError("pass either g_seed or exactly B generators")
         return list(generators)
     if g_seed is None:
         return None
     return torch.Generator(device=var.lvl_1L.device).manual_seed(g_seed)
+
 
 def _labels(var, B, label_B, rng) -> torch.Tensor:
     device = var.lvl_1L.device
@@ -84,8 +91,9 @@ def _labels(var, B, label_B, rng) -> torch.Tensor:
 
 
 @torch.no_grad()
-def autoregressive_steps(var, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False,
-                         generators=None):
+def autoregressive_steps(
+    var, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, generators=None
+):
     """Sample scale by scale with `var`, yielding an `ARStep` per scale; arguments as `sample_images`.
 
     Each step runs the new scale's tokens through the blocks with the key/value cache on, for the label
@@ -102,8 +110,11 @@ def autoregressive_steps(var, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, to
     sos = cond_BD = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes))))
     cond_BD_or_gss = var.shared_ada_lin(cond_BD)
     lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
-    next_token_map = (sos.unsqueeze(1).expand(2 * B, var.first_l, -1)
-                      + var.pos_start.expand(2 * B, var.first_l, -1) + lvl_pos[:, :var.first_l])
+    next_token_map = (
+        sos.unsqueeze(1).expand(2 * B, var.first_l, -1)
+        + var.pos_start.expand(2 * B, var.first_l, -1)
+        + lvl_pos[:, : var.first_l]
+    )
     f_hat = sos.new_zeros(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1])
     for block in var.blocks:
         block.attn.kv_caching(True)
@@ -122,7 +133,9 @@ def autoregressive_steps(var, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, to
             idx_Bl = _draw_tokens(masked_BlV, rng)
             if more_smooth:
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-                h_BlC = _gumbel_softmax(masked_BlV.mul(1 + ratio), tau, rng) @ quant.embedding.weight.unsqueeze(0)
+                h_BlC = _gumbel_softmax(
+                    masked_BlV.mul(1 + ratio), tau, rng
+                ) @ quant.embedding.weight.unsqueeze(0)
             else:
                 h_BlC = quant.embedding(idx_Bl)
             h_BChw = h_BlC.transpose(1, 2).reshape(B, var.Cvae, pn, pn)
@@ -131,15 +144,18 @@ def autoregressive_steps(var, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, to
             if si != S - 1:
                 pn_next = var.patch_nums[si + 1]
                 next_token_map = var.word_embed(next_map.view(B, var.Cvae, -1).transpose(1, 2))
-                next_token_map = (next_token_map + lvl_pos[:, cur_L:cur_L + pn_next * pn_next]).repeat(2, 1, 1)
+                next_token_map = (next_token_map + lvl_pos[:, cur_L : cur_L + pn_next * pn_next]).repeat(
+                    2, 1, 1
+                )
     finally:
         for block in var.blocks:
             block.attn.kv_caching(False)
 
 
 @torch.no_grad()
-def sample_images(var, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False,
-                  generators=None) -> torch.Tensor:
+def sample_images(
+    var, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, generators=None
+) -> torch.Tensor:
     """Sample B images with classifier-free guidance.
 
     Args:
@@ -156,7 +172,16 @@ def sample_images(var, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0
     Returns:
         float32 [B, 3, H, W] in [0, 1], H = W = 16·patch_nums[-1].
     """
-    for step in autoregressive_steps(var, B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
-                                          more_smooth=more_smooth, generators=generators):
+    for step in autoregressive_steps(
+        var,
+        B,
+        label_B,
+        g_seed=g_seed,
+        cfg=cfg,
+        top_k=top_k,
+        top_p=top_p,
+        more_smooth=more_smooth,
+        generators=generators,
+    ):
         f_hat = step.f_hat
     return var.vae_proxy[0].fhat_to_img(f_hat).add_(1).mul_(0.5)

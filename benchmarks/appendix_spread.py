@@ -30,14 +30,23 @@ print(json.dumps({"base": rows[0]["base"], **{f"ratio{r['epochs']}": r["best"] /
 """
 # Kernel choices one machine can make: ATen's vector level and MKL's code path (the toy's networks
 # are all Linear layers: MKL's GEMM; oneDNN is not involved).
-KERNELS = [{}, {"ATEN_CPU_CAPABILITY": "default"}, {"MKL_CBWR": "COMPATIBLE"},
-           {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}]
+KERNELS = [
+    {},
+    {"ATEN_CPU_CAPABILITY": "default"},
+    {"MKL_CBWR": "COMPATIBLE"},
+    {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"},
+]
 
 
 def run(seed: int, env: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        done = subprocess.run([sys.executable, "-c", CHILD, str(seed), out], capture_output=True, text=True,
-                              env={**os.environ, **env}, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, str(seed), out],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            check=True,
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -52,9 +61,11 @@ def describe(name: str, rows: list[dict]) -> None:
         low, high = mean - 3 * sd, mean + 3 * sd
         if scale == "log":
             low, high = math.exp(low), math.exp(high)
-        print(f"{name:>8} {key:>9}: mean {mean:+.4f} sd {sd:.4f} ({scale}, n={len(values)}); "
-              f"range {min(r[key] for r in rows):.4f} .. {max(r[key] for r in rows):.4f}; "
-              f"mean ± 3 sd: {low:.3f} .. {high:.3f}")
+        print(
+            f"{name:>8} {key:>9}: mean {mean:+.4f} sd {sd:.4f} ({scale}, n={len(values)}); "
+            f"range {min(r[key] for r in rows):.4f} .. {max(r[key] for r in rows):.4f}; "
+            f"mean ± 3 sd: {low:.3f} .. {high:.3f}"
+        )
 
 
 def main():

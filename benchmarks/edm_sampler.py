@@ -9,7 +9,6 @@ seeds, measured in the same run.
 import argparse
 
 import torch
-
 from timing import compare  # benchmarks/timing.py: this folder is first on sys.path
 
 from edm.family import family
@@ -26,11 +25,15 @@ def upstream_style(net, seeds, labels, steps, sigma_min=0.002, sigma_max=80.0, r
             torch.randint(net.label_dim, size=[1], generator=g, device=device)
         class_labels = torch.eye(net.label_dim, device=device)[labels.to(device)]
         i = torch.arange(steps, dtype=torch.float64)
-        t = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+        t = (
+            sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+        ) ** rho
         t = torch.cat([torch.as_tensor(net.round_sigma(t)), torch.zeros_like(t[:1])]).to(device)
         x = latents.to(torch.float64) * t[0]
         for k in range(steps):
-            noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float64, device=device) for g in gens])
+            noise = torch.stack(
+                [torch.randn(shape, generator=g, dtype=torch.float64, device=device) for g in gens]
+            )
             x_hat = x + 0 * noise  # S_churn = 0: gamma = 0, the draw is kept for the stream
             d = (x_hat - net(x_hat, t[k], class_labels).to(torch.float64)) / t[k]
             x = x_hat + (t[k + 1] - t[k]) * d
@@ -55,8 +58,15 @@ def main():
     theirs = upstream_style(model.net, seeds, labels, args.steps)
     print(f"max |ours - upstream-style| = {(ours.int() - theirs.int()).abs().max().item()} (uint8 levels)")
     print(f"device {args.device}, batch {args.batch}, {args.steps} steps")
-    compare({"upstream-style": lambda: upstream_style(model.net, seeds, labels, args.steps),
-             "ours": lambda: family.sample(model, labels, seeds, sampler)}, args.batch, args.repeats, args.device)
+    compare(
+        {
+            "upstream-style": lambda: upstream_style(model.net, seeds, labels, args.steps),
+            "ours": lambda: family.sample(model, labels, seeds, sampler),
+        },
+        args.batch,
+        args.repeats,
+        args.device,
+    )
 
 
 if __name__ == "__main__":

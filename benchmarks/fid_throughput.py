@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from neon import distributed  # noqa: E402
-from neon.io import checkpoint
+from neon.io import checkpoint  # noqa: E402
 from neon.metrics import fid, images, inception  # noqa: E402
 
 
@@ -43,7 +43,11 @@ def make_images(num: int, size: int) -> torch.Tensor:
     that PNG compresses them as it compresses samples."""
     g = torch.Generator().manual_seed(0)
     low = torch.nn.functional.interpolate(torch.rand(num, 3, 8, 8, generator=g), size=size, mode="bicubic")
-    return ((low + 0.05 * torch.randn(num, 3, size, size, generator=g)).clamp(0, 1) * 255).round().to(torch.uint8)
+    return (
+        ((low + 0.05 * torch.randn(num, 3, size, size, generator=g)).clamp(0, 1) * 255)
+        .round()
+        .to(torch.uint8)
+    )
 
 
 def in_memory(extractor, batch: torch.Tensor, batch_size: int):
@@ -63,8 +67,14 @@ def round_trip(fidelity_extractor, batch: torch.Tensor, batch_size: int, folder:
     result = None
     if distributed.is_main():  # rank 0 alone reads them back
         features = extract_featuresdict_from_input_id(
-            1, fidelity_extractor, input1=folder, cuda=torch.cuda.is_available(), batch_size=batch_size,
-            verbose=False, cache=False)
+            1,
+            fidelity_extractor,
+            input1=folder,
+            cuda=torch.cuda.is_available(),
+            batch_size=batch_size,
+            verbose=False,
+            cache=False,
+        )
         result = fid_featuresdict_to_statistics(features, inception.POOL)
         result = (result["mu"], result["sigma"])
     distributed.barrier()
@@ -82,7 +92,9 @@ def timed(fn, *args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=64, help="number of images")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (Inception resizes to 299)")
+    parser.add_argument(
+        "--size", type=int, default=256, help="image side in pixels (Inception resizes to 299)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per Inception forward and process")
     parser.add_argument("--inception-weights", default=None, help="InceptionV3 weights file")
     args = parser.parse_args()
@@ -98,7 +110,9 @@ def main():
 def run(args):
     from torch_fidelity.utils import create_feature_extractor
 
-    work = distributed.broadcast_object(tempfile.mkdtemp(prefix="fid-throughput-") if distributed.is_main() else None)
+    work = distributed.broadcast_object(
+        tempfile.mkdtemp(prefix="fid-throughput-") if distributed.is_main() else None
+    )
     weights = args.inception_weights or inception.weights_path(None)
     if weights is None:  # no internet here: an untrained network runs at the same speed
         weights = os.path.join(work, "inception-untrained.pth")
@@ -108,8 +122,12 @@ def run(args):
                 checkpoint.write(net.state_dict(), weights)
     extractor = inception.build(weights, distributed.device())
     fidelity_extractor = create_feature_extractor(
-        "inception-v3-compat", [inception.POOL], cuda=torch.cuda.is_available(), feature_extractor_weights_path=weights,
-        verbose=False)
+        "inception-v3-compat",
+        [inception.POOL],
+        cuda=torch.cuda.is_available(),
+        feature_extractor_weights_path=weights,
+        verbose=False,
+    )
     batch = make_images(args.images, args.size)
     folder = os.path.join(work, "png")
     os.makedirs(folder, exist_ok=True)
@@ -118,13 +136,18 @@ def run(args):
     theirs, theirs_s = timed(round_trip, fidelity_extractor, batch, args.batch_size, folder)
     if distributed.is_main():
         png_mb = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
-        print(f"{args.images} images of {args.size}x{args.size} ({png_mb:.1f} MiB as PNG), batch {args.batch_size}, "
-              f"{distributed.world()} process(es) x {torch.get_num_threads()} thread(s), device {distributed.device()}")
+        print(
+            f"{args.images} images of {args.size}x{args.size} ({png_mb:.1f} MiB as PNG), "
+            f"batch {args.batch_size}, {distributed.world()} process(es) x {torch.get_num_threads()} "
+            f"thread(s), device {distributed.device()}"
+        )
         print(f"in memory:   {ours_s:7.2f} s  {args.images / ours_s:7.2f} img/s")
         print(f"PNG round trip: {theirs_s:4.2f} s  {args.images / theirs_s:7.2f} img/s")
         print(f"ratio (in memory / round trip, images per second): {theirs_s / ours_s:.2f}x")
-        print(f"same statistics: max |mu difference| {np.abs(ours[0] - theirs[0]).max():.2e}, "
-              f"max |sigma difference| {np.abs(ours[1] - theirs[1]).max():.2e}")
+        print(
+            f"same statistics: max |mu difference| {np.abs(ours[0] - theirs[0]).max():.2e}, "
+            f"max |sigma difference| {np.abs(ours[1] - theirs[1]).max():.2e}"
+        )
         shutil.rmtree(work)
 
 

@@ -25,8 +25,8 @@ import time
 import torch
 
 from neon import synthetic
-from neon.io import checkpoint
 from neon.family import Model
+from neon.io import checkpoint
 
 SIDE, LATENT = 64, 8
 
@@ -67,14 +67,15 @@ import json, resource, sys, time
 start = time.perf_counter()
 from benchmarks.finetune_memory import family
 from neon import finetune
-conf = finetune.FinetuneConfig(data=sys.argv[1], out=sys.argv[2], total_images=64 * int(sys.argv[3]), batch_size=64,
-                               lr=1e-4)
+conf = finetune.FinetuneConfig(data=sys.argv[1], out=sys.argv[2], total_images=64 * int(sys.argv[3]),
+                               batch_size=64, lr=1e-4)
 steps = finetune.run(family, family.tiny(), conf)
 next(steps), next(steps)  # the starting position, then the first step
 startup = time.perf_counter() - start
 for _ in steps:
     pass
-print(json.dumps({"startup_s": startup, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"startup_s": startup,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
@@ -89,15 +90,25 @@ def write_set(out: str, num: int) -> int:
 def finetune_in_a_fresh_process(data: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as run:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        done = subprocess.run([sys.executable, "-c", CHILD, data, run, str(steps)], capture_output=True, text=True,
-                              cwd=root, env={**os.environ, "PYTHONPATH": root}, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, data, run, str(steps)],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": root},
+            check=True,
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=270_000, help="images of the large set (12 KiB each: 3.3 GB)")
-    parser.add_argument("--dir", default=None, help="where to write the sets (default: a temp dir, removed after)")
+    parser.add_argument(
+        "--images", type=int, default=270_000, help="images of the large set (12 KiB each: 3.3 GB)"
+    )
+    parser.add_argument(
+        "--dir", default=None, help="where to write the sets (default: a temp dir, removed after)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps of batch 64 per run")
     args = parser.parse_args()
     top = args.dir or tempfile.mkdtemp(prefix="neon-ft-memory-")
@@ -107,11 +118,18 @@ def main():
             started = time.perf_counter()
             size = write_set(os.path.join(top, name), num)
             written = time.perf_counter() - started
-            rows[name] = {"images": num, "bytes": size, "write_s": written,
-                          **finetune_in_a_fresh_process(os.path.join(top, name), args.steps)}
+            rows[name] = {
+                "images": num,
+                "bytes": size,
+                "write_s": written,
+                **finetune_in_a_fresh_process(os.path.join(top, name), args.steps),
+            }
             r = rows[name]
-            print(f"{name:>5}: {num:7d} images, {size / 2**30:6.2f} GiB (written in {written:5.1f} s); fine-tune "
-                  f"start-up {r['startup_s']:5.2f} s, peak RSS {r['peak_rss'] / 2**30:5.2f} GiB", flush=True)
+            print(
+                f"{name:>5}: {num:7d} images, {size / 2**30:6.2f} GiB (written in {written:5.1f} s); "
+                f"fine-tune start-up {r['startup_s']:5.2f} s, peak RSS {r['peak_rss'] / 2**30:5.2f} GiB",
+                flush=True,
+            )
         growth = rows["large"]["peak_rss"] - rows["small"]["peak_rss"]
         ratio = growth / (rows["large"]["bytes"] - rows["small"]["bytes"])
         print(f"peak RSS growth / set size growth: {ratio:.4f} (goal <= 0.05; a set loaded whole: >= 1)")

@@ -58,8 +58,9 @@ class StandIn:
 
 def steps_per_second(fam, model, data: str, out: str, batch: int, steps: int, workers: int) -> float:
     """Steps/s of `steps` fine-tune steps after a first one (which fills the pipeline)."""
-    conf = finetune.FinetuneConfig(data=data, out=out, total_images=batch * (steps + 1), batch_size=batch,
-                                   workers=workers)
+    conf = finetune.FinetuneConfig(
+        data=data, out=out, total_images=batch * (steps + 1), batch_size=batch, workers=workers
+    )
     times = [time.perf_counter() for _ in finetune.run(fam, model, conf)]
     return steps / (times[-1] - times[1])  # from the end of the first step to the end of the last
 
@@ -82,8 +83,9 @@ def main():
         tiny = var.tiny(0)
         tiny_data = draw_set(var, tiny, f"{tmp}/tiny-set", 128, 32)
         for workers in (0, args.workers):
-            rate = steps_per_second(var, var.tiny(0), tiny_data, f"{tmp}/tiny-{workers}", 16, 2 * args.steps,
-                                    workers)
+            rate = steps_per_second(
+                var, var.tiny(0), tiny_data, f"{tmp}/tiny-{workers}", 16, 2 * args.steps, workers
+            )
             print(f"tiny VAR on the CPU, batch 16, {workers} workers: {rate:.2f} steps/s", flush=True)
 
         fam = StandIn(args.step)
@@ -93,8 +95,11 @@ def main():
         for workers in (0, args.workers):
             out = f"{tmp}/run-{workers}"
             rates[workers] = steps_per_second(fam, model, data, out, args.batch, args.steps, workers)
-            print(f"stand-in step {args.step:g} s + VAR preparation of {args.batch} images of 256², "
-                  f"{workers} workers: {rates[workers]:.2f} steps/s", flush=True)
+            print(
+                f"stand-in step {args.step:g} s + VAR preparation of {args.batch} images of 256², "
+                f"{workers} workers: {rates[workers]:.2f} steps/s",
+                flush=True,
+            )
     print(f"ratio {rates[args.workers] / rates[0]:.2f}")
 
 

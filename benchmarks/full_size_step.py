@@ -27,9 +27,15 @@ from neon.family import Model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # recipe -> the family's arch preset (the recipes name checkpoints, whose arch is read from the file)
-RECIPES = {"edm/cifar10_cond": "cifar10-cond", "edm/ffhq64": "ffhq64", "VAR/d16_in256": "d16",
-           "VAR/d36_in512": "d36", "xAR/xar_b_in256": "xar_base", "xAR/xar_l_in256": "xar_large",
-           "imm/in256_t8": "im256"}
+RECIPES = {
+    "edm/cifar10_cond": "cifar10-cond",
+    "edm/ffhq64": "ffhq64",
+    "VAR/d16_in256": "d16",
+    "VAR/d36_in512": "d36",
+    "xAR/xar_b_in256": "xar_base",
+    "xAR/xar_l_in256": "xar_large",
+    "imm/in256_t8": "im256",
+}
 KL16 = {"embed_dim": 16, "ch_mult": [1, 1, 2, 2, 4], "ch": 128, "num_res_blocks": 2, "use_variational": True}
 
 
@@ -43,14 +49,17 @@ def full_size(name: str, arch: str, device) -> Model:
 def _build(name: str, arch: str, device) -> Model:
     if name == "edm":
         from edm.family import DEFAULT_AUGMENT, PRESETS, family
+
         model = family._model(PRESETS[arch], DEFAULT_AUGMENT)
     elif name == "var":
         from VAR.family import PRESETS, family
         from VAR.models import build_vae_var
+
         vae, var = build_vae_var(str(device), **PRESETS[arch])
         model = family._model(vae, var, PRESETS[arch])
     elif name == "xar":
         from xAR.family import PRESETS, XARNet, _model, build_vae
+
         vae = build_vae(KL16).to_empty(device=device)
         for module in vae.modules():
             if hasattr(module, "reset_parameters"):
@@ -59,8 +68,13 @@ def _build(name: str, arch: str, device) -> Model:
     elif name == "imm":
         from imm.family import LATENTS, PRESETS, family
         from imm.vae import build_autoencoder
-        model = family._model(family._network(PRESETS[arch], device), build_autoencoder(None, device),
-                              PRESETS[arch], {**LATENTS, "vae_config": None})
+
+        model = family._model(
+            family._network(PRESETS[arch], device),
+            build_autoencoder(None, device),
+            PRESETS[arch],
+            {**LATENTS, "vae_config": None},
+        )
     else:
         raise ValueError(f"no full-size builder for family {name!r}")
     model.net.to(device)
@@ -77,8 +91,11 @@ def step(fam, model: Model, batch: int, precision: str, device) -> float:
     generator = torch.Generator().manual_seed(0)
     size = model.image_size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator).to(device)
-    labels = (torch.randint(0, model.num_classes, (batch,), generator=generator) if model.num_classes
-              else torch.full((batch,), -1)).to(device)
+    labels = (
+        torch.randint(0, model.num_classes, (batch,), generator=generator)
+        if model.num_classes
+        else torch.full((batch,), -1)
+    ).to(device)
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         loss = fam.loss(model, images, labels, generator)
@@ -116,9 +133,12 @@ def main():
         except torch.OutOfMemoryError as e:
             print(f"full-size {recipe}: skipped: does not fit one GPU ({str(e).splitlines()[0]})", flush=True)
             continue
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-        print(f"full-size {recipe}: {params / 1e6:.1f}M params, per-GPU batch {batch}, {precision}, "
-              f"step {seconds:.2f} s, peak {peak:.2f} GiB", flush=True)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        print(
+            f"full-size {recipe}: {params / 1e6:.1f}M params, per-GPU batch {batch}, {precision}, "
+            f"step {seconds:.2f} s, peak {peak:.2f} GiB",
+            flush=True,
+        )
         del model
 
 

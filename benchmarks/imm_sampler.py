@@ -16,7 +16,8 @@ network alone on fixed inputs: the floor our loop runs at. One intra-op thread b
 kernel on a shared CPU waits for its slowest thread. Even so, on a loaded machine a loop's rate varies
 by about ±10% from round to round, hence the medians.
 
-    python benchmarks/imm_sampler.py [--batch 64] [--steps 8] [--cfg 1.5] [--repeats 9] [--threads 1] [--device cpu]
+    python benchmarks/imm_sampler.py [--batch 64] [--steps 8] [--cfg 1.5] [--repeats 9] [--threads 1] \
+        [--device cpu]
 """
 
 import argparse
@@ -25,7 +26,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from timing import compare  # benchmarks/timing.py: this folder is first on sys.path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,9 +36,25 @@ import imm  # noqa: E402
 def small_net(device):
     """A small conditional DiT (16x16x4 latents, 64 tokens) with random (non-zero) weights."""
     torch.manual_seed(0)  # the construction draws too: the same weights in every run
-    net = imm.IMMPrecond(img_resolution=16, img_channels=4, label_dim=10, model_type='DiT', patch_size=2,
-                         hidden_size=128, depth=4, num_heads=4, num_classes=10, s_embed=True, noise_schedule='fm',
-                         f_type='euler_fm', temb_type='stride', time_scale=1000, sigma_data=0.5, eps=0.0, T=0.994)
+    net = imm.IMMPrecond(
+        img_resolution=16,
+        img_channels=4,
+        label_dim=10,
+        model_type="DiT",
+        patch_size=2,
+        hidden_size=128,
+        depth=4,
+        num_heads=4,
+        num_classes=10,
+        s_embed=True,
+        noise_schedule="fm",
+        f_type="euler_fm",
+        temb_type="stride",
+        time_scale=1000,
+        sigma_data=0.5,
+        eps=0.0,
+        T=0.994,
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for p in net.parameters():
@@ -52,15 +68,20 @@ def upstream_dit(dit, x, tau_t, tau_s, labels):
     residual sum keeps that layout, so each LayerNorm and Linear first copies it; adaLN's modulate is
     h·(1 + scale) + shift and each gated residual x + gate·branch, two passes and a temporary each
     where the network here makes one fused multiply-add; the GELU writes a new tensor."""
+
     def modulate(h, shift, scale):
         return h * (1 + scale[:, None]) + shift[:, None]
 
     tokens = dit.x_embedder.proj(x).flatten(2).transpose(1, 2) + dit.pos_embed
-    c = dit.t_embedder(tau_t) + dit.s_embedder(tau_s) + dit.y_embedder(dit.class_index(labels, len(x), x.device), False)
+    c = (
+        dit.t_embedder(tau_t)
+        + dit.s_embedder(tau_s)
+        + dit.y_embedder(dit.class_index(labels, len(x), x.device), False)
+    )
     for block in dit.blocks:
         shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c).chunk(6, dim=1)
         tokens = tokens + gate1[:, None] * block.attn(modulate(block.norm1(tokens), shift1, scale1))
-        hidden = F.gelu(block.mlp.fc1(modulate(block.norm2(tokens), shift2, scale2)), approximate='tanh')
+        hidden = F.gelu(block.mlp.fc1(modulate(block.norm2(tokens), shift2, scale2)), approximate="tanh")
         tokens = tokens + gate2[:, None] * block.mlp.fc2(hidden)
     final = dit.final_layer
     shift, scale = final.adaLN_modulation(c).chunk(2, dim=1)
@@ -81,7 +102,7 @@ def straightforward(net, seeds, labels, steps, cfg):
         x = z.to(torch.float64)
         for i in range(steps):
             t, s = grid[i], grid[i + 1]
-            c_in = 1 / (net.sigma_data * ((1 - t) ** 2 + t ** 2).sqrt())
+            c_in = 1 / (net.sigma_data * ((1 - t) ** 2 + t**2).sqrt())
             x_in = (c_in * torch.cat([x, x])).to(torch.float32)
             tau_t = (1000 * t).to(torch.float32).expand(x_in.shape[0])
             tau_s = (1000 * (t - s)).to(torch.float32).expand(x_in.shape[0])
@@ -97,21 +118,25 @@ def ours(net, seeds, labels, steps, cfg):
     with torch.inference_mode():
         z = imm.initial_latents(imm.generators(seeds), shape, sigma_data=net.sigma_data, device=device)
         onehot = torch.eye(net.label_dim, device=device)[labels]
-        return z, imm.pushforward_generator_fn(net, z, onehot, discretization='uniform', num_steps=steps,
-                                               cfg_scale=cfg)
+        return z, imm.pushforward_generator_fn(
+            net, z, onehot, discretization="uniform", num_steps=steps, cfg_scale=cfg
+        )
 
 
 def backbone_only(net, batch, steps):
     """The work both loops share: `steps` backbone calls on a doubled batch (fixed inputs)."""
     device = next(net.parameters()).device
     x = torch.randn(2 * batch, net.img_channels, net.img_resolution, net.img_resolution, device=device)
-    labels = torch.eye(net.label_dim, device=x.device)[torch.arange(2 * batch, device=x.device) % net.label_dim]
+    labels = torch.eye(net.label_dim, device=x.device)[
+        torch.arange(2 * batch, device=x.device) % net.label_dim
+    ]
     tau = torch.full([1], 500.0, device=x.device)
 
     def run():
         with torch.inference_mode():
             for _ in range(steps):
                 net.model(x, tau, tau, class_labels=labels)
+
     return run
 
 
@@ -135,10 +160,16 @@ def main():
     assert gap < 1e-4, gap
     print(f"identical initial latents; max |ours - straightforward| at the end = {gap:.2e}")
     # compare() prints the ratio of the last entry to the first: ours / straightforward.
-    compare({"straightforward": lambda: straightforward(net, seeds, labels, args.steps, args.cfg),
-             "backbone only": backbone_only(net, args.batch, args.steps),
-             "ours": lambda: ours(net, seeds, labels, args.steps, args.cfg)},
-            args.batch, args.repeats, args.device)
+    compare(
+        {
+            "straightforward": lambda: straightforward(net, seeds, labels, args.steps, args.cfg),
+            "backbone only": backbone_only(net, args.batch, args.steps),
+            "ours": lambda: ours(net, seeds, labels, args.steps, args.cfg),
+        },
+        args.batch,
+        args.repeats,
+        args.device,
+    )
 
 
 if __name__ == "__main__":

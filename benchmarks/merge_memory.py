@@ -76,8 +76,14 @@ checkpoint.write({"ema": merge.extrapolate(base.weights, self_sd.weights, float(
 def peak_anon_file(body: str, *args) -> tuple[int, int]:
     """(peak anonymous, peak file-backed resident bytes) of `body` in a fresh Python process."""
     script = "import sys\n" + POLLED.format(body=body)
-    result = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO,
-                            env=os.environ | {"PYTHONPATH": REPO}, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=REPO,
+        env=os.environ | {"PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     anon, file = result.stdout.split()[-2:]
     return int(anon), int(file)
 
@@ -85,8 +91,14 @@ def peak_anon_file(body: str, *args) -> tuple[int, int]:
 def peak_rss(body: str, *args) -> tuple[int, float]:
     """(peak RSS in bytes, wall seconds) of `body` run in a fresh Python process."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", MEASURE.format(body=body), *map(str, args)], cwd=REPO,
-                            env=os.environ | {"PYTHONPATH": REPO}, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE.format(body=body), *map(str, args)],
+        cwd=REPO,
+        env=os.environ | {"PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(result.stdout.split()[-1]) * 1024, time.perf_counter() - start  # ru_maxrss is KiB on Linux
 
 
@@ -117,36 +129,59 @@ def main():
         naive_out = os.path.join(tmp, "naive.safetensors")
         streamed_out = os.path.join(tmp, "neon.safetensors")
         names = list(safetensors.header(streamed_out)[0])
-        pairs = zip(safetensors.iterate(naive_out, names),
-                    safetensors.iterate(streamed_out, names))
+        pairs = zip(safetensors.iterate(naive_out, names), safetensors.iterate(streamed_out, names))
         same = all(torch.equal(a, b) for (_, a), (_, b) in pairs)
 
     gib = 2**30
     print(f"idle     peak RSS {idle / gib:6.2f} GiB")
     print(f"naive    peak RSS {naive / gib:6.2f} GiB  {naive / size:5.2f}x checkpoint  {naive_s:5.1f} s")
-    print(f"streamed peak RSS {streamed / gib:6.2f} GiB  {streamed / size:5.2f}x checkpoint  "
-          f"{streamed_s:5.1f} s")
-    print(f"streamed / naive: {streamed / naive:.2f}x peak RSS, {streamed_s / naive_s:.2f}x time; "
-          f"above idle: {(streamed - idle) / tensor_bytes:.1f} tensors streamed vs "
-          f"{(naive - idle) / tensor_bytes:.1f} naive")
+    print(
+        f"streamed peak RSS {streamed / gib:6.2f} GiB  {streamed / size:5.2f}x checkpoint  "
+        f"{streamed_s:5.1f} s"
+    )
+    print(
+        f"streamed / naive: {streamed / naive:.2f}x peak RSS, {streamed_s / naive_s:.2f}x time; "
+        f"above idle: {(streamed - idle) / tensor_bytes:.1f} tensors streamed vs "
+        f"{(naive - idle) / tensor_bytes:.1f} naive"
+    )
     print(f"outputs equal, tensor by tensor: {same}")
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         base, self_path = os.path.join(tmp, "base.pt"), os.path.join(tmp, "self.pt")
         for path, seed in ((base, 0), (self_path, 1)):
             g = torch.Generator().manual_seed(seed)
-            checkpoint.write({"ema": {f"block{i}.weight": torch.randn(args.numel, generator=g)
-                                      for i in range(args.tensors)}}, path)
+            checkpoint.write(
+                {
+                    "ema": {
+                        f"block{i}.weight": torch.randn(args.numel, generator=g) for i in range(args.tensors)
+                    }
+                },
+                path,
+            )
         size = os.path.getsize(base)
         idle_anon, idle_file = peak_anon_file(IDLE)
         naive_anon, naive_file = peak_anon_file(NAIVE_PT, base, self_path, 0.5, os.path.join(tmp, "naive.pt"))
         ours_anon, ours_file = peak_anon_file(STREAMED, base, self_path, 0.5, os.path.join(tmp, "neon.pt"))
-        same = all(torch.equal(a, b) for a, b in zip(checkpoint.read(os.path.join(tmp, "naive.pt")).weights.values(),
-                                                      checkpoint.read(os.path.join(tmp, "neon.pt")).weights.values()))
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(
+                checkpoint.read(os.path.join(tmp, "naive.pt")).weights.values(),
+                checkpoint.read(os.path.join(tmp, "neon.pt")).weights.values(),
+            )
+        )
     print(f".pt: {size / gib:.2f} GiB per file; peaks above an idle process, in checkpoints")
-    print(f"naive        anonymous {(naive_anon - idle_anon) / size:5.2f}x  file-backed {(naive_file - idle_file) / size:5.2f}x")
-    print(f"merge_files  anonymous {(ours_anon - idle_anon) / size:5.2f}x  file-backed {(ours_file - idle_file) / size:5.2f}x")
-    print(f"merge_files / naive anonymous: {(ours_anon - idle_anon) / (naive_anon - idle_anon):.2f}x; outputs equal: {same}")
+    print(
+        f"naive        anonymous {(naive_anon - idle_anon) / size:5.2f}x  "
+        f"file-backed {(naive_file - idle_file) / size:5.2f}x"
+    )
+    print(
+        f"merge_files  anonymous {(ours_anon - idle_anon) / size:5.2f}x  "
+        f"file-backed {(ours_file - idle_file) / size:5.2f}x"
+    )
+    print(
+        f"merge_files / naive anonymous: {(ours_anon - idle_anon) / (naive_anon - idle_anon):.2f}x; "
+        f"outputs equal: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ grid's images and land within the spread of the grid's optimum.
   pixels to 32 dimensions, not Inception's (Inception on 2 CPU cores runs ~1 image/s: hours for a
   grid): the benchmark measures the search, not Inception.
 
-    python benchmarks/sweep_cost.py [--quick]   # 3.5 min on 2 CPU cores (--quick: a quarter and half the samples)
+    python benchmarks/sweep_cost.py [--quick]   # 3.5 min on 2 CPU cores
+                                                # (--quick: a quarter and half the samples)
 """
 
 import argparse
@@ -38,17 +39,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from neon import finetune, progress, sweep, synthetic  # noqa: E402
-from neon.io import files  # noqa: E402
 from neon.family import write_checkpoint  # noqa: E402
+from neon.io import files  # noqa: E402
 from neon.metrics import fid  # noqa: E402
 from neon.toy import appendix  # noqa: E402
 from neon.toy.family import ToySampler  # noqa: E402
 from neon.toy.family import family as toy  # noqa: E402
 from tests.families.custom_family import CustomFamily  # noqa: E402
 
-STRATEGIES = [("grid", {}), ("grid + halving", {"search": "grid", "screen_num": "quarter"}),
-              ("brent + halving", {"search": "brent"}), ("coordinate + halving", {"search": "coordinate"}),
-              ("coordinate + refine", {"search": "coordinate", "refine": 0.1})]
+STRATEGIES = [
+    ("grid", {}),
+    ("grid + halving", {"search": "grid", "screen_num": "quarter"}),
+    ("brent + halving", {"search": "brent"}),
+    ("coordinate + halving", {"search": "coordinate"}),
+    ("coordinate + refine", {"search": "coordinate", "refine": 0.1}),
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +79,7 @@ class PixelFamily(CustomFamily):
     def sample(self, model, labels, seeds, sampler):
         z = torch.stack([torch.randn(16, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         with torch.inference_mode():
-            x = torch.tanh(model.net.map(z * sampler.cfg ** 0.3) + (sampler.cfg - 1) * self.direction)
+            x = torch.tanh(model.net.map(z * sampler.cfg**0.3) + (sampler.cfg - 1) * self.direction)
         return ((x.view(-1, 3, 8, 8) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
     def features(self, samples):
@@ -84,7 +89,9 @@ class PixelFamily(CustomFamily):
         return self._reference
 
 
-def self_train(family, base: str, sampler, syn: synthetic.SyntheticConfig, ft: finetune.FinetuneConfig) -> None:
+def self_train(
+    family, base: str, sampler, syn: synthetic.SyntheticConfig, ft: finetune.FinetuneConfig
+) -> None:
     """Write S with `sampler` from the base at `base`, then fine-tune a copy of the base on it."""
     for _ in synthetic.write(family, family.load(base), sampler, syn, files.sha256(base)):
         pass
@@ -95,14 +102,26 @@ def self_train(family, base: str, sampler, syn: synthetic.SyntheticConfig, ft: f
 def toy_run(work: str, quick: bool) -> dict:
     """The toy's base, S and fine-tune; the sweep settings."""
     base = appendix.base(work, "diffusion", quick=True)
-    syn = synthetic.SyntheticConfig(out=os.path.join(work, "toy-S"), num=1000, batch_size=1000, shard_size=1000,
-                                    labels="none")
-    ft = finetune.FinetuneConfig(data=syn.out, out=os.path.join(work, "toy-run"), total_images=250_000,
-                                 batch_size=1000, lr=1e-5, snapshot_every_images=50_000)
+    syn = synthetic.SyntheticConfig(
+        out=os.path.join(work, "toy-S"), num=1000, batch_size=1000, shard_size=1000, labels="none"
+    )
+    ft = finetune.FinetuneConfig(
+        data=syn.out,
+        out=os.path.join(work, "toy-run"),
+        total_images=250_000,
+        batch_size=1000,
+        lr=1e-5,
+        snapshot_every_images=50_000,
+    )
     self_train(toy, base, ToySampler(zeta=1.1), syn, ft)
     num = 5000 if quick else 20_000
-    return {"family": toy, "base": base, "sampler": ToySampler(), "self_trained": ft.out,
-            "sweep": dict(w="-2:2:0.25", num=num, final_num=num, batch_size=num, sampler={"zeta": 1.0})}
+    return {
+        "family": toy,
+        "base": base,
+        "sampler": ToySampler(),
+        "self_trained": ft.out,
+        "sweep": dict(w="-2:2:0.25", num=num, final_num=num, batch_size=num, sampler={"zeta": 1.0}),
+    }
 
 
 def pixel_run(work: str, quick: bool) -> dict:
@@ -117,15 +136,32 @@ def pixel_run(work: str, quick: bool) -> dict:
         model.net.map.bias.sub_(0.3 * pixels.direction)
     base = os.path.join(work, "pixels-base.pt")
     write_checkpoint(pixels, model.net.state_dict(), base, like=model)
-    syn = synthetic.SyntheticConfig(out=os.path.join(work, "pixels-S"), num=2000, batch_size=500, shard_size=2000,
-                                    labels="none")
-    ft = finetune.FinetuneConfig(data=syn.out, out=os.path.join(work, "pixels-run"), total_images=6000,
-                                 batch_size=100, lr=1e-3, snapshot_every_images=2000)
+    syn = synthetic.SyntheticConfig(
+        out=os.path.join(work, "pixels-S"), num=2000, batch_size=500, shard_size=2000, labels="none"
+    )
+    ft = finetune.FinetuneConfig(
+        data=syn.out,
+        out=os.path.join(work, "pixels-run"),
+        total_images=6000,
+        batch_size=100,
+        lr=1e-3,
+        snapshot_every_images=2000,
+    )
     self_train(pixels, base, PixelSampler(cfg=1.3), syn, ft)
     num = 1000 if quick else 2000
-    return {"family": pixels, "base": base, "sampler": PixelSampler(), "self_trained": ft.out,
-            "sweep": dict(w="0:3:0.25", cfg=[1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8], num=num, final_num=num,
-                          batch_size=num)}
+    return {
+        "family": pixels,
+        "base": base,
+        "sampler": PixelSampler(),
+        "self_trained": ft.out,
+        "sweep": dict(
+            w="0:3:0.25",
+            cfg=[1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8],
+            num=num,
+            final_num=num,
+            batch_size=num,
+        ),
+    }
 
 
 def sweep_once(setup: dict, out: str, strategy: dict) -> dict:
@@ -142,10 +178,12 @@ def sweep_once(setup: dict, out: str, strategy: dict) -> dict:
 
 def table(name: str, rows: dict) -> str:
     grid = rows["grid"]["summary"]
-    lines = [f"{name}: {grid.evidence[-1]['points']} grid points at n = "
-             f"{grid.num:,}; final report: 3 seed ranges of {grid.final.seeds[0][1]:,}",
-             f"  {'strategy':<22} {'images to choose':>16} {'ratio':>6}  {'chosen (snapshot, w, cfg)':<32} "
-             f"{'final FID, mean ± sd':>22} {'minus grid':>15} {'spread':>8} {'within':>6} {'s':>5}"]
+    lines = [
+        f"{name}: {grid.evidence[-1]['points']} grid points at n = "
+        f"{grid.num:,}; final report: 3 seed ranges of {grid.final.seeds[0][1]:,}",
+        f"  {'strategy':<22} {'images to choose':>16} {'ratio':>6}  {'chosen (snapshot, w, cfg)':<32} "
+        f"{'final FID, mean ± sd':>22} {'minus grid':>15} {'spread':>8} {'within':>6} {'s':>5}",
+    ]
     for label, row in rows.items():
         s = row["summary"]
         cfg = "" if s.cfg is None else f", {s.cfg:g}"
@@ -154,13 +192,17 @@ def table(name: str, rows: dict) -> str:
         diff = neon.mean - grid_neon.mean
         spread = max(neon.sd, grid_neon.sd)
         ratio = s.selection_images / grid.selection_images
-        lines.append(f"  {label:<22} {s.selection_images:>16,} {ratio:>6.3f}"
-                     f"  {point:<32} {neon.mean:>11.4g} ± {neon.sd:<8.2g} {diff:>+15.2g} "
-                     f"{spread:>8.2g} {'yes' if diff <= spread else 'no':>6} {row['seconds']:>5.0f}")
+        lines.append(
+            f"  {label:<22} {s.selection_images:>16,} {ratio:>6.3f}"
+            f"  {point:<32} {neon.mean:>11.4g} ± {neon.sd:<8.2g} {diff:>+15.2g} "
+            f"{spread:>8.2g} {'yes' if diff <= spread else 'no':>6} {row['seconds']:>5.0f}"
+        )
     final = grid.final
-    lines.append(f"  base: final FID {final.base['fid'].mean:.4g} ± {final.base['fid'].sd:.2g}; the grid's gain "
-                 f"{final.gain:+.3g} {'exceeds' if final.gain_exceeds_spread else 'does not exceed'} "
-                 f"the spread {final.spread:.2g}")
+    lines.append(
+        f"  base: final FID {final.base['fid'].mean:.4g} ± {final.base['fid'].sd:.2g}; the grid's gain "
+        f"{final.gain:+.3g} {'exceeds' if final.gain_exceeds_spread else 'does not exceed'} "
+        f"the spread {final.spread:.2g}"
+    )
     return "\n".join(lines)
 
 
@@ -173,8 +215,10 @@ def main():
         work = args.out or tmp
         for name, make in (("toy", toy_run), ("pixels", pixel_run)):
             setup = make(work, args.quick)
-            rows = {label: sweep_once(setup, os.path.join(work, f"{name}-{label.replace(' + ', '-')}"), strategy)
-                    for label, strategy in STRATEGIES}
+            rows = {
+                label: sweep_once(setup, os.path.join(work, f"{name}-{label.replace(' + ', '-')}"), strategy)
+                for label, strategy in STRATEGIES
+            }
             print(table(name, rows), flush=True)
 
 

@@ -130,21 +130,48 @@ def evaluate_points(approach: str, base: str, snapshot: str, out: str) -> list[f
             self_sd = read_checkpoint(big, snapshot).weights
             model.net.load_state_dict(merge.extrapolate(base_sd, self_sd, w))
             del self_sd
-        fids.append(evaluate.evaluate(big, model, base_sd, big.Sampler(), (1_000_000, 64), 64, metrics,
-                                      control=model.net.state_dict())["fid"])
+        fids.append(
+            evaluate.evaluate(
+                big,
+                model,
+                base_sd,
+                big.Sampler(),
+                (1_000_000, 64),
+                64,
+                metrics,
+                control=model.net.state_dict(),
+            )["fid"]
+        )
     return fids
 
 
 def run_pair(approach: str, base: str, snapshot: str, out: str) -> list[dict]:
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "--no-python",
-                             sys.executable, "-c", CHILD, approach, base, snapshot, out],
-                            cwd=REPO, env=os.environ | {"PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "--no-python",
+            sys.executable,
+            "-c",
+            CHILD,
+            approach,
+            base,
+            snapshot,
+            out,
+        ],
+        cwd=REPO,
+        env=os.environ | {"PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
     if result.returncode:
         raise SystemExit(result.stderr[-3000:])
-    return sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+    return sorted(
+        (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
+        key=lambda r: r["rank"],
+    )
 
 
 def main():
@@ -157,22 +184,39 @@ def main():
         base, snapshot = os.path.join(tmp, "base.pt"), os.path.join(tmp, "snapshot-0000000001.pt")
         for path, seed in ((base, 0), (snapshot, 1)):
             g = torch.Generator().manual_seed(seed)
-            checkpoint.write({"ema": {f"block.{i}.weight": torch.randn(args.numel, generator=g) * 0.01
-                                      for i in range(args.tensors)}}, path)
+            checkpoint.write(
+                {
+                    "ema": {
+                        f"block.{i}.weight": torch.randn(args.numel, generator=g) * 0.01
+                        for i in range(args.tensors)
+                    }
+                },
+                path,
+            )
         size = os.path.getsize(base)
-        print(f"checkpoint: {args.tensors} x {args.numel} float32 = {size / 2**30:.2f} GiB; 2 processes, 3 points")
-        rows = {approach: run_pair(approach, base, snapshot, os.path.join(tmp, approach))
-                for approach in ("baseline", "ours")}
+        print(
+            f"checkpoint: {args.tensors} x {args.numel} float32 = {size / 2**30:.2f} GiB; "
+            "2 processes, 3 points"
+        )
+        rows = {
+            approach: run_pair(approach, base, snapshot, os.path.join(tmp, approach))
+            for approach in ("baseline", "ours")
+        }
     for approach, ranks in rows.items():
         for r in ranks:
             anon = r["peaks"]["RssAnon"] - r["idle"]["RssAnon"]
             file = r["peaks"]["RssFile"] - r["idle"]["RssFile"]
-            print(f"{approach:<9} rank {r['rank']}: anonymous {anon / size:5.2f}x  file-backed {file / size:5.2f}x  "
-                  f"checkpoint above idle; FIDs {', '.join(f'{f:.4f}' for f in r['fids'])}")
+            print(
+                f"{approach:<9} rank {r['rank']}: anonymous {anon / size:5.2f}x  "
+                f"file-backed {file / size:5.2f}x  "
+                f"checkpoint above idle; FIDs {', '.join(f'{f:.4f}' for f in r['fids'])}"
+            )
     worst = {a: max(r["peaks"]["RssAnon"] - r["idle"]["RssAnon"] for r in ranks) for a, ranks in rows.items()}
     same = all(abs(a - b) < 1e-9 for a, b in zip(rows["ours"][0]["fids"], rows["baseline"][0]["fids"]))
-    print(f"ours / baseline, peak anonymous per process: {worst['ours'] / worst['baseline']:.2f}x "
-          f"({worst['ours'] / size:.2f}x vs {worst['baseline'] / size:.2f}x one checkpoint); same FIDs: {same}")
+    print(
+        f"ours / baseline, peak anonymous per process: {worst['ours'] / worst['baseline']:.2f}x "
+        f"({worst['ours'] / size:.2f}x vs {worst['baseline'] / size:.2f}x one checkpoint); same FIDs: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 
-def compare(runs: dict, items: int, repeats: int, device: str = "cpu", unit: str = "images") -> dict[str, float]:
+def compare(
+    runs: dict, items: int, repeats: int, device: str = "cpu", unit: str = "images"
+) -> dict[str, float]:
     """Time each zero-argument callable of `runs` `repeats` times, alternating them so a change in the
     machine's load hits all alike; print each one's median rate (`items` per call, per second) and the
     ratio of the last run to the first (ours / baseline). Returns the rates."""

@@ -3,13 +3,13 @@ that recomputes the whole prefix of clean cells at every step (no cache, the blo
 on the same small random weights and the same per-sample draws, measured in the same run. Both must
 produce the same tokens (to float32 accuracy: the two do the same arithmetic in different shapes).
 
-    python benchmarks/xar_sampler.py [--width 128] [--depth 2] [--batch 4] [--steps 6] [--repeats 3] [--device cuda]
+    python benchmarks/xar_sampler.py [--width 128] [--depth 2] [--batch 4] [--steps 6] [--repeats 3] \
+        [--device cuda]
 """
 
 import argparse
 
 import torch
-
 from timing import compare  # benchmarks/timing.py: this folder is first on sys.path
 
 from xAR.models import xAR
@@ -52,8 +52,18 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = xAR(encoder_embed_dim=args.width, encoder_depth=args.depth, encoder_num_heads=args.width // 64,
-                decoder_embed_dim=args.width, decoder_depth=args.depth, decoder_num_heads=args.width // 64).eval().to(args.device)
+    model = (
+        xAR(
+            encoder_embed_dim=args.width,
+            encoder_depth=args.depth,
+            encoder_num_heads=args.width // 64,
+            decoder_embed_dim=args.width,
+            decoder_depth=args.depth,
+            decoder_num_heads=args.width // 64,
+        )
+        .eval()
+        .to(args.device)
+    )
     labels = (torch.arange(args.batch) % 1000).to(args.device)
 
     def draws():  # CPU generators, the draws moved to the device, as the xAR family samples
@@ -63,10 +73,19 @@ def main():
     b = uncached(model, labels, args.steps, 3.0, draws())
     err = (a - b).abs().max().item()
     assert err < 1e-3 * a.abs().max().item() and a.std() > 0.1, (err, a.std())
-    print(f"width {args.width}, {args.depth}+{args.depth} blocks, batch {args.batch}, {args.steps} steps per cell: "
-          f"same tokens (max |difference| {err:.1e})")
-    compare({name: (lambda run=run: run(model, labels, args.steps, 3.0, draws()))
-             for name, run in (("uncached", uncached), ("kv-cached", cached))}, args.batch, args.repeats, args.device)
+    print(
+        f"width {args.width}, {args.depth}+{args.depth} blocks, batch {args.batch}, "
+        f"{args.steps} steps per cell: same tokens (max |difference| {err:.1e})"
+    )
+    compare(
+        {
+            name: (lambda run=run: run(model, labels, args.steps, 3.0, draws()))
+            for name, run in (("uncached", uncached), ("kv-cached", cached))
+        },
+        args.batch,
+        args.repeats,
+        args.device,
+    )
 
 
 if __name__ == "__main__":

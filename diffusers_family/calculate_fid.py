@@ -11,11 +11,10 @@ in memory, sharded over the processes; class labels are balanced over the classe
 
 import json
 
+from diffusers_family.family import family
 from neon import distributed
 from neon.errors import ArgumentParser, run_command
 from neon.metrics import score
-
-from diffusers_family.family import family
 
 
 def main(argv=None) -> None:
@@ -36,11 +35,31 @@ def main(argv=None) -> None:
 
 def _run(args) -> None:
     sampler = family.Sampler(num_steps=args.num_steps, cfg=args.cfg, eta=args.eta)
-    value = score.score_checkpoint(family, args.ckpt, sampler, (args.seed, args.num_images), args.batch_size,
-                                   args.fid_stats, inception_weights=args.inception_weights, metrics=args.metrics, real=args.real)
+    value = score.score_checkpoint(
+        family,
+        args.ckpt,
+        sampler,
+        (args.seed, args.num_images),
+        args.batch_size,
+        args.fid_stats,
+        inception_weights=args.inception_weights,
+        metrics=args.metrics,
+        real=args.real,
+    )
     if distributed.is_main():
-        print(json.dumps({"ckpt": args.ckpt, "fid_stats": args.fid_stats, "num_images": args.num_images,
-                          "num_steps": args.num_steps, "cfg": args.cfg, "eta": args.eta, **value}))
+        print(
+            json.dumps(
+                {
+                    "ckpt": args.ckpt,
+                    "fid_stats": args.fid_stats,
+                    "num_images": args.num_images,
+                    "num_steps": args.num_steps,
+                    "cfg": args.cfg,
+                    "eta": args.eta,
+                    **value,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ posterior's noise (DiT), ε, t.
 import torch
 import torch.nn.functional as F
 
+
 def _cpu_randn(shape, generator, device):
     return torch.randn(shape, generator=generator).to(device)
 

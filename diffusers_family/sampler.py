@@ -38,8 +38,9 @@ def step_kwargs(scheduler, eta: float, generators: list[torch.Generator]) -> dic
     return kwargs
 
 
-def denoise(predict, scheduler, x: torch.Tensor, num_steps: int, eta: float,
-            generators: list[torch.Generator]) -> torch.Tensor:
+def denoise(
+    predict, scheduler, x: torch.Tensor, num_steps: int, eta: float, generators: list[torch.Generator]
+) -> torch.Tensor:
     """Run `scheduler` from the noise `x` [B, C, H, W] (unit variance) over `num_steps` steps.
 
     Args:
@@ -69,9 +70,11 @@ def batch_timesteps(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def unet_predictor(net, class_labels: torch.Tensor | None):
     """`predict` for a `UNet2DModel`: its output as it is (a learned-range variance head stays, for the
     scheduler to use); class labels go to the UNet's class embedding when it has one."""
+
     def predict(x, t):
         extra = {} if class_labels is None else {"class_labels": class_labels}
         return net(x, batch_timesteps(t, x), **extra).sample
+
     return predict
 
 
@@ -89,10 +92,13 @@ def dit_predictor(net, class_labels: torch.Tensor, null_label: int, cfg: float |
         if guided:
             null = torch.full_like(class_labels, null_label)
             both = torch.cat([x, x])
-            out = net(both, timestep=batch_timesteps(t, both), class_labels=torch.cat([class_labels, null])).sample
+            out = net(
+                both, timestep=batch_timesteps(t, both), class_labels=torch.cat([class_labels, null])
+            ).sample
             cond, uncond = out[:, :latent_channels].chunk(2)
             return uncond + cfg * (cond - uncond)
         return net(x, timestep=batch_timesteps(t, x), class_labels=class_labels).sample[:, :latent_channels]
+
     return predict
 
 

@@ -1,7 +1,8 @@
 """FID of an EDM network with the paper's flags: a thin shim over `neon.metrics.score`, the
 project's one scoring path.
 
-    torchrun --standalone --nproc_per_node=8 -m edm.calculate_fid --network_pkl checkpoints/edm-cifar10-32x32-cond-vp.pkl \
+    torchrun --standalone --nproc_per_node=8 -m edm.calculate_fid \
+        --network_pkl checkpoints/edm-cifar10-32x32-cond-vp.pkl \
         --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz --seeds 0-49999 --num_steps 18
 
 `--network_pkl` takes an EDM network pickle (read without running its code), our `.pt` files (merges,
@@ -12,11 +13,10 @@ are balanced over the classes and shuffled by the first seed. Prints one JSON li
 
 import json
 
+from edm.family import PRESETS, family
 from neon import distributed
 from neon.errors import ArgumentParser, NeonError, run_command
 from neon.metrics import score
-
-from edm.family import PRESETS, family
 
 
 def parse_seeds(text: str) -> tuple[int, int]:
@@ -46,12 +46,30 @@ def main(argv=None) -> None:
 
 def _run(args) -> None:
     seeds = parse_seeds(args.seeds)
-    value = score.score_checkpoint(family, args.network, family.Sampler(num_steps=args.num_steps), seeds,
-                                   args.max_batch_size, args.ref, arch=args.arch,
-                                   inception_weights=args.inception_weights, metrics=args.metrics, real=args.real)
+    value = score.score_checkpoint(
+        family,
+        args.network,
+        family.Sampler(num_steps=args.num_steps),
+        seeds,
+        args.max_batch_size,
+        args.ref,
+        arch=args.arch,
+        inception_weights=args.inception_weights,
+        metrics=args.metrics,
+        real=args.real,
+    )
     if distributed.is_main():
-        print(json.dumps({"network": args.network, "ref": args.ref, "seeds": list(seeds), "num_steps": args.num_steps,
-                          **value}))
+        print(
+            json.dumps(
+                {
+                    "network": args.network,
+                    "ref": args.ref,
+                    "seeds": list(seeds),
+                    "num_steps": args.num_steps,
+                    **value,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

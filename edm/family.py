@@ -21,30 +21,80 @@ import math
 
 import torch
 
-from neon.io import checkpoint, unpickle
-from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, build_net, check_finite, load_built, preset_of, read_checkpoint
-
 from edm import networks
 from edm.loss import AugmentPipe, EDMLoss
 from edm.sampler import StackedRandomGenerator, edm_sampler
+from neon.errors import NeonError
+from neon.family import Model, arch_kwargs, build_net, check_finite, load_built, preset_of, read_checkpoint
+from neon.io import checkpoint, unpickle
 
 # The paper's three networks (EDM's `vp` config: DDPM++ U-Net with EDM preconditioning).
-_DDPMPP = {"class_name": "EDMPrecond", "model_type": "SongUNet", "embedding_type": "positional",
-           "encoder_type": "standard", "decoder_type": "standard", "channel_mult_noise": 1,
-           "resample_filter": [1, 1], "model_channels": 128, "augment_dim": 9, "use_fp16": False, "img_channels": 3}
-PRESETS = {
-    "cifar10-cond": {**_DDPMPP, "channel_mult": [2, 2, 2], "dropout": 0.13, "img_resolution": 32, "label_dim": 10},
-    "cifar10-uncond": {**_DDPMPP, "channel_mult": [2, 2, 2], "dropout": 0.13, "img_resolution": 32, "label_dim": 0},
-    "ffhq64": {**_DDPMPP, "channel_mult": [1, 2, 2, 2], "dropout": 0.05, "img_resolution": 64, "label_dim": 0},
+_DDPMPP = {
+    "class_name": "EDMPrecond",
+    "model_type": "SongUNet",
+    "embedding_type": "positional",
+    "encoder_type": "standard",
+    "decoder_type": "standard",
+    "channel_mult_noise": 1,
+    "resample_filter": [1, 1],
+    "model_channels": 128,
+    "augment_dim": 9,
+    "use_fp16": False,
+    "img_channels": 3,
 }
-TINY = {**_DDPMPP, "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
-        "dropout": 0.1, "img_resolution": 8, "label_dim": 10}
-PAPER_FILES = {"edm-cifar10-32x32-cond-vp.pkl": "cifar10-cond",
-               "edm-cifar10-32x32-uncond-vp.pkl": "cifar10-uncond", "edm-ffhq-64x64-uncond-vp.pkl": "ffhq64"}
+PRESETS = {
+    "cifar10-cond": {
+        **_DDPMPP,
+        "channel_mult": [2, 2, 2],
+        "dropout": 0.13,
+        "img_resolution": 32,
+        "label_dim": 10,
+    },
+    "cifar10-uncond": {
+        **_DDPMPP,
+        "channel_mult": [2, 2, 2],
+        "dropout": 0.13,
+        "img_resolution": 32,
+        "label_dim": 0,
+    },
+    "ffhq64": {
+        **_DDPMPP,
+        "channel_mult": [1, 2, 2, 2],
+        "dropout": 0.05,
+        "img_resolution": 64,
+        "label_dim": 0,
+    },
+}
+TINY = {
+    **_DDPMPP,
+    "model_channels": 16,
+    "channel_mult": [1, 2],
+    "num_blocks": 1,
+    "attn_resolutions": [4],
+    "dropout": 0.1,
+    "img_resolution": 8,
+    "label_dim": 10,
+}
+PAPER_FILES = {
+    "edm-cifar10-32x32-cond-vp.pkl": "cifar10-cond",
+    "edm-cifar10-32x32-uncond-vp.pkl": "cifar10-uncond",
+    "edm-ffhq-64x64-uncond-vp.pkl": "ffhq64",
+}
 # EDM's train.py augmentation (non-leaking, 9 augment labels); p is the paper's 0.12 (CIFAR-10).
-DEFAULT_AUGMENT = {"p": 0.12, "xflip": 1e8, "yflip": 1, "scale": 1, "rotate_frac": 1, "aniso": 1, "translate_frac": 1}
-_CLASSES = {"EDMPrecond": networks.EDMPrecond, "VPPrecond": networks.VPPrecond, "VEPrecond": networks.VEPrecond}
+DEFAULT_AUGMENT = {
+    "p": 0.12,
+    "xflip": 1e8,
+    "yflip": 1,
+    "scale": 1,
+    "rotate_frac": 1,
+    "aniso": 1,
+    "translate_frac": 1,
+}
+_CLASSES = {
+    "EDMPrecond": networks.EDMPrecond,
+    "VPPrecond": networks.VPPrecond,
+    "VEPrecond": networks.VEPrecond,
+}
 
 
 def _persistent_object(meta) -> unpickle.Record:
@@ -59,8 +109,10 @@ def _persistent_object(meta) -> unpickle.Record:
 # The globals an NVlabs network pickle may name, beyond tensors (`neon.unpickle.TENSOR_GLOBALS`).
 NVLABS_PICKLE_GLOBALS = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
-    **{("torch.nn.modules.container", name): unpickle.record_class(name)
-       for name in ("ModuleDict", "ModuleList", "Sequential")},
+    **{
+        ("torch.nn.modules.container", name): unpickle.record_class(name)
+        for name in ("ModuleDict", "ModuleList", "Sequential")
+    },
 }
 
 
@@ -85,8 +137,11 @@ def from_network_pickle(raw) -> dict:
     return data
 
 
-FORMAT = checkpoint.Format(weight_keys=((), ("ema",), ("model",)), pickle_globals=NVLABS_PICKLE_GLOBALS,
-                           from_pickle=from_network_pickle)
+FORMAT = checkpoint.Format(
+    weight_keys=((), ("ema",), ("model",)),
+    pickle_globals=NVLABS_PICKLE_GLOBALS,
+    from_pickle=from_network_pickle,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +171,9 @@ def _stored_augment(data: dict, arch: dict, path: str) -> dict | None:
         return DEFAULT_AUGMENT if arch.get("augment_dim", 0) else None
     pipe = data["augment_pipe"]
     if pipe is not None and not isinstance(pipe, dict):
-        raise NeonError(f"{path}: augment_pipe must be AugmentPipe's arguments or None, got {type(pipe).__name__}")
+        raise NeonError(
+            f"{path}: augment_pipe must be AugmentPipe's arguments or None, got {type(pipe).__name__}"
+        )
     return pipe
 
 
@@ -130,8 +187,9 @@ class EDMFamily:
             torch.manual_seed(seed)
             return self._model(TINY, DEFAULT_AUGMENT)
 
-    def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
-             codec: str | None = None) -> Model:
+    def load(
+        self, path: str, arch: str | None = None, device: torch.device | str = "cpu", codec: str | None = None
+    ) -> Model:
         container = read_checkpoint(self, path)
         kwargs = arch_kwargs(container, arch, PRESETS, "EDM")
         if kwargs is None:
@@ -140,21 +198,28 @@ class EDMFamily:
         load_built(model.net, container.weights, path, kwargs.get("class_name", "EDMPrecond"), device)
         return model
 
-    def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: EDMSampler) -> torch.Tensor:
+    def sample(
+        self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: EDMSampler
+    ) -> torch.Tensor:
         net = model.net
         device = next(net.parameters()).device
         with torch.inference_mode():
             rnd = StackedRandomGenerator("cpu", seeds.tolist())  # the same draws on any device
-            latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+            latents = rnd.randn(
+                [len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device
+            )
             class_labels = None
             if net.label_dim:
                 rnd.randint(net.label_dim, size=[len(seeds)], device=device)  # keeps upstream's stream order
                 class_labels = self._one_hot(labels, net.label_dim, device)
-            x = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, **dataclasses.asdict(sampler))
-            return (check_finite(x, 'EDM sampler') * 127.5 + 128).clip(0, 255).to(torch.uint8)
+            x = edm_sampler(
+                net, latents, class_labels, randn_like=rnd.randn_like, **dataclasses.asdict(sampler)
+            )
+            return (check_finite(x, "EDM sampler") * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
-    def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, model: Model, samples: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         """EDMLoss with EDM's augmentation, summed per image and averaged over the batch (EDM's
         objective); dropout draws from the global RNG, which the fine-tune loop reseeds per step."""
         images = samples.to(torch.float32) / 127.5 - 1
@@ -179,8 +244,10 @@ class EDMFamily:
     @staticmethod
     def _one_hot(labels: torch.Tensor, label_dim: int, device) -> torch.Tensor:
         if (labels < 0).any() or (labels >= label_dim).any():
-            raise NeonError(f"class labels must be in [0, {label_dim}) for this conditional model "
-                            f"(unlabelled images carry -1)")
+            raise NeonError(
+                f"class labels must be in [0, {label_dim}) for this conditional model "
+                f"(unlabelled images carry -1)"
+            )
         return torch.eye(label_dim, device=device)[labels.to(device)]
 
     @staticmethod
@@ -192,8 +259,13 @@ class EDMFamily:
         if name not in _CLASSES:
             raise NeonError(f"{path}: unknown network class {name!r} (known: {', '.join(_CLASSES)})")
         net = build_net(_CLASSES[name], kwargs, path, name)
-        return Model(net=net, image_size=net.img_resolution, num_classes=net.label_dim, arch=dict(arch),
-                     extras={"augment_pipe": dict(augment) if augment else None})
+        return Model(
+            net=net,
+            image_size=net.img_resolution,
+            num_classes=net.label_dim,
+            arch=dict(arch),
+            extras={"augment_pipe": dict(augment) if augment else None},
+        )
 
 
 family = EDMFamily()

@@ -14,7 +14,6 @@ rotation and translation); the integer rotation/translation and colour transform
 heritage are not ported and raise if enabled.
 """
 
-
 import math
 
 import torch
@@ -36,7 +35,7 @@ def _denoising_loss(net, images, labels, sigma, weight, augment_pipe, noise, aug
     """weight · (D(y + σn; σ) - y)², with y, augment_labels = augment_pipe(images) when a pipe is given."""
     if augment_pipe is not None:
         if augment_labels is not None:
-            raise ValueError('pass either augment_pipe or augment_labels, not both')
+            raise ValueError("pass either augment_pipe or augment_labels, not both")
         y, augment_labels = augment_pipe(images, generator=generator)
     else:
         y = images
@@ -63,14 +62,27 @@ class EDMLoss:
         self.P_std = P_std
         self.sigma_data = sigma_data
 
-    def __call__(self, net, images, labels=None, augment_pipe=None, *, sigma=None, noise=None,
-                 augment_labels=None, generator=None):
+    def __call__(
+        self,
+        net,
+        images,
+        labels=None,
+        augment_pipe=None,
+        *,
+        sigma=None,
+        noise=None,
+        augment_labels=None,
+        generator=None,
+    ):
         if sigma is None:
-            rnd_normal = _on_generator(torch.randn, [images.shape[0], 1, 1, 1], device=images.device,
-                                       generator=generator)
+            rnd_normal = _on_generator(
+                torch.randn, [images.shape[0], 1, 1, 1], device=images.device, generator=generator
+            )
             sigma = (rnd_normal * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        return _denoising_loss(net, images, labels, sigma, weight, augment_pipe, noise, augment_labels, generator)
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        return _denoising_loss(
+            net, images, labels, sigma, weight, augment_pipe, noise, augment_labels, generator
+        )
 
 
 class VPLoss:
@@ -82,27 +94,49 @@ class VPLoss:
         self.beta_min = beta_min
         self.epsilon_t = epsilon_t
 
-    def __call__(self, net, images, labels, augment_pipe=None, *, sigma=None, noise=None,
-                 augment_labels=None, generator=None):
+    def __call__(
+        self,
+        net,
+        images,
+        labels,
+        augment_pipe=None,
+        *,
+        sigma=None,
+        noise=None,
+        augment_labels=None,
+        generator=None,
+    ):
         if sigma is None:
-            rnd_uniform = _on_generator(torch.rand, [images.shape[0], 1, 1, 1], device=images.device,
-                                        generator=generator)
+            rnd_uniform = _on_generator(
+                torch.rand, [images.shape[0], 1, 1, 1], device=images.device, generator=generator
+            )
             sigma = self.sigma(1 + rnd_uniform * (self.epsilon_t - 1))
-        weight = 1 / sigma ** 2
-        return _denoising_loss(net, images, labels, sigma, weight, augment_pipe, noise, augment_labels, generator)
+        weight = 1 / sigma**2
+        return _denoising_loss(
+            net, images, labels, sigma, weight, augment_pipe, noise, augment_labels, generator
+        )
 
     def sigma(self, t):
         """σ(t) = √(exp(β_d t²/2 + β_min t) - 1)."""
         t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+        return ((0.5 * self.beta_d * (t**2) + self.beta_min * t).exp() - 1).sqrt()
 
 
 # Low-pass decomposition filter of the Symlet-6 wavelet (PyWavelets' 'sym6'): the anti-aliasing filter
 # of the 2x up- and down-sampling around the geometric warp.
 _SYM6 = (
-    0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-    0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-    -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148,
+    0.015404109327027373,
+    0.0034907120842174702,
+    -0.11799011114819057,
+    -0.048311742585633,
+    0.4910559419267466,
+    0.787641141030194,
+    0.3379294217276218,
+    -0.07263752278646252,
+    -0.021060292512300564,
+    0.04472490177066578,
+    0.0017677118642428036,
+    -0.007800708325034148,
 )
 _MARGIN = len(_SYM6) // 4  # extra border (in pixels) the filters need on each side
 
@@ -131,6 +165,7 @@ class _Draws:
 
 
 # Affine maps of the plane as 3x3 matrices acting on column vectors (x, y, 1).
+
 
 def _affine(a, b, tx, c, d, ty):
     """[N, 3, 3] float32 matrices [[a, b, tx], [c, d, ty], [0, 0, 1]] from [N] tensors and numbers."""
@@ -169,6 +204,7 @@ def _shift(tx, ty):
 # replay), and returns the factors of its inverse map, output -> input pixel coordinates (centred
 # on the image), and its augment-label columns [N]. A parameter is zeroed (the identity) unless a
 # second uniform draw is below `prob`.
+
 
 def _isotropic_scaling(draw, n, prob, log2_std):
     w = draw.gate(draw.randn(n), prob)
@@ -249,7 +285,7 @@ def _warp(images, G_inv):
     device = images.device
     taps = torch.tensor(_SYM6, dtype=torch.float32, device=device)
     pad = _padding(G_inv, H, W)
-    images = _upsample2x(F.pad(images, pad, mode='reflect'), taps)
+    images = _upsample2x(F.pad(images, pad, mode="reflect"), taps)
     out_shape = [N, C, 2 * (H + 2 * _MARGIN), 2 * (W + 2 * _MARGIN)]
 
     # Re-express G_inv for the grid: centred on the padded image, in pixels of the 2x upsampled image
@@ -262,11 +298,14 @@ def _warp(images, G_inv):
         (_fixed_scaling(2, 2, device), _fixed_scaling(1 / 2, 1 / 2, device)),
         (_fixed_shift(-0.5, -0.5, device), _fixed_shift(0.5, 0.5, device)),
         # The right factor inverts the scaling (2/out_w, 2/out_h) entrywise, in double precision.
-        (_fixed_scaling(2 / up_w, 2 / up_h, device), _fixed_scaling(1 / (2 / out_w), 1 / (2 / out_h), device)),
+        (
+            _fixed_scaling(2 / up_w, 2 / up_h, device),
+            _fixed_scaling(1 / (2 / out_w), 1 / (2 / out_h), device),
+        ),
     ]:
         G = left @ G @ right
     grid = F.affine_grid(G[:, :2, :], out_shape, align_corners=False)
-    images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return _downsample2x(images, taps)
 
 
@@ -284,28 +323,57 @@ class AugmentPipe:
     so even unaugmented images change by float rounding.
     """
 
-    def __init__(self, p=1,
-        xflip=0, yflip=0, rotate_int=0, translate_int=0, translate_int_max=0.125,
-        scale=0, rotate_frac=0, aniso=0, translate_frac=0, scale_std=0.2, rotate_frac_max=1, aniso_std=0.2,
-        aniso_rotate_prob=0.5, translate_frac_std=0.125,
-        brightness=0, contrast=0, lumaflip=0, hue=0, saturation=0, brightness_std=0.2, contrast_std=0.5,
-        hue_max=1, saturation_std=1,
+    def __init__(
+        self,
+        p=1,
+        xflip=0,
+        yflip=0,
+        rotate_int=0,
+        translate_int=0,
+        translate_int_max=0.125,
+        scale=0,
+        rotate_frac=0,
+        aniso=0,
+        translate_frac=0,
+        scale_std=0.2,
+        rotate_frac_max=1,
+        aniso_std=0.2,
+        aniso_rotate_prob=0.5,
+        translate_frac_std=0.125,
+        brightness=0,
+        contrast=0,
+        lumaflip=0,
+        hue=0,
+        saturation=0,
+        brightness_std=0.2,
+        contrast_std=0.5,
+        hue_max=1,
+        saturation_std=1,
     ):
-        unported = dict(rotate_int=rotate_int, translate_int=translate_int, brightness=brightness, contrast=contrast,
-                        lumaflip=lumaflip, hue=hue, saturation=saturation)
+        unported = dict(
+            rotate_int=rotate_int,
+            translate_int=translate_int,
+            brightness=brightness,
+            contrast=contrast,
+            lumaflip=lumaflip,
+            hue=hue,
+            saturation=saturation,
+        )
         enabled = sorted(name for name, value in unported.items() if value > 0)
         if enabled:
-            raise NotImplementedError(f'AugmentPipe: {", ".join(enabled)} not ported (EDM training does not use them)')
+            raise NotImplementedError(
+                f"AugmentPipe: {', '.join(enabled)} not ported (EDM training does not use them)"
+            )
         # Each multiplier times p is the probability of its transformation.
         self.p = float(p)
         self.xflip, self.yflip = float(xflip), float(yflip)
         self.scale = float(scale)
-        self.scale_std = float(scale_std)                    # log2 std of the scale factor
+        self.scale_std = float(scale_std)  # log2 std of the scale factor
         self.rotate_frac = float(rotate_frac)
-        self.rotate_frac_max = float(rotate_frac_max)        # largest rotation, in full turns
+        self.rotate_frac_max = float(rotate_frac_max)  # largest rotation, in full turns
         self.aniso = float(aniso)
-        self.aniso_std = float(aniso_std)                    # log2 std of the anisotropy
-        self.aniso_rotate_prob = float(aniso_rotate_prob)    # chance the anisotropy axes are rotated
+        self.aniso_std = float(aniso_std)  # log2 std of the anisotropy
+        self.aniso_rotate_prob = float(aniso_rotate_prob)  # chance the anisotropy axes are rotated
         self.translate_frac = float(translate_frac)
         self.translate_frac_std = float(translate_frac_std)  # translation std, in image sizes
 
@@ -314,7 +382,8 @@ class AugmentPipe:
         draw = _Draws(images.device, generator)
         columns = []
 
-        # Flips are exact pixel permutations, applied first: each image with probability min(1, p·multiplier)/2.
+        # Flips are exact pixel permutations, applied first: each image with probability
+        # min(1, p·multiplier)/2.
         for axis, multiplier in ((3, self.xflip), (2, self.yflip)):
             if multiplier > 0:
                 flip = draw.gate(draw.randint(2, N, 1, 1, 1), multiplier * self.p)
@@ -327,9 +396,13 @@ class AugmentPipe:
         if self.rotate_frac > 0:
             transforms.append(_fractional_rotation(draw, N, self.rotate_frac * self.p, self.rotate_frac_max))
         if self.aniso > 0:
-            transforms.append(_anisotropic_scaling(draw, N, self.aniso * self.p, self.aniso_std, self.aniso_rotate_prob))
+            transforms.append(
+                _anisotropic_scaling(draw, N, self.aniso * self.p, self.aniso_std, self.aniso_rotate_prob)
+            )
         if self.translate_frac > 0:
-            transforms.append(_fractional_translation(draw, N, self.translate_frac * self.p, self.translate_frac_std, H, W))
+            transforms.append(
+                _fractional_translation(draw, N, self.translate_frac * self.p, self.translate_frac_std, H, W)
+            )
 
         if transforms:
             # One warp for the whole chain; the product is taken left to right, starting at the identity.

@@ -23,15 +23,15 @@ from torch import nn
 def _initial(shape: list[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
     """Initial values drawn from torch's global generator; the draw order matches upstream, so a
     network built after `torch.manual_seed(s)` gets upstream's initial weights for the same s."""
-    if mode == 'xavier_uniform':
+    if mode == "xavier_uniform":
         return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
-    if mode == 'xavier_normal':
+    if mode == "xavier_normal":
         return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
-    if mode == 'kaiming_uniform':
+    if mode == "kaiming_uniform":
         return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
-    if mode == 'kaiming_normal':
+    if mode == "kaiming_normal":
         return math.sqrt(1 / fan_in) * torch.randn(*shape)
-    raise ValueError(f'unknown init mode {mode!r}')
+    raise ValueError(f"unknown init mode {mode!r}")
 
 
 class Linear(nn.Module):
@@ -40,7 +40,9 @@ class Linear(nn.Module):
     Weights are cast to the input's dtype, so the float32 parameters serve float16 activations.
     """
 
-    def __init__(self, in_features, out_features, bias=True, init_mode='kaiming_normal', init_weight=1, init_bias=0):
+    def __init__(
+        self, in_features, out_features, bias=True, init_mode="kaiming_normal", init_weight=1, init_bias=0
+    ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -64,8 +66,20 @@ class Conv2d(nn.Module):
     The persistent buffer `resample_filter` [1, 1, k, k] exists only when up or down is set.
     """
 
-    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
-                 resample_filter=(1, 1), fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel,
+        bias=True,
+        up=False,
+        down=False,
+        resample_filter=(1, 1),
+        fused_resample=False,
+        init_mode="kaiming_normal",
+        init_weight=1,
+        init_bias=0,
+    ):
         super().__init__()
         assert not (up and down)
         self.in_channels = in_channels
@@ -73,13 +87,15 @@ class Conv2d(nn.Module):
         self.up = up
         self.down = down
         self.fused_resample = fused_resample
-        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        fans = dict(
+            mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel
+        )
         shape = [out_channels, in_channels, kernel, kernel]
         self.weight = nn.Parameter(_initial(shape, **fans) * init_weight) if kernel else None
         self.bias = nn.Parameter(_initial([out_channels], **fans) * init_bias) if kernel and bias else None
         taps = torch.as_tensor(resample_filter, dtype=torch.float32)
         fir = torch.outer(taps, taps)[None, None] / taps.sum().square()
-        self.register_buffer('resample_filter', fir if up or down else None)
+        self.register_buffer("resample_filter", fir if up or down else None)
 
     def forward(self, x):
         w = None if self.weight is None else self.weight.to(x.dtype)
@@ -100,7 +116,9 @@ class Conv2d(nn.Module):
                 up = (f * 4).tile([self.in_channels, 1, 1, 1])
                 x = F.conv_transpose2d(x, up, stride=2, groups=self.in_channels, padding=f_pad)
             if self.down:
-                x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), stride=2, groups=self.in_channels, padding=f_pad)
+                x = F.conv2d(
+                    x, f.tile([self.in_channels, 1, 1, 1]), stride=2, groups=self.in_channels, padding=f_pad
+                )
             if w is not None:
                 x = F.conv2d(x, w, padding=w_pad)
         if self.bias is not None:
@@ -120,7 +138,9 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
-        return F.group_norm(x, self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
+        return F.group_norm(
+            x, self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps
+        )
 
 
 class UNetBlock(nn.Module):
@@ -133,10 +153,26 @@ class UNetBlock(nn.Module):
     `attention`). Both sums (residual and attention) are multiplied by `skip_scale`.
     """
 
-    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
-                 num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5,
-                 resample_filter=(1, 1), resample_proj=False, adaptive_scale=True,
-                 init=None, init_zero=None, init_attn=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        emb_channels,
+        up=False,
+        down=False,
+        attention=False,
+        num_heads=None,
+        channels_per_head=64,
+        dropout=0,
+        skip_scale=1,
+        eps=1e-5,
+        resample_filter=(1, 1),
+        resample_proj=False,
+        adaptive_scale=True,
+        init=None,
+        init_zero=None,
+        init_attn=None,
+    ):
         super().__init__()
         init = {} if init is None else init
         init_zero = dict(init_weight=0) if init_zero is None else init_zero
@@ -152,7 +188,9 @@ class UNetBlock(nn.Module):
         self.adaptive_scale = adaptive_scale
 
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.conv0 = Conv2d(
+            in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init
+        )
         self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
@@ -161,12 +199,21 @@ class UNetBlock(nn.Module):
         if out_channels != in_channels or up or down:
             # A 1x1 projection when the width changes (or when asked); otherwise only resampling.
             kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down,
-                               resample_filter=resample_filter, **init)
+            self.skip = Conv2d(
+                in_channels,
+                out_channels,
+                kernel=kernel,
+                up=up,
+                down=down,
+                resample_filter=resample_filter,
+                **init,
+            )
 
         if self.num_heads:
             self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init if init_attn is None else init_attn))
+            self.qkv = Conv2d(
+                out_channels, out_channels * 3, kernel=1, **(init if init_attn is None else init_attn)
+            )
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def forward(self, x, emb):
@@ -186,7 +233,9 @@ class UNetBlock(nn.Module):
         if self.num_heads:
             n, c, h, w = x.shape
             # qkv channels are laid out as [head, channel, (q, k, v)]: the checkpoints depend on it.
-            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
+            q, k, v = (
+                self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
+            )
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             # Back to contiguous NCHW: a channels-last view would propagate through the following
             # convolutions and change which elements dropout masks in training (masks follow memory order).
@@ -207,7 +256,9 @@ class PositionalEmbedding(nn.Module):
 
     def forward(self, x):
         half = self.num_channels // 2
-        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
+        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (
+            half - (1 if self.endpoint else 0)
+        )
         freqs = (1 / self.max_positions) ** freqs
         x = torch.outer(x, freqs.to(x.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1)
@@ -220,7 +271,7 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, num_channels, scale=16):
         super().__init__()
-        self.register_buffer('freqs', torch.randn(num_channels // 2) * scale)
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, x):
         x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
@@ -228,8 +279,9 @@ class FourierEmbedding(nn.Module):
 
 
 def _role(name):
-    """What an `enc`/`dec` entry does, from the key the constructor gave it: '16x16_aux_down' -> 'aux_down'."""
-    return name.split('_', 1)[1]
+    """What an `enc`/`dec` entry does, from the key the constructor gave it:
+    '16x16_aux_down' -> 'aux_down'."""
+    return name.split("_", 1)[1]
 
 
 def _label_dropout(labels, p, n, training):
@@ -254,15 +306,15 @@ def _encode(enc, x, emb):
     image = x
     for name, module in enc.items():
         role = _role(name)
-        if role == 'aux_down':
+        if role == "aux_down":
             image = module(image)
-        elif role in ('aux_skip', 'aux_residual'):
+        elif role in ("aux_skip", "aux_residual"):
             x = x + module(image)
-            if role == 'aux_residual':
+            if role == "aux_residual":
                 x = image = x / math.sqrt(2)
             skips[-1] = x
         else:
-            x = module(x) if role == 'conv' else module(x, emb)
+            x = module(x) if role == "conv" else module(x, emb)
             skips.append(x)
     return x, skips
 
@@ -281,15 +333,15 @@ def _decode(dec, x, emb, skips):
     head = None
     for name, module in dec.items():
         role = _role(name)
-        if role == 'aux_up':
+        if role == "aux_up":
             image = module(image)
-        elif role == 'aux_norm':
+        elif role == "aux_norm":
             head = module(x)
-        elif role == 'aux_conv':
+        elif role == "aux_conv":
             head = module(F.silu(head))
             image = head if image is None else image + head
         else:
-            if role.startswith('block'):
+            if role.startswith("block"):
                 x = torch.cat([x, skips.pop()], dim=1)
             x = module(x, emb)
     return x, image
@@ -305,41 +357,52 @@ class SongUNet(nn.Module):
     augmentation embedding is skipped when augment_labels is None (the sampling path).
     """
 
-    def __init__(self,
-        img_resolution,                     # Input and output resolution R.
-        in_channels,                        # Channels of the input image.
-        out_channels,                       # Channels of the output image.
-        label_dim           = 0,            # Number of classes; 0 = unconditional.
-        augment_dim         = 0,            # Length of the augmentation label vector; 0 = none.
-        model_channels      = 128,          # Base channel count.
-        channel_mult        = (1, 2, 2, 2), # Channel multiplier per resolution level.
-        channel_mult_emb    = 4,            # Embedding width = model_channels * channel_mult_emb.
-        num_blocks          = 4,            # Residual blocks per level.
-        attn_resolutions    = (16,),        # Resolutions with self-attention.
-        dropout             = 0.10,         # Dropout inside the residual blocks.
-        label_dropout       = 0,            # Probability of dropping the class label in training (CFG).
-        embedding_type      = 'positional', # 'positional' (DDPM++) or 'fourier' (NCSN++).
-        channel_mult_noise  = 1,            # Noise embedding width = model_channels * channel_mult_noise.
-        encoder_type        = 'standard',   # 'standard', 'skip' or 'residual' (NCSN++).
-        decoder_type        = 'standard',   # 'standard' or 'skip'.
-        resample_filter     = (1, 1),       # FIR taps for up/down-sampling.
+    def __init__(
+        self,
+        img_resolution,  # Input and output resolution R.
+        in_channels,  # Channels of the input image.
+        out_channels,  # Channels of the output image.
+        label_dim=0,  # Number of classes; 0 = unconditional.
+        augment_dim=0,  # Length of the augmentation label vector; 0 = none.
+        model_channels=128,  # Base channel count.
+        channel_mult=(1, 2, 2, 2),  # Channel multiplier per resolution level.
+        channel_mult_emb=4,  # Embedding width = model_channels * channel_mult_emb.
+        num_blocks=4,  # Residual blocks per level.
+        attn_resolutions=(16,),  # Resolutions with self-attention.
+        dropout=0.10,  # Dropout inside the residual blocks.
+        label_dropout=0,  # Probability of dropping the class label in training (CFG).
+        embedding_type="positional",  # 'positional' (DDPM++) or 'fourier' (NCSN++).
+        channel_mult_noise=1,  # Noise embedding width = model_channels * channel_mult_noise.
+        encoder_type="standard",  # 'standard', 'skip' or 'residual' (NCSN++).
+        decoder_type="standard",  # 'standard' or 'skip'.
+        resample_filter=(1, 1),  # FIR taps for up/down-sampling.
     ):
-        assert embedding_type in ('fourier', 'positional')
-        assert encoder_type in ('standard', 'skip', 'residual')
-        assert decoder_type in ('standard', 'skip')
+        assert embedding_type in ("fourier", "positional")
+        assert encoder_type in ("standard", "skip", "residual")
+        assert decoder_type in ("standard", "skip")
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
-        init = dict(init_mode='xavier_uniform')
-        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
-        init_attn = dict(init_mode='xavier_uniform', init_weight=math.sqrt(0.2))
-        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
-                            eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-                            init=init, init_zero=init_zero, init_attn=init_attn)
+        init = dict(init_mode="xavier_uniform")
+        init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
+        init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
+        block_kwargs = dict(
+            emb_channels=emb_channels,
+            num_heads=1,
+            dropout=dropout,
+            skip_scale=math.sqrt(0.5),
+            eps=1e-6,
+            resample_filter=resample_filter,
+            resample_proj=True,
+            adaptive_scale=False,
+            init=init,
+            init_zero=init_zero,
+            init_attn=init_attn,
+        )
 
         # Mapping network (construction order fixes both the state-dict order and the RNG stream).
-        if embedding_type == 'positional':
+        if embedding_type == "positional":
             self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
         else:
             self.map_noise = FourierEmbedding(num_channels=noise_channels)
@@ -356,43 +419,54 @@ class SongUNet(nn.Module):
             res = img_resolution >> level
             if level == 0:
                 cin, cout = cout, model_channels
-                self.enc[f'{res}x{res}_conv'] = Conv2d(cin, cout, kernel=3, **init)
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
             else:
-                self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block_kwargs)
-                if encoder_type == 'skip':
-                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(caux, caux, kernel=0, down=True,
-                                                               resample_filter=resample_filter)
-                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(caux, cout, kernel=1, **init)
-                if encoder_type == 'residual':
-                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, cout, kernel=3, down=True,
-                                                                   resample_filter=resample_filter,
-                                                                   fused_resample=True, **init)
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
+                if encoder_type == "skip":
+                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(
+                        caux, caux, kernel=0, down=True, resample_filter=resample_filter
+                    )
+                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
+                if encoder_type == "residual":
+                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
+                        caux,
+                        cout,
+                        kernel=3,
+                        down=True,
+                        resample_filter=resample_filter,
+                        fused_resample=True,
+                        **init,
+                    )
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res in attn_resolutions,
-                                                                **block_kwargs)
-        skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
+                    cin, cout, attention=res in attn_resolutions, **block_kwargs
+                )
+        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
 
         # Decoder. 'aux' entries produce the output image (at every level for the skip decoder).
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
             if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
             else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 attention = idx == num_blocks and res in attn_resolutions
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attention, **block_kwargs)
-            if decoder_type == 'skip' or level == 0:
-                if decoder_type == 'skip' and level < len(channel_mult) - 1:
-                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, kernel=0, up=True,
-                                                             resample_filter=resample_filter)
-                self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(num_channels=cout, eps=1e-6)
-                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
+                    cin, cout, attention=attention, **block_kwargs
+                )
+            if decoder_type == "skip" or level == 0:
+                if decoder_type == "skip" and level < len(channel_mult) - 1:
+                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(
+                        out_channels, out_channels, kernel=0, up=True, resample_filter=resample_filter
+                    )
+                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(num_channels=cout, eps=1e-6)
+                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         cos, sin = self.map_noise(noise_labels).chunk(2, dim=1)
@@ -417,37 +491,46 @@ class DhariwalUNet(nn.Module):
     augment_labels [N, augment_dim] or None) -> [N, out_channels, R, R], in x's dtype.
     """
 
-    def __init__(self,
-        img_resolution,                     # Input and output resolution R.
-        in_channels,                        # Channels of the input image.
-        out_channels,                       # Channels of the output image.
-        label_dim           = 0,            # Number of classes; 0 = unconditional.
-        augment_dim         = 0,            # Length of the augmentation label vector; 0 = none.
-        model_channels      = 192,          # Base channel count.
-        channel_mult        = (1, 2, 3, 4), # Channel multiplier per resolution level.
-        channel_mult_emb    = 4,            # Embedding width = model_channels * channel_mult_emb.
-        num_blocks          = 3,            # Residual blocks per level.
-        attn_resolutions    = (32, 16, 8),  # Resolutions with self-attention.
-        dropout             = 0.10,         # Dropout inside the residual blocks.
-        label_dropout       = 0,            # Probability of dropping the class label in training (CFG).
+    def __init__(
+        self,
+        img_resolution,  # Input and output resolution R.
+        in_channels,  # Channels of the input image.
+        out_channels,  # Channels of the output image.
+        label_dim=0,  # Number of classes; 0 = unconditional.
+        augment_dim=0,  # Length of the augmentation label vector; 0 = none.
+        model_channels=192,  # Base channel count.
+        channel_mult=(1, 2, 3, 4),  # Channel multiplier per resolution level.
+        channel_mult_emb=4,  # Embedding width = model_channels * channel_mult_emb.
+        num_blocks=3,  # Residual blocks per level.
+        attn_resolutions=(32, 16, 8),  # Resolutions with self-attention.
+        dropout=0.10,  # Dropout inside the residual blocks.
+        label_dropout=0,  # Probability of dropping the class label in training (CFG).
     ):
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
-        init = dict(init_mode='kaiming_uniform', init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
-        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
-        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
-                            init_zero=init_zero)
+        init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
+        block_kwargs = dict(
+            emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero
+        )
 
         # Mapping network (note: map_label comes last here, unlike SongUNet).
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
-        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_augment = (
+            Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
+        )
         self.map_layer0 = Linear(model_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.map_label = None
         if label_dim:
-            self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal',
-                                    init_weight=math.sqrt(label_dim))
+            self.map_label = Linear(
+                label_dim,
+                emb_channels,
+                bias=False,
+                init_mode="kaiming_normal",
+                init_weight=math.sqrt(label_dim),
+            )
 
         self.enc = nn.ModuleDict()
         cout = in_channels
@@ -455,27 +538,29 @@ class DhariwalUNet(nn.Module):
             res = img_resolution >> level
             if level == 0:
                 cin, cout = cout, model_channels * mult
-                self.enc[f'{res}x{res}_conv'] = Conv2d(cin, cout, kernel=3, **init)
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
             else:
-                self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block_kwargs)
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res in attn_resolutions,
-                                                                **block_kwargs)
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
+                    cin, cout, attention=res in attn_resolutions, **block_kwargs
+                )
         skips = [block.out_channels for block in self.enc.values()]
 
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
             if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
             else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res in attn_resolutions,
-                                                                **block_kwargs)
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
+                    cin, cout, attention=res in attn_resolutions, **block_kwargs
+                )
         self.out_norm = GroupNorm(num_channels=cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
@@ -485,7 +570,9 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_augment(augment_labels)
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
-            emb = emb + self.map_label(_label_dropout(class_labels, self.label_dropout, x.shape[0], self.training))
+            emb = emb + self.map_label(
+                _label_dropout(class_labels, self.label_dropout, x.shape[0], self.training)
+            )
         emb = F.silu(emb)
 
         features, skips = _encode(self.enc, x, emb)
@@ -493,7 +580,7 @@ class DhariwalUNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(features)))
 
 
-_UNETS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
+_UNETS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 
 
 def _inputs(net, x, sigma, class_labels, force_fp32):
@@ -508,7 +595,7 @@ def _inputs(net, x, sigma, class_labels, force_fp32):
         class_labels = torch.zeros([1, net.label_dim], device=x.device)
     else:
         class_labels = class_labels.to(torch.float32).reshape(-1, net.label_dim)
-    use_fp16 = net.use_fp16 and not force_fp32 and x.device.type == 'cuda'
+    use_fp16 = net.use_fp16 and not force_fp32 and x.device.type == "cuda"
     return x, sigma, class_labels, torch.float16 if use_fp16 else torch.float32
 
 
@@ -523,8 +610,13 @@ class _Precond(nn.Module):
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
-        self.model = _UNETS[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                                        out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        self.model = _UNETS[model_type](
+            img_resolution=img_resolution,
+            in_channels=img_channels,
+            out_channels=img_channels,
+            label_dim=label_dim,
+            **model_kwargs,
+        )
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x, sigma, class_labels, dtype = _inputs(self, x, sigma, class_labels, force_fp32)
@@ -546,17 +638,18 @@ class VPPrecond(_Precond):
     **model_kwargs such as augment_labels) -> D(x; σ) float32 [N, C, R, R].
     """
 
-    def __init__(self,
-        img_resolution,                 # Image resolution.
-        img_channels,                   # Image channels.
-        label_dim       = 0,            # Number of classes; 0 = unconditional.
-        use_fp16        = False,        # Run the U-Net in float16 (CUDA only)?
-        beta_d          = 19.9,         # Extent of the noise schedule.
-        beta_min        = 0.1,          # Initial slope of the noise schedule.
-        M               = 1000,         # Number of DDPM timesteps.
-        epsilon_t       = 1e-5,         # Smallest training t.
-        model_type      = 'SongUNet',   # 'SongUNet' or 'DhariwalUNet'.
-        **model_kwargs,                 # Passed on to the U-Net.
+    def __init__(
+        self,
+        img_resolution,  # Image resolution.
+        img_channels,  # Image channels.
+        label_dim=0,  # Number of classes; 0 = unconditional.
+        use_fp16=False,  # Run the U-Net in float16 (CUDA only)?
+        beta_d=19.9,  # Extent of the noise schedule.
+        beta_min=0.1,  # Initial slope of the noise schedule.
+        M=1000,  # Number of DDPM timesteps.
+        epsilon_t=1e-5,  # Smallest training t.
+        model_type="SongUNet",  # 'SongUNet' or 'DhariwalUNet'.
+        **model_kwargs,  # Passed on to the U-Net.
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
         self.beta_d = beta_d
@@ -568,32 +661,35 @@ class VPPrecond(_Precond):
         self.sigma_max = float(self.sigma(1))
 
     def coefficients(self, sigma):
-        return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
+        return 1, -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
 
     def sigma(self, t):
         """σ(t) of the VP schedule (a float32 tensor for Python-number input)."""
         t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+        return ((0.5 * self.beta_d * (t**2) + self.beta_min * t).exp() - 1).sqrt()
 
     def sigma_inv(self, sigma):
         """t(σ), the inverse of `sigma`."""
         sigma = torch.as_tensor(sigma)
-        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+        return (
+            (self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min
+        ) / self.beta_d
 
 
 class VEPrecond(_Precond):
     """Variance-exploding preconditioning (Song et al. 2021; EDM Table 1, "VE" column):
     c_skip = 1, c_out = σ, c_in = 1, c_noise = log(σ/2). Same call contract as `VPPrecond`."""
 
-    def __init__(self,
-        img_resolution,                 # Image resolution.
-        img_channels,                   # Image channels.
-        label_dim       = 0,            # Number of classes; 0 = unconditional.
-        use_fp16        = False,        # Run the U-Net in float16 (CUDA only)?
-        sigma_min       = 0.02,         # Smallest supported noise level.
-        sigma_max       = 100,          # Largest supported noise level.
-        model_type      = 'SongUNet',   # 'SongUNet' or 'DhariwalUNet'.
-        **model_kwargs,                 # Passed on to the U-Net.
+    def __init__(
+        self,
+        img_resolution,  # Image resolution.
+        img_channels,  # Image channels.
+        label_dim=0,  # Number of classes; 0 = unconditional.
+        use_fp16=False,  # Run the U-Net in float16 (CUDA only)?
+        sigma_min=0.02,  # Smallest supported noise level.
+        sigma_max=100,  # Largest supported noise level.
+        model_type="SongUNet",  # 'SongUNet' or 'DhariwalUNet'.
+        **model_kwargs,  # Passed on to the U-Net.
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
         self.sigma_min = sigma_min
@@ -612,16 +708,17 @@ class EDMPrecond(_Precond):
     accepted (the sampler passes float64); computation is float32 (float16 U-Net with use_fp16 on CUDA).
     """
 
-    def __init__(self,
-        img_resolution,                     # Image resolution.
-        img_channels,                       # Image channels.
-        label_dim       = 0,                # Number of classes; 0 = unconditional.
-        use_fp16        = False,            # Run the U-Net in float16 (CUDA only)?
-        sigma_min       = 0,                # Smallest supported noise level.
-        sigma_max       = float('inf'),     # Largest supported noise level.
-        sigma_data      = 0.5,              # Expected standard deviation of the data.
-        model_type      = 'DhariwalUNet',   # 'SongUNet' or 'DhariwalUNet'.
-        **model_kwargs,                     # Passed on to the U-Net.
+    def __init__(
+        self,
+        img_resolution,  # Image resolution.
+        img_channels,  # Image channels.
+        label_dim=0,  # Number of classes; 0 = unconditional.
+        use_fp16=False,  # Run the U-Net in float16 (CUDA only)?
+        sigma_min=0,  # Smallest supported noise level.
+        sigma_max=float("inf"),  # Largest supported noise level.
+        sigma_data=0.5,  # Expected standard deviation of the data.
+        model_type="DhariwalUNet",  # 'SongUNet' or 'DhariwalUNet'.
+        **model_kwargs,  # Passed on to the U-Net.
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
         self.sigma_min = sigma_min
@@ -630,7 +727,7 @@ class EDMPrecond(_Precond):
 
     def coefficients(self, sigma):
         sd = self.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
         return c_skip, c_out, c_in, sigma.log() / 4

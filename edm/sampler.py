@@ -29,7 +29,7 @@ def _schedule(net, num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, 
     gamma = [gamma_on if S_min <= level <= S_max else 0 for level in t[:-1].tolist()]
     t_cur, t_next = t[:-1], t[1:]
     t_hat = net.round_sigma(t_cur + torch.as_tensor(gamma, dtype=t.dtype, device=device) * t_cur)
-    churn_std = (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise
+    churn_std = (t_hat**2 - t_cur**2).sqrt() * S_noise
     return list(zip(t_cur.unbind(), t_next.unbind(), t_hat.unbind(), churn_std.tolist()))
 
 
@@ -50,9 +50,18 @@ def _heun_step(net, x, t, t_next, class_labels, second_order):
 
 
 def edm_sampler(
-    net, latents, class_labels=None, randn_like=torch.randn_like,
-    num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
-    S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
+    net,
+    latents,
+    class_labels=None,
+    randn_like=torch.randn_like,
+    num_steps=18,
+    sigma_min=0.002,
+    sigma_max=80,
+    rho=7,
+    S_churn=0,
+    S_min=0,
+    S_max=float("inf"),
+    S_noise=1,
 ):
     """Draw images from a preconditioned denoiser (EDM Algorithm 2).
 
@@ -77,8 +86,18 @@ def edm_sampler(
         float64 [B, C, H, W], nominally in [-1, 1]. No gradients are needed: callers run it under
         `torch.inference_mode()`.
     """
-    schedule = _schedule(net, num_steps, max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max), rho,
-                         S_churn, S_min, S_max, S_noise, latents.device)
+    schedule = _schedule(
+        net,
+        num_steps,
+        max(sigma_min, net.sigma_min),
+        min(sigma_max, net.sigma_max),
+        rho,
+        S_churn,
+        S_min,
+        S_max,
+        S_noise,
+        latents.device,
+    )
     x = latents.to(torch.float64) * schedule[0][0]
     for i, (_, t_next, t_hat, churn_std) in enumerate(schedule):
         noise = randn_like(x)  # drawn every step: per-seed streams must not depend on the settings
@@ -92,7 +111,7 @@ def edm_sampler(
 def _seeded_generator(device, seed):
     """A `torch.Generator` on device seeded as generate.py seeds it: with seed mod 2**32."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed) % 2 ** 32)
+    generator.manual_seed(int(seed) % 2**32)
     return generator
 
 
@@ -114,8 +133,8 @@ class StackedRandomGenerator:
     def _per_row(self, draw, size, *args, **kwargs):
         size = list(size)
         if not size or size[0] != len(self.generators):
-            raise ValueError(f'size {size} must start with the number of seeds, {len(self.generators)}')
-        device = kwargs.pop('device', None)
+            raise ValueError(f"size {size} must start with the number of seeds, {len(self.generators)}")
+        device = kwargs.pop("device", None)
         rows = [draw(*args, size=size[1:], generator=g, device=g.device, **kwargs) for g in self.generators]
         return torch.stack(rows).to(device)
 
@@ -125,7 +144,9 @@ class StackedRandomGenerator:
 
     def randn_like(self, input):
         """Standard normal with input's shape [B, ...], dtype, layout and device."""
-        return self._per_row(torch.randn, input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
+        return self._per_row(
+            torch.randn, input.shape, dtype=input.dtype, layout=input.layout, device=input.device
+        )
 
     def randint(self, *args, size, **kwargs):
         """Integers as `torch.randint(*args, size=...)` with size [B, ...]."""

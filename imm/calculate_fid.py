@@ -1,7 +1,8 @@
 """FID of an IMM model with the paper's flags: a thin shim over `neon.metrics.score`, the project's
 one scoring path.
 
-    torchrun --standalone --nproc_per_node=8 -m imm.calculate_fid --model_ckpt checkpoints/Neon_imm_imagenet256.pkl \
+    torchrun --standalone --nproc_per_node=8 -m imm.calculate_fid \
+        --model_ckpt checkpoints/Neon_imm_imagenet256.pkl \
         --vae checkpoints/sd-vae-ft-ema --num_images 50000 --batch_size 64 --img_size 256 \
         --fid_stats fid_stats/adm_in256_stats.npz --steps 8 --cfg 1.8
 
@@ -15,17 +16,18 @@ paper's headline setting (T = 8 uniform steps, guidance 1.8). Prints one JSON li
 
 import json
 
+from imm.family import DEFAULT_CODEC, PRESETS, family
 from neon import distributed
 from neon.errors import ArgumentParser, NeonError, run_command
 from neon.metrics import score
-
-from imm.family import DEFAULT_CODEC, PRESETS, family
 
 
 def main(argv=None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_ckpt", required=True, help="IMM checkpoint (.pkl, .pt/.pth, .safetensors)")
-    parser.add_argument("--vae", default=DEFAULT_CODEC, help=f"SD-VAE diffusers folder (default {DEFAULT_CODEC})")
+    parser.add_argument(
+        "--vae", default=DEFAULT_CODEC, help=f"SD-VAE diffusers folder (default {DEFAULT_CODEC})"
+    )
     parser.add_argument("--num_images", type=int, default=50000)
     parser.add_argument("--batch_size", type=int, default=64, help="images per sampler call and process")
     parser.add_argument("--img_size", type=int, default=None, help="checked against the model")
@@ -44,12 +46,33 @@ def _run(args) -> None:
     if args.num_images < 2:
         raise NeonError(f"--num_images must be at least 2, got {args.num_images}")
     sampler = family.Sampler(num_steps=args.steps, cfg=args.cfg)
-    value = score.score_checkpoint(family, args.model_ckpt, sampler, (args.seed, args.num_images), args.batch_size,
-                                   args.fid_stats, arch=args.arch, codec=args.vae,
-                                   inception_weights=args.inception_weights, metrics=args.metrics, real=args.real, img_size=args.img_size)
+    value = score.score_checkpoint(
+        family,
+        args.model_ckpt,
+        sampler,
+        (args.seed, args.num_images),
+        args.batch_size,
+        args.fid_stats,
+        arch=args.arch,
+        codec=args.vae,
+        inception_weights=args.inception_weights,
+        metrics=args.metrics,
+        real=args.real,
+        img_size=args.img_size,
+    )
     if distributed.is_main():
-        print(json.dumps({"model_ckpt": args.model_ckpt, "steps": args.steps, "cfg": args.cfg,
-                          "num_images": args.num_images, "seeds": [args.seed, args.num_images], **value}))
+        print(
+            json.dumps(
+                {
+                    "model_ckpt": args.model_ckpt,
+                    "steps": args.steps,
+                    "cfg": args.cfg,
+                    "num_images": args.num_images,
+                    "seeds": [args.seed, args.num_images],
+                    **value,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -30,16 +30,21 @@ import os
 
 import torch
 
-from neon.io import checkpoint, unpickle
-from neon.errors import NeonError
-from neon.family import Model, arch_kwargs, check_finite, load_built, preset_of, read_checkpoint
-
 from edm.family import NVLABS_PICKLE_GLOBALS, from_network_pickle
 from imm.loss import IMMLoss
 from imm.networks import IMMPrecond
 from imm.sampler import generators, initial_latents, pushforward_generator_fn
-from imm.vae import IM256_RAW_MEAN, IM256_RAW_STD, SD_VAE_CONFIG, StabilityVAEEncoder, build_autoencoder, \
-    load_autoencoder
+from imm.vae import (
+    IM256_RAW_MEAN,
+    IM256_RAW_STD,
+    SD_VAE_CONFIG,
+    StabilityVAEEncoder,
+    build_autoencoder,
+    load_autoencoder,
+)
+from neon.errors import NeonError
+from neon.family import Model, arch_kwargs, check_finite, load_built, preset_of, read_checkpoint
+from neon.io import checkpoint, unpickle
 
 DEFAULT_CODEC = os.path.join("checkpoints", "sd-vae-ft-ema")
 FINAL_STD = 0.5  # upstream's encoder final_std (final_mean 0): latents have σ_d = 0.5
@@ -47,26 +52,68 @@ FINAL_STD = 0.5  # upstream's encoder final_std (final_mean 0): latents have σ_
 # The network of both IMM ImageNet-256 checkpoints (upstream's im256_generate_images.yaml plus the
 # interface kwargs its training loop adds): DiT-XL/2 on 32×32×4 latents, 1000 classes.
 PRESETS = {
-    "im256": {"class_name": "IMMPrecond", "img_resolution": 32, "img_channels": 4, "label_dim": 1000,
-              "num_classes": 1000, "mixed_precision": None, "model_type": "DiT_XL_2", "s_embed": True,
-              "noise_schedule": "fm", "f_type": "euler_fm", "temb_type": "stride", "time_scale": 1000,
-              "sigma_data": 0.5, "eps": 0.0, "T": 0.994},
+    "im256": {
+        "class_name": "IMMPrecond",
+        "img_resolution": 32,
+        "img_channels": 4,
+        "label_dim": 1000,
+        "num_classes": 1000,
+        "mixed_precision": None,
+        "model_type": "DiT_XL_2",
+        "s_embed": True,
+        "noise_schedule": "fm",
+        "f_type": "euler_fm",
+        "temb_type": "stride",
+        "time_scale": 1000,
+        "sigma_data": 0.5,
+        "eps": 0.0,
+        "T": 0.994,
+    },
 }
-TINY = {**PRESETS["im256"], "img_resolution": 8, "label_dim": 10, "num_classes": 10, "model_type": "DiT",
-        "patch_size": 2, "hidden_size": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0}
+TINY = {
+    **PRESETS["im256"],
+    "img_resolution": 8,
+    "label_dim": 10,
+    "num_classes": 10,
+    "model_type": "DiT",
+    "patch_size": 2,
+    "hidden_size": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "mlp_ratio": 4.0,
+}
 # A two-level AutoencoderKL (one 2× down-sampling): 8×8×4 latents are 16×16 images.
-TINY_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "act_fn": "silu", "layers_per_block": 1,
-            "norm_num_groups": 8, "block_out_channels": [16, 32], "sample_size": 16,
-            "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
+TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "act_fn": "silu",
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "block_out_channels": [16, 32],
+    "sample_size": 16,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+}
 PAPER_FILES = {"imagenet256_ts_a2.pkl": "im256", "imagenet256_ts_a1.pkl": "im256"}
 LATENTS = {"raw_mean": list(IM256_RAW_MEAN), "raw_std": list(IM256_RAW_STD)}
 # The authors' im256.yaml loss (IMMLoss's own defaults, spelled out).
-LOSS = {"sigma": 1, "sample_t_mode": "uniform", "matrix_size": 4, "sample_repeat": 1, "a": 2, "b": 4, "k": 12,
-        "label_dropout": 0.1, "min_tr_gap": 1e-4}
+LOSS = {
+    "sigma": 1,
+    "sample_t_mode": "uniform",
+    "matrix_size": 4,
+    "sample_repeat": 1,
+    "a": 2,
+    "b": 4,
+    "k": 12,
+    "label_dropout": 0.1,
+    "min_tr_gap": 1e-4,
+}
 
 
 def _timm_format(value):
-    """timm's `Format` enum (PatchEmbed's `output_fmt`) pickles as a call `Format('NCHW')`: keep the string."""
+    """timm's `Format` enum (PatchEmbed's `output_fmt`) pickles as a call `Format('NCHW')`: keep the
+    string."""
     if not isinstance(value, str):
         raise ValueError("malformed timm Format record")
     return value
@@ -89,14 +136,19 @@ _LAYER_CLASSES = {
 }
 IMM_PICKLE_GLOBALS = {
     **NVLABS_PICKLE_GLOBALS,
-    **{(module, name): unpickle.record_class(name) for module, names in _LAYER_CLASSES.items() for name in names},
+    **{
+        (module, name): unpickle.record_class(name)
+        for module, names in _LAYER_CLASSES.items()
+        for name in names
+    },
     ("timm.layers.format", "Format"): _timm_format,
     # IMMPrecond keeps its autocast dtype as an attribute (torch.float32 when mixed_precision is None).
     **{("torch", name): getattr(torch, name) for name in ("float16", "bfloat16", "float32", "float64")},
 }
 
-FORMAT = checkpoint.Format(weight_keys=((), ("ema",)), pickle_globals=IMM_PICKLE_GLOBALS,
-                           from_pickle=from_network_pickle)
+FORMAT = checkpoint.Format(
+    weight_keys=((), ("ema",)), pickle_globals=IMM_PICKLE_GLOBALS, from_pickle=from_network_pickle
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +202,9 @@ class IMMFamily:
             vae = build_autoencoder(TINY_VAE, device="cpu")
         return self._model(net, vae, TINY, {**LATENTS, "vae_config": dict(TINY_VAE)})
 
-    def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
-             codec: str | None = None) -> Model:
+    def load(
+        self, path: str, arch: str | None = None, device: torch.device | str = "cpu", codec: str | None = None
+    ) -> Model:
         container = read_checkpoint(self, path)
         kwargs = arch_kwargs(container, arch, PRESETS, "IMM")
         if kwargs is None:
@@ -164,7 +217,9 @@ class IMMFamily:
         vae = _read_codec(codec or DEFAULT_CODEC, extras["vae_config"])
         return self._model(net, vae.to(device), kwargs, extras)
 
-    def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: IMMSampler) -> torch.Tensor:
+    def sample(
+        self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: IMMSampler
+    ) -> torch.Tensor:
         net = model.net
         device = next(net.parameters()).device
         cfg = None if sampler.cfg is None or sampler.cfg == 1 else float(sampler.cfg)
@@ -174,20 +229,29 @@ class IMMFamily:
             shape = (net.img_channels, net.img_resolution, net.img_resolution)
             latents = initial_latents(generators(seeds.tolist()), shape, net.sigma_data, device=device)
             class_labels = self._one_hot(labels, net.label_dim, device) if net.label_dim else None
-            x = pushforward_generator_fn(net, latents, class_labels, discretization=sampler.discretization,
-                                         num_steps=sampler.num_steps, cfg_scale=cfg)
+            x = pushforward_generator_fn(
+                net,
+                latents,
+                class_labels,
+                discretization=sampler.discretization,
+                num_steps=sampler.num_steps,
+                cfg_scale=cfg,
+            )
             return self._encoder(model).decode(check_finite(x, "IMM sampler"))
 
-    def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, model: Model, samples: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         """IMMLoss (the authors' im256 settings) averaged over the groups of M = 4 images. Each uint8
         image is encoded to a posterior sample of its latent (VAE in float32, autocast off; the
         noise from `generator`); then t, s, the label drop and the noise are drawn from `generator`.
         The per-process batch must be a multiple of 4."""
         group = LOSS["matrix_size"]
         if samples.shape[0] % group:
-            raise NeonError(f"IMM's loss takes groups of {group} images: the per-process batch must be a "
-                            f"multiple of {group}, got {samples.shape[0]}")
+            raise NeonError(
+                f"IMM's loss takes groups of {group} images: the per-process batch must be a "
+                f"multiple of {group}, got {samples.shape[0]}"
+            )
         precond = getattr(model.net, "module", model.net)
         with torch.autocast(samples.device.type, enabled=False):
             encoder = self._encoder(model)
@@ -205,21 +269,31 @@ class IMMFamily:
     def _one_hot(labels: torch.Tensor, label_dim: int, device) -> torch.Tensor:
         """float32 one-hot rows [B, label_dim]; label −1 is an all-zero row (unconditional)."""
         if (labels < -1).any() or (labels >= label_dim).any():
-            raise NeonError(f"class labels must be in [0, {label_dim}) for this conditional model, "
-                            f"or -1 for unconditional")
+            raise NeonError(
+                f"class labels must be in [0, {label_dim}) for this conditional model, "
+                f"or -1 for unconditional"
+            )
         # Shift by one so that −1 lands in a column that is then dropped.
         rows = torch.nn.functional.one_hot(labels.to(device) + 1, label_dim + 1)[:, 1:]
         return rows.to(torch.float32)
 
     @staticmethod
     def _encoder(model: Model) -> StabilityVAEEncoder:
-        return StabilityVAEEncoder(model.codec, raw_mean=model.extras["raw_mean"], raw_std=model.extras["raw_std"],
-                                   final_std=FINAL_STD)
+        return StabilityVAEEncoder(
+            model.codec,
+            raw_mean=model.extras["raw_mean"],
+            raw_std=model.extras["raw_std"],
+            final_std=FINAL_STD,
+        )
 
     def full_size(self, ckpt: str | None, arch: str | None) -> Model:
         kwargs = preset_of(ckpt, arch, PRESETS, PAPER_FILES, "IMM")
-        return self._model(self._network(kwargs, "meta"), build_autoencoder(None, "meta"), kwargs,
-                           {**LATENTS, "vae_config": None})
+        return self._model(
+            self._network(kwargs, "meta"),
+            build_autoencoder(None, "meta"),
+            kwargs,
+            {**LATENTS, "vae_config": None},
+        )
 
     def evaluations(self, sampler: IMMSampler) -> float:
         """One network call per step, at the doubled batch of guidance."""
@@ -234,16 +308,23 @@ class IMMFamily:
             with torch.device(device):
                 return IMMPrecond(**kwargs)
         except (TypeError, KeyError, ValueError, AssertionError) as e:
-            raise NeonError(f"{path}: cannot build IMMPrecond from its arch ({e}); "
-                            f"pass --model.arch {'|'.join(PRESETS)}") from None
+            raise NeonError(
+                f"{path}: cannot build IMMPrecond from its arch ({e}); pass --model.arch {'|'.join(PRESETS)}"
+            ) from None
 
     @staticmethod
     def _model(net: IMMPrecond, vae, arch: dict, extras: dict) -> Model:
         net.eval().requires_grad_(False)
         vae.eval().requires_grad_(False)
         scale = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's down-sampling factor
-        return Model(net=net, codec=vae, image_size=net.img_resolution * scale, num_classes=net.label_dim,
-                     arch=dict(arch), extras=dict(extras))
+        return Model(
+            net=net,
+            codec=vae,
+            image_size=net.img_resolution * scale,
+            num_classes=net.label_dim,
+            arch=dict(arch),
+            extras=dict(extras),
+        )
 
 
 def _read_codec(path: str, vae_config: dict | None):
@@ -257,8 +338,10 @@ def _read_codec(path: str, vae_config: dict | None):
     if os.path.isfile(path):
         vae = build_autoencoder(vae_config or SD_VAE_CONFIG, device="cpu")
         return load_built(vae, checkpoint.read(path).weights, path, "the AutoencoderKL")
-    raise NeonError(f"no VAE at {path}; pass --model.codec DIR (the diffusers folder of stabilityai/sd-vae-ft-ema, "
-                    f"download_models.sh)")
+    raise NeonError(
+        f"no VAE at {path}; pass --model.codec DIR (the diffusers folder of stabilityai/sd-vae-ft-ema, "
+        f"download_models.sh)"
+    )
 
 
 family = IMMFamily()

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-DRAWS = ('u_t', 'u_s', 'u_drop', 'z')
+DRAWS = ("u_t", "u_s", "u_drop", "z")
 
 
 def _kernel(a, b, w, sigma):
@@ -52,12 +52,23 @@ class IMMLoss:
     uses the dropped labels for the target as well.
     """
 
-    def __init__(self, sigma=1, sample_t_mode='uniform', matrix_size=4, sample_repeat=1, a=2, b=4, k=12,
-                 label_dropout=0.1, min_tr_gap=1e-4, drop_labels_in_target=False):
-        if sample_t_mode != 'uniform':
+    def __init__(
+        self,
+        sigma=1,
+        sample_t_mode="uniform",
+        matrix_size=4,
+        sample_repeat=1,
+        a=2,
+        b=4,
+        k=12,
+        label_dropout=0.1,
+        min_tr_gap=1e-4,
+        drop_labels_in_target=False,
+    ):
+        if sample_t_mode != "uniform":
             raise NotImplementedError(f"sample_t_mode {sample_t_mode!r}: only 'uniform' is ported")
         if sample_repeat != 1:
-            raise NotImplementedError('sample_repeat != 1 is not ported')
+            raise NotImplementedError("sample_repeat != 1 is not ported")
         self.sigma = sigma
         self.sample_t_mode = sample_t_mode
         self.matrix_size = matrix_size
@@ -75,19 +86,22 @@ class IMMLoss:
         device = images.device if generator is None else generator.device
         out = {}
         for name in DRAWS:
-            if name == 'u_drop' and labels is None:
+            if name == "u_drop" and labels is None:
                 continue
             if name in draws:
                 out[name] = torch.as_tensor(draws[name], device=images.device)
-            elif name in ('u_t', 'u_s'):
-                out[name] = torch.rand([groups, 1, 1, 1], dtype=torch.float64, device=device, generator=generator)
-            elif name == 'u_drop':
-                out[name] = torch.rand([images.shape[0]], device='cpu' if generator is None else device,
-                                       generator=generator)
+            elif name in ("u_t", "u_s"):
+                out[name] = torch.rand(
+                    [groups, 1, 1, 1], dtype=torch.float64, device=device, generator=generator
+                )
+            elif name == "u_drop":
+                out[name] = torch.rand(
+                    [images.shape[0]], device="cpu" if generator is None else device, generator=generator
+                )
             else:
                 out[name] = torch.randn(images.shape, dtype=images.dtype, device=device, generator=generator)
             out[name] = out[name].to(images.device)
-        out['u_t'], out['u_s'] = out['u_t'].reshape(groups), out['u_s'].reshape(groups)
+        out["u_t"], out["u_s"] = out["u_t"].reshape(groups), out["u_s"].reshape(groups)
         return out
 
     def times(self, net, u_t, u_s):
@@ -97,7 +111,7 @@ class IMMLoss:
         nt = net.get_log_nt(u_t * (net.nt_to_t(hi) - t_lo) + t_lo).exp()
         ns = net.get_log_nt(u_s * (net.nt_to_t(nt) - t_lo) + t_lo).exp()
         ns = torch.minimum(ns, nt).clamp(min=net.nt_low)
-        nr = (nt - (net.nt_high - net.nt_low) * 0.5 ** self.k).clamp(min=net.nt_low, max=net.nt_high)
+        nr = (nt - (net.nt_high - net.nt_low) * 0.5**self.k).clamp(min=net.nt_low, max=net.nt_high)
         t, r, s = net.nt_to_t(nt), net.nt_to_t(nr), net.nt_to_t(ns)
         if self.min_tr_gap is not None:
             r = torch.minimum(r, (t - self.min_tr_gap).clamp(min=net.nt_low))
@@ -108,47 +122,52 @@ class IMMLoss:
         """Everything the loss is made of, as a dict: the draws, t/r/s [G], labels_drop, drop_mask,
         noise, yt, yr, f_st, f_sr, w, wout, K_st_st, K_sr_sr, K_st_sr [G, M, M], inter_sample_sim,
         inter_gt_sim, cross_sim and loss [G]."""
-        precond = getattr(net, 'module', net)
+        precond = getattr(net, "module", net)
         m = self.matrix_size
-        assert images.shape[0] % m == 0, f'batch {images.shape[0]} is not a multiple of matrix_size {m}'
+        assert images.shape[0] % m == 0, f"batch {images.shape[0]} is not a multiple of matrix_size {m}"
         out = self._draws(images, labels, generator, draws)
-        t, r, s = self.times(precond, out['u_t'], out['u_s'])
+        t, r, s = self.times(precond, out["u_t"], out["u_s"])
         out.update(t=t, r=r, s=s)
 
         labels_drop = labels
         if labels is not None:
-            out['drop_mask'] = out['u_drop'] < self.label_dropout
-            labels_drop = torch.where(out['drop_mask'][:, None], torch.zeros_like(labels), labels)
-        out['labels_drop'] = labels_drop
+            out["drop_mask"] = out["u_drop"] < self.label_dropout
+            labels_drop = torch.where(out["drop_mask"][:, None], torch.zeros_like(labels), labels)
+        out["labels_drop"] = labels_drop
 
         per_sample = [v.repeat_interleave(m).reshape(-1, 1, 1, 1) for v in (t, r, s)]
         t_b, r_b, s_b = per_sample
-        out['noise'] = out['z'] * precond.sigma_data
-        out['yt'], _ = precond.add_noise(images, t_b, out['noise'])
-        out['yr'] = precond.ddim(out['yt'], images, t_b, r_b, noise=out['noise'])
+        out["noise"] = out["z"] * precond.sigma_data
+        out["yt"], _ = precond.add_noise(images, t_b, out["noise"])
+        out["yr"] = precond.ddim(out["yt"], images, t_b, r_b, noise=out["noise"])
 
-        cuda = images.device.type == 'cuda'
+        cuda = images.device.type == "cuda"
         rng_state = torch.cuda.get_rng_state(images.device) if cuda else torch.get_rng_state()
-        f_st = net(out['yt'], t_b, s_b, labels_drop)
+        f_st = net(out["yt"], t_b, s_b, labels_drop)
         if cuda:
             torch.cuda.set_rng_state(rng_state, images.device)
         else:
             torch.set_rng_state(rng_state)
         with torch.no_grad():
             target_labels = labels_drop if self.drop_labels_in_target else labels
-            f_sr = net(out['yr'], r_b, s_b, target_labels, force_fp32=True)
+            f_sr = net(out["yr"], r_b, s_b, target_labels, force_fp32=True)
         out.update(f_st=f_st, f_sr=f_sr)
 
         w, wout = precond.get_kernel_weight(t, s, a=self.a, b=self.b)
         st, sr = (f.reshape(-1, m, *f.shape[1:]) for f in (f_st, f_sr))
-        out.update(w=w, wout=wout, K_st_st=_kernel(st, st, w, self.sigma), K_sr_sr=_kernel(sr, sr, w, self.sigma),
-                   K_st_sr=_kernel(st, sr, w, self.sigma))
-        out['inter_sample_sim'] = out['K_st_st'].mean((1, 2))
-        out['inter_gt_sim'] = out['K_sr_sr'].mean((1, 2))
-        out['cross_sim'] = out['K_st_sr'].mean((1, 2))
-        loss = wout * (out['inter_sample_sim'] + out['inter_gt_sim'] - 2 * out['cross_sim'])
-        out['loss'] = torch.nan_to_num(loss) if torch.isnan(loss).any() else loss
+        out.update(
+            w=w,
+            wout=wout,
+            K_st_st=_kernel(st, st, w, self.sigma),
+            K_sr_sr=_kernel(sr, sr, w, self.sigma),
+            K_st_sr=_kernel(st, sr, w, self.sigma),
+        )
+        out["inter_sample_sim"] = out["K_st_st"].mean((1, 2))
+        out["inter_gt_sim"] = out["K_sr_sr"].mean((1, 2))
+        out["cross_sim"] = out["K_st_sr"].mean((1, 2))
+        loss = wout * (out["inter_sample_sim"] + out["inter_gt_sim"] - 2 * out["cross_sim"])
+        out["loss"] = torch.nan_to_num(loss) if torch.isnan(loss).any() else loss
         return out
 
     def __call__(self, net, images, labels=None, generator=None, draws=None):
-        return self.terms(net, images, labels, generator=generator, draws=draws)['loss']
+        return self.terms(net, images, labels, generator=generator, draws=draws)["loss"]

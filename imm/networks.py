@@ -40,11 +40,12 @@ def sincos_2d(dim, grid_size):
     k < dim/4 (the column comes first)."""
     assert dim % 4 == 0
     omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(*[torch.arange(grid_size, dtype=torch.float64)] * 2, indexing='ij')
+    rows, cols = torch.meshgrid(*[torch.arange(grid_size, dtype=torch.float64)] * 2, indexing="ij")
 
     def encode(pos):
         angle = pos.reshape(-1, 1) * omega
         return torch.cat([angle.sin(), angle.cos()], dim=1)
+
     return torch.cat([encode(cols), encode(rows)], dim=1)
 
 
@@ -61,7 +62,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x):
-        assert tuple(x.shape[-2:]) == self.img_size, f'input {tuple(x.shape[-2:])} != {self.img_size}'
+        assert tuple(x.shape[-2:]) == self.img_size, f"input {tuple(x.shape[-2:])} != {self.img_size}"
         # contiguous(): with a transposed view every later residual sum would inherit its strides and
         # each LayerNorm would copy its input back to row-major (same values, wasted copies).
         return self.proj(x).flatten(2).transpose(1, 2).contiguous()
@@ -104,9 +105,9 @@ class Mlp(nn.Module):
     def forward(self, x):
         hidden = self.fc1(x)
         if torch.is_grad_enabled():
-            hidden = F.gelu(hidden, approximate='tanh')
+            hidden = F.gelu(hidden, approximate="tanh")
         else:  # nothing records the graph: overwrite fc1's output, the largest tensor of the block
-            hidden = torch.ops.aten.gelu_(hidden, approximate='tanh')
+            hidden = torch.ops.aten.gelu_(hidden, approximate="tanh")
         return F.dropout(self.fc2(F.dropout(hidden, self.drop, self.training)), self.drop, self.training)
 
 
@@ -116,25 +117,32 @@ class TimestepEmbedder(nn.Module):
     f_k = 10000^(-k/half); 'fourier': [cos(2πτ·f), sin(2πτ·f)] with the buffer f ~ N(0, scale²)),
     cast to the labels' dtype, then Linear-SiLU-Linear (`mlp.0`, `mlp.2`) unless use_mlp=False."""
 
-    def __init__(self, hidden_size, frequency_embedding_size=256, embedding_type='positional', use_mlp=True, scale=1):
+    def __init__(
+        self, hidden_size, frequency_embedding_size=256, embedding_type="positional", use_mlp=True, scale=1
+    ):
         super().__init__()
-        assert embedding_type in ('positional', 'fourier')
+        assert embedding_type in ("positional", "fourier")
         self.hidden_size = hidden_size
         self.frequency_embedding_size = frequency_embedding_size
         self.embedding_type = embedding_type
         self.use_mlp = use_mlp
         if use_mlp:
-            self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
-                                     nn.Linear(hidden_size, hidden_size))
-        if embedding_type == 'fourier':
-            self.register_buffer('freqs', torch.randn(frequency_embedding_size // 2) * scale)
+            self.mlp = nn.Sequential(
+                nn.Linear(frequency_embedding_size, hidden_size),
+                nn.SiLU(),
+                nn.Linear(hidden_size, hidden_size),
+            )
+        if embedding_type == "fourier":
+            self.register_buffer("freqs", torch.randn(frequency_embedding_size // 2) * scale)
 
     def frequencies(self, t):
         half = self.frequency_embedding_size // 2
-        if self.embedding_type == 'fourier':
+        if self.embedding_type == "fourier":
             angle = torch.outer(t.to(torch.float64), 2 * math.pi * self.freqs.to(torch.float64))
         else:
-            freqs = torch.exp(-math.log(10000) / half * torch.arange(half, dtype=torch.float64, device=t.device))
+            freqs = torch.exp(
+                -math.log(10000) / half * torch.arange(half, dtype=torch.float64, device=t.device)
+            )
             angle = torch.outer(t.to(torch.float64), freqs)
         emb = torch.cat([angle.cos(), angle.sin()], dim=1)
         if self.frequency_embedding_size % 2:
@@ -220,11 +228,12 @@ class DiT(nn.Module):
         num_classes=1000,
         s_embed=True,
         qk_norm=False,
-        skip=False,                 # accepted and unused, as upstream (it never reaches the blocks)
-        embedding_kwargs=None,      # TimestepEmbedder kwargs: frequency_embedding_size, embedding_type, use_mlp, scale
+        skip=False,  # accepted and unused, as upstream (it never reaches the blocks)
+        # TimestepEmbedder kwargs: frequency_embedding_size, embedding_type, use_mlp, scale
+        embedding_kwargs=None,
         temb_mult=1,
         dropout=0,
-        **kwargs,                   # img_channels, out_channels, label_dim, ... from IMMPrecond: ignored
+        **kwargs,  # img_channels, out_channels, label_dim, ... from IMMPrecond: ignored
     ):
         super().__init__()
         embedding_kwargs = dict(embedding_kwargs or {})
@@ -244,9 +253,17 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(temb_size, **embedding_kwargs)
         self.y_embedder = LabelEmbedder(num_classes + 1, temb_size, class_dropout_prob)
         # A parameter (not a buffer): the checkpoints carry it, and it is loaded, not recomputed.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, temb_size, mlp_ratio=mlp_ratio, dropout=dropout,
-                                              qk_norm=qk_norm) for _ in range(depth)])
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False
+        )
+        self.blocks = nn.ModuleList(
+            [
+                DiTBlock(
+                    hidden_size, num_heads, temb_size, mlp_ratio=mlp_ratio, dropout=dropout, qk_norm=qk_norm
+                )
+                for _ in range(depth)
+            ]
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -301,7 +318,9 @@ class DiT(nn.Module):
         tokens = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(noise_labels_t.expand(n) if noise_labels_t.shape[0] == 1 else noise_labels_t)
         if self.s_embed and noise_labels_s is not None:
-            c = c + self.s_embedder(noise_labels_s.expand(n) if noise_labels_s.shape[0] == 1 else noise_labels_s)
+            c = c + self.s_embedder(
+                noise_labels_s.expand(n) if noise_labels_s.shape[0] == 1 else noise_labels_s
+            )
         c = c + self.y_embedder(y, self.training)
         for block in self.blocks:
             tokens = block(tokens, c)
@@ -314,22 +333,23 @@ def _preset(name, patch_size, hidden_size, depth, num_heads):
 
     def __init__(self, **kwargs):
         DiT.__init__(self, **arch, **kwargs)
-    doc = f'DiT with patch {patch_size}, width {hidden_size}, depth {depth} and {num_heads} heads.'
+
+    doc = f"DiT with patch {patch_size}, width {hidden_size}, depth {depth} and {num_heads} heads."
     return type(name, (DiT,), dict(__init__=__init__, __doc__=doc, __module__=__name__))
 
 
-DiT_XL_2 = _preset('DiT_XL_2', 2, 1152, 28, 16)
-DiT_XL_4 = _preset('DiT_XL_4', 4, 1152, 28, 16)
-DiT_XL_8 = _preset('DiT_XL_8', 8, 1152, 28, 16)
-DiT_L_2 = _preset('DiT_L_2', 2, 1024, 24, 16)
-DiT_L_4 = _preset('DiT_L_4', 4, 1024, 24, 16)
-DiT_L_8 = _preset('DiT_L_8', 8, 1024, 24, 16)
-DiT_B_2 = _preset('DiT_B_2', 2, 768, 12, 12)
-DiT_B_4 = _preset('DiT_B_4', 4, 768, 12, 12)
-DiT_B_8 = _preset('DiT_B_8', 8, 768, 12, 12)
-DiT_S_2 = _preset('DiT_S_2', 2, 384, 12, 6)
-DiT_S_4 = _preset('DiT_S_4', 4, 384, 12, 6)
-DiT_S_8 = _preset('DiT_S_8', 8, 384, 12, 6)
+DiT_XL_2 = _preset("DiT_XL_2", 2, 1152, 28, 16)
+DiT_XL_4 = _preset("DiT_XL_4", 4, 1152, 28, 16)
+DiT_XL_8 = _preset("DiT_XL_8", 8, 1152, 28, 16)
+DiT_L_2 = _preset("DiT_L_2", 2, 1024, 24, 16)
+DiT_L_4 = _preset("DiT_L_4", 4, 1024, 24, 16)
+DiT_L_8 = _preset("DiT_L_8", 8, 1024, 24, 16)
+DiT_B_2 = _preset("DiT_B_2", 2, 768, 12, 12)
+DiT_B_4 = _preset("DiT_B_4", 4, 768, 12, 12)
+DiT_B_8 = _preset("DiT_B_8", 8, 768, 12, 12)
+DiT_S_2 = _preset("DiT_S_2", 2, 384, 12, 6)
+DiT_S_4 = _preset("DiT_S_4", 4, 384, 12, 6)
+DiT_S_8 = _preset("DiT_S_8", 8, 384, 12, 6)
 
 # --------------------------------------------------------------------------------------------------
 # SongUNet (the CIFAR-10 configuration of IMM; not used by Neon).
@@ -341,7 +361,9 @@ class PositionalEmbedding(edm_networks.PositionalEmbedding):
 
     def forward(self, x):
         half = self.num_channels // 2
-        freqs = torch.arange(half, dtype=torch.float64, device=x.device) / (half - (1 if self.endpoint else 0))
+        freqs = torch.arange(half, dtype=torch.float64, device=x.device) / (
+            half - (1 if self.endpoint else 0)
+        )
         angle = torch.outer(x.to(torch.float64), (1 / self.max_positions) ** freqs)
         return torch.cat([angle.cos(), angle.sin()], dim=1)
 
@@ -356,37 +378,80 @@ class SongUNet(edm_networks.SongUNet):
     Fourier embeddings use `embedding_kwargs['scale']` (default 0.02); learnable ones are not ported.
     """
 
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=128,
-                 channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.10,
-                 label_dropout=0, embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
-                 decoder_type='standard', resample_filter=(1, 1), s_embed=True, share_tsemb=True,
-                 embedding_kwargs=None, **kwargs):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        channel_mult_emb=4,
+        num_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.10,
+        label_dropout=0,
+        embedding_type="positional",
+        channel_mult_noise=1,
+        encoder_type="standard",
+        decoder_type="standard",
+        resample_filter=(1, 1),
+        s_embed=True,
+        share_tsemb=True,
+        embedding_kwargs=None,
+        **kwargs,
+    ):
         embedding_kwargs = dict(embedding_kwargs or {})
-        if embedding_kwargs.pop('learnable', False):
-            raise NotImplementedError('learnable Fourier embeddings are not ported')
-        super().__init__(img_resolution, in_channels, out_channels, label_dim=label_dim, augment_dim=augment_dim,
-                         model_channels=model_channels, channel_mult=channel_mult, channel_mult_emb=channel_mult_emb,
-                         num_blocks=num_blocks, attn_resolutions=attn_resolutions, dropout=dropout,
-                         label_dropout=label_dropout, embedding_type=embedding_type,
-                         channel_mult_noise=channel_mult_noise, encoder_type=encoder_type, decoder_type=decoder_type,
-                         resample_filter=resample_filter)
+        if embedding_kwargs.pop("learnable", False):
+            raise NotImplementedError("learnable Fourier embeddings are not ported")
+        super().__init__(
+            img_resolution,
+            in_channels,
+            out_channels,
+            label_dim=label_dim,
+            augment_dim=augment_dim,
+            model_channels=model_channels,
+            channel_mult=channel_mult,
+            channel_mult_emb=channel_mult_emb,
+            num_blocks=num_blocks,
+            attn_resolutions=attn_resolutions,
+            dropout=dropout,
+            label_dropout=label_dropout,
+            embedding_type=embedding_type,
+            channel_mult_noise=channel_mult_noise,
+            encoder_type=encoder_type,
+            decoder_type=decoder_type,
+            resample_filter=resample_filter,
+        )
         self.s_embed = s_embed
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
-        init = dict(init_mode='xavier_uniform')
+        init = dict(init_mode="xavier_uniform")
 
         def noise_embedding():
-            if embedding_type == 'positional':
+            if embedding_type == "positional":
                 return PositionalEmbedding(noise_channels, endpoint=True)
-            return edm_networks.FourierEmbedding(noise_channels, scale=embedding_kwargs.get('scale', 0.02))
+            return edm_networks.FourierEmbedding(noise_channels, scale=embedding_kwargs.get("scale", 0.02))
+
         self.map_noise = noise_embedding()
         if s_embed:
             self.map_noise_s = noise_embedding()
             self.map_layer0_s = edm_networks.Linear(noise_channels, emb_channels, **init)
             self.map_layer1_s = edm_networks.Linear(emb_channels, emb_channels, **init)
         # Upstream's state-dict order: the s-branch sits between map_layer1 and the encoder.
-        order = ['map_noise', 'map_label', 'map_augment', 'map_layer0', 'map_layer1', 'map_noise_s', 'map_layer0_s',
-                 'map_layer1_s', 'enc', 'dec']
+        order = [
+            "map_noise",
+            "map_label",
+            "map_augment",
+            "map_layer0",
+            "map_layer1",
+            "map_noise_s",
+            "map_layer0_s",
+            "map_layer1_s",
+            "enc",
+            "dec",
+        ]
         self._modules = {name: self._modules[name] for name in order if name in self._modules}
 
     def _embed(self, embedding, noise_labels):
@@ -411,11 +476,11 @@ class SongUNet(edm_networks.SongUNet):
 
         skips, aux = [], x
         for name, block in self.enc.items():
-            if name.endswith('_aux_down'):
+            if name.endswith("_aux_down"):
                 aux = block(aux)
-            elif name.endswith('_aux_skip'):
+            elif name.endswith("_aux_skip"):
                 x = skips[-1] = x + block(aux)
-            elif name.endswith('_aux_residual'):
+            elif name.endswith("_aux_residual"):
                 x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
             else:
                 x = block(x, emb) if isinstance(block, edm_networks.UNetBlock) else block(x)
@@ -423,11 +488,11 @@ class SongUNet(edm_networks.SongUNet):
 
         out = pre = None
         for name, block in self.dec.items():
-            if name.endswith('_aux_up'):
+            if name.endswith("_aux_up"):
                 out = block(out)
-            elif name.endswith('_aux_norm'):
+            elif name.endswith("_aux_norm"):
                 pre = block(x)
-            elif name.endswith('_aux_conv'):
+            elif name.endswith("_aux_conv"):
                 pre = block(F.silu(pre))
                 out = pre if out is None else out + pre
             else:
@@ -440,10 +505,29 @@ class SongUNet(edm_networks.SongUNet):
 # --------------------------------------------------------------------------------------------------
 # The preconditioner.
 
-BACKBONES = {'DiT': DiT, 'SongUNet': SongUNet, **{f.__name__: f for f in (
-    DiT_XL_2, DiT_XL_4, DiT_XL_8, DiT_L_2, DiT_L_4, DiT_L_8, DiT_B_2, DiT_B_4, DiT_B_8, DiT_S_2, DiT_S_4, DiT_S_8)}}
+BACKBONES = {
+    "DiT": DiT,
+    "SongUNet": SongUNet,
+    **{
+        f.__name__: f
+        for f in (
+            DiT_XL_2,
+            DiT_XL_4,
+            DiT_XL_8,
+            DiT_L_2,
+            DiT_L_4,
+            DiT_L_8,
+            DiT_B_2,
+            DiT_B_4,
+            DiT_B_8,
+            DiT_S_2,
+            DiT_S_4,
+            DiT_S_8,
+        )
+    },
+}
 
-_AUTOCAST = {None: None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+_AUTOCAST = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class IMMPrecond(nn.Module):
@@ -463,27 +547,27 @@ class IMMPrecond(nn.Module):
 
     def __init__(
         self,
-        img_resolution,             # Latent/image resolution R.
-        img_channels,               # Channels C.
-        label_dim=0,                # Number of classes, 0 = unconditional.
-        mixed_precision=None,       # None (float32), 'fp16' or 'bf16' autocast for the backbone.
-        noise_schedule='fm',        # 'fm' (α = 1 - t, σ = t) or 'vp_cosine' (α = cos(πt/2), σ = sin(πt/2)).
-        model_type='SongUNet',      # Backbone: a key of BACKBONES.
-        sigma_data=0.5,             # σ_d, the data (and noise) standard deviation.
-        f_type='euler_fm',          # 'euler_fm', 'simple_edm' or 'identity'.
-        T=0.994,                    # Largest time.
-        eps=0.0,                    # Smallest time.
-        temb_type='identity',       # Second time label: 'identity' (s) or 'stride' (t - s).
-        time_scale=1000.0,          # Time labels are time_scale·t.
-        **model_kwargs,             # Backbone kwargs (s_embed, patch_size, hidden_size, num_classes, ...).
+        img_resolution,  # Latent/image resolution R.
+        img_channels,  # Channels C.
+        label_dim=0,  # Number of classes, 0 = unconditional.
+        mixed_precision=None,  # None (float32), 'fp16' or 'bf16' autocast for the backbone.
+        noise_schedule="fm",  # 'fm' (α = 1 - t, σ = t) or 'vp_cosine' (α = cos(πt/2), σ = sin(πt/2)).
+        model_type="SongUNet",  # Backbone: a key of BACKBONES.
+        sigma_data=0.5,  # σ_d, the data (and noise) standard deviation.
+        f_type="euler_fm",  # 'euler_fm', 'simple_edm' or 'identity'.
+        T=0.994,  # Largest time.
+        eps=0.0,  # Smallest time.
+        temb_type="identity",  # Second time label: 'identity' (s) or 'stride' (t - s).
+        time_scale=1000.0,  # Time labels are time_scale·t.
+        **model_kwargs,  # Backbone kwargs (s_embed, patch_size, hidden_size, num_classes, ...).
     ):
         super().__init__()
         if mixed_precision not in _AUTOCAST:
-            raise ValueError(f'Unknown mixed_precision: {mixed_precision}')
-        assert noise_schedule in ('fm', 'vp_cosine') and f_type in ('euler_fm', 'simple_edm', 'identity')
-        assert temb_type in ('identity', 'stride')
-        if f_type == 'euler_fm':
-            assert noise_schedule == 'fm', "f_type 'euler_fm' needs noise_schedule 'fm'"
+            raise ValueError(f"Unknown mixed_precision: {mixed_precision}")
+        assert noise_schedule in ("fm", "vp_cosine") and f_type in ("euler_fm", "simple_edm", "identity")
+        assert temb_type in ("identity", "stride")
+        if f_type == "euler_fm":
+            assert noise_schedule == "fm", "f_type 'euler_fm' needs noise_schedule 'fm'"
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
@@ -498,24 +582,30 @@ class IMMPrecond(nn.Module):
         self.temb_type = temb_type
         # η at the ends of the time range, as Python floats (computed on the CPU, so that building
         # under a `torch.device('meta')` context works).
-        self.nt_low, self.nt_high = (self.get_log_nt(torch.tensor(v, dtype=torch.float64, device='cpu')).exp().item()
-                                     for v in (eps, T))
-        self.model = BACKBONES[model_type](img_resolution=img_resolution, img_channels=img_channels,
-                                           in_channels=img_channels, out_channels=img_channels, label_dim=label_dim,
-                                           **model_kwargs)
+        self.nt_low, self.nt_high = (
+            self.get_log_nt(torch.tensor(v, dtype=torch.float64, device="cpu")).exp().item() for v in (eps, T)
+        )
+        self.model = BACKBONES[model_type](
+            img_resolution=img_resolution,
+            img_channels=img_channels,
+            in_channels=img_channels,
+            out_channels=img_channels,
+            label_dim=label_dim,
+            **model_kwargs,
+        )
 
     # Schedule. Tensors in, tensors of the same dtype out (log-SNR is evaluated in float64).
 
     def get_alpha_sigma(self, t):
         """(α_t, σ_t)."""
-        if self.noise_schedule == 'fm':
+        if self.noise_schedule == "fm":
             return 1 - t, t
         return torch.cos(t * (math.pi / 2)), torch.sin(t * (math.pi / 2))
 
     def get_logsnr(self, t):
         """λ_t = 2·log(α_t/σ_t), computed in float64."""
         t64 = t.to(torch.float64)
-        if self.noise_schedule == 'fm':
+        if self.noise_schedule == "fm":
             logsnr = 2 * (torch.log(1 - t64) - torch.log(t64))
         else:
             logsnr = -2 * torch.log(torch.tan(t64 * (math.pi / 2)))
@@ -523,7 +613,7 @@ class IMMPrecond(nn.Module):
 
     def get_logsnr_prime(self, t):
         """dλ/dt."""
-        if self.noise_schedule == 'fm':
+        if self.noise_schedule == "fm":
             return -2 / ((1 - t) * t)
         return -math.pi / (torch.sin(t * (math.pi / 2)) * torch.cos(t * (math.pi / 2)))
 
@@ -534,7 +624,7 @@ class IMMPrecond(nn.Module):
     def nt_to_t(self, nt):
         """t from η_t (computed in float64; NaN, i.e. η = ∞, maps to 1)."""
         nt64 = nt.to(torch.float64)
-        t = nt64 / (1 + nt64) if self.noise_schedule == 'fm' else torch.arctan(nt64) / (math.pi / 2)
+        t = nt64 / (1 + nt64) if self.noise_schedule == "fm" else torch.arctan(nt64) / (math.pi / 2)
         return torch.nan_to_num(t, nan=1.0).to(nt.dtype)
 
     def add_noise(self, y, t, noise=None):
@@ -562,13 +652,17 @@ class IMMPrecond(nn.Module):
         and the time weighting w_out = α_t^a/(α_t² + σ_t²) · ½·(-dλ/dt) · sigmoid(b - λ_t)."""
         alpha_t, sigma_t = self.get_alpha_sigma(t)
         alpha_s, sigma_s = self.get_alpha_sigma(s)
-        if self.f_type == 'euler_fm':
+        if self.f_type == "euler_fm":
             w = 1 / (t - s).abs() / self.sigma_data
-        elif self.f_type == 'simple_edm':
-            w = (alpha_t ** 2 + sigma_t ** 2).sqrt() / (alpha_s * sigma_t - alpha_t * sigma_s).abs() / self.sigma_data
+        elif self.f_type == "simple_edm":
+            w = (
+                (alpha_t**2 + sigma_t**2).sqrt()
+                / (alpha_s * sigma_t - alpha_t * sigma_s).abs()
+                / self.sigma_data
+            )
         else:
             w = (sigma_t / (alpha_s * sigma_t - sigma_s * alpha_t)).abs()
-        snr_weight = alpha_t ** a / (alpha_t ** 2 + sigma_t ** 2)
+        snr_weight = alpha_t**a / (alpha_t**2 + sigma_t**2)
         wout = snr_weight * 0.5 * -self.get_logsnr_prime(t) * torch.sigmoid(b - self.get_logsnr(t))
         return w, wout
 
@@ -588,24 +682,25 @@ class IMMPrecond(nn.Module):
         t = t.to(torch.float32).reshape(-1, 1, 1, 1)
         s = s.to(torch.float32).reshape(-1, 1, 1, 1)
         alpha, sigma = self.get_alpha_sigma(t)
-        c_in = (alpha ** 2 + sigma ** 2).rsqrt() / self.sigma_data
+        c_in = (alpha**2 + sigma**2).rsqrt() / self.sigma_data
         c_noise_t = t * self.time_scale
-        c_noise_s = (s if self.temb_type == 'identity' else t - s) * self.time_scale
-        autocast = self.use_mixed_precision and not force_fp32 and x.device.type == 'cuda'
-        with torch.autocast('cuda', dtype=self.mixed_precision) if autocast else contextlib.nullcontext():
-            return self.model(c_in * x, c_noise_t.flatten(), c_noise_s.flatten(), class_labels=class_labels,
-                              **model_kwargs)
+        c_noise_s = (s if self.temb_type == "identity" else t - s) * self.time_scale
+        autocast = self.use_mixed_precision and not force_fp32 and x.device.type == "cuda"
+        with torch.autocast("cuda", dtype=self.mixed_precision) if autocast else contextlib.nullcontext():
+            return self.model(
+                c_in * x, c_noise_t.flatten(), c_noise_s.flatten(), class_labels=class_labels, **model_kwargs
+            )
 
     def map(self, x, F_x, t, s):
         """f_{s,t}(x) from the backbone output F_x (all in the dtype they come in; t, s are 0-dim or
         [N, 1, 1, 1], or [N], which is reshaped)."""
         t, s = (v.reshape(-1, 1, 1, 1) if v.ndim == 1 else v for v in (t, s))
-        if self.f_type == 'euler_fm':
+        if self.f_type == "euler_fm":
             return x - (t - s) * self.sigma_data * F_x
         alpha_t, sigma_t = self.get_alpha_sigma(t)
         alpha_s, sigma_s = self.get_alpha_sigma(s)
-        if self.f_type == 'simple_edm':
-            norm2 = alpha_t ** 2 + sigma_t ** 2
+        if self.f_type == "simple_edm":
+            norm2 = alpha_t**2 + sigma_t**2
             c_skip = (alpha_t * alpha_s + sigma_t * sigma_s) / norm2
             c_out = -(alpha_s * sigma_t - alpha_t * sigma_s) * norm2.rsqrt() * self.sigma_data
             return c_skip * x + c_out * F_x
@@ -628,11 +723,17 @@ class IMMPrecond(nn.Module):
         if cfg_scale is None:
             return self.forward(x, t, s, class_labels, force_fp32, **model_kwargs)
         if self.label_dim == 0:
-            raise ValueError('classifier-free guidance needs a conditional network')
+            raise ValueError("classifier-free guidance needs a conditional network")
         labels = self._labels(class_labels, x.shape[0], x.device).expand(x.shape[0], -1)
         # Per-sample times are repeated for the two halves; scalar times broadcast.
         t2, s2 = (v.flatten().repeat(2) if v.numel() > 1 else v for v in (t, s))
-        F_x = self.backbone(torch.cat([x, x]), t2, s2, torch.cat([torch.zeros_like(labels), labels]), force_fp32,
-                            **model_kwargs).to(t.dtype)
+        F_x = self.backbone(
+            torch.cat([x, x]),
+            t2,
+            s2,
+            torch.cat([torch.zeros_like(labels), labels]),
+            force_fp32,
+            **model_kwargs,
+        ).to(t.dtype)
         F_uncond, F_cond = F_x.chunk(2)
         return self.map(x, F_uncond + cfg_scale * (F_cond - F_uncond), t, s)

@@ -11,18 +11,20 @@ way). The 'edm' grid is computed in float64 and then cast to the latents' dtype.
 import torch
 
 
-def time_steps(net, discretization='uniform', num_steps=8, mid_nt=None, dtype=torch.float32, device=None):
+def time_steps(net, discretization="uniform", num_steps=8, mid_nt=None, dtype=torch.float32, device=None):
     """The times t_0 = T > t_1 > ... > t_N = eps, [N + 1] in `dtype`.
 
     'uniform': torch.linspace(T, eps, N + 1) in `dtype`. 'edm': η spaced with ρ = 7 between
     η(T) and η(eps), mapped back to t. None: [T, t(η) for η in mid_nt, eps] (N = len(mid_nt) + 1;
     each t(η) rounded to float32 as upstream).
     """
-    if discretization == 'uniform':
+    if discretization == "uniform":
         return torch.linspace(net.T, net.eps, num_steps + 1, dtype=dtype, device=device)
-    if discretization == 'edm':
+    if discretization == "edm":
         rho = 7
-        nt_min, nt_max = (net.get_log_nt(torch.tensor(v, dtype=torch.float64)).exp().item() for v in (net.eps, net.T))
+        nt_min, nt_max = (
+            net.get_log_nt(torch.tensor(v, dtype=torch.float64)).exp().item() for v in (net.eps, net.T)
+        )
         frac = torch.arange(num_steps + 1, dtype=torch.float64, device=device) / num_steps
         nt = (nt_max ** (1 / rho) + frac * (nt_min ** (1 / rho) - nt_max ** (1 / rho))) ** rho
         return net.nt_to_t(nt).to(dtype)
@@ -30,11 +32,19 @@ def time_steps(net, discretization='uniform', num_steps=8, mid_nt=None, dtype=to
         # Both upstream versions convert each η through a float32 tensor.
         mid = [net.nt_to_t(torch.tensor(float(nt), dtype=torch.float32)).item() for nt in (mid_nt or [])]
         return torch.tensor([net.T, *mid, net.eps], dtype=dtype, device=device)
-    raise ValueError(f'unknown discretization {discretization!r}')
+    raise ValueError(f"unknown discretization {discretization!r}")
 
 
-def pushforward_generator_fn(net, latents, class_labels=None, discretization='uniform', num_steps=8, cfg_scale=None,
-                             mid_nt=None, return_states=False):
+def pushforward_generator_fn(
+    net,
+    latents,
+    class_labels=None,
+    discretization="uniform",
+    num_steps=8,
+    cfg_scale=None,
+    mid_nt=None,
+    return_states=False,
+):
     """Sample by chaining the network's map: x_{i+1} = net.cfg_forward(x_i, t_i, t_{i+1}).
 
     Args:
@@ -53,13 +63,15 @@ def pushforward_generator_fn(net, latents, class_labels=None, discretization='un
     x = latents
     states = [x]
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
-        x = net.cfg_forward(x, t_cur, t_next, class_labels=class_labels, cfg_scale=cfg_scale).to(latents.dtype)
+        x = net.cfg_forward(x, t_cur, t_next, class_labels=class_labels, cfg_scale=cfg_scale).to(
+            latents.dtype
+        )
         if return_states:
             states.append(x)
     return (x, torch.stack(states)) if return_states else x
 
 
-def generators(seeds, device='cpu'):
+def generators(seeds, device="cpu"):
     """One torch.Generator per sample, seeded with seed % 2**63 (IMM upstream has no per-sample seeds;
     these make a sample depend on its own seed only)."""
     return [torch.Generator(device).manual_seed(int(seed) % (1 << 63)) for seed in seeds]

@@ -50,7 +50,9 @@ class DiagnoseConfig:
         if self.batches < 2 or self.repeats < 1 or self.bootstrap < 1:
             raise NeonError("diagnose: need batches >= 2, repeats >= 1 and bootstrap >= 1")
         if self.preconditioner not in ("pooled", "real", "synthetic"):
-            raise NeonError(f"diagnose: preconditioner must be pooled, real or synthetic, got {self.preconditioner!r}")
+            raise NeonError(
+                f"diagnose: preconditioner must be pooled, real or synthetic, got {self.preconditioner!r}"
+            )
 
 
 def batch_gradients(family, model, samples, labels: torch.Tensor, batches: int, repeats: int,
@@ -71,13 +73,20 @@ def batch_gradients(family, model, samples, labels: torch.Tensor, batches: int, 
     parts = torch.arange(len(samples)).chunk(batches)
     for k, index in enumerate(parts):
         x = samples[index] if isinstance(samples, torch.Tensor) else samples.read(index)
-        x, y = x.clone(), labels[index].clone()  # samples drawn in inference mode cannot enter autograd as they are
+        # samples drawn in inference mode cannot enter autograd as they are
+        x, y = x.clone(), labels[index].clone()
         generator = torch.Generator().manual_seed(seed + k)
         net.zero_grad(set_to_none=True)
         for _ in range(repeats):
             (family.loss(model, x.to(device), y.to(device), generator) / repeats).backward()
-        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float().cpu()
-                                for p in params]))
+        grads.append(
+            torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float().cpu()
+                    for p in params
+                ]
+            )
+        )
     net.zero_grad(set_to_none=True)
     net.train(was_training).requires_grad_(False)
     return torch.stack(grads)
@@ -91,8 +100,13 @@ def adam_preconditioner(grads: torch.Tensor, beta2: float = 0.999, eps: float = 
     return 1.0 / ((v / (1 - beta2 ** len(grads))).sqrt() + eps)
 
 
-def cosine(real_grads: torch.Tensor, synthetic_grads: torch.Tensor, precond: torch.Tensor, bootstrap: int = 2000,
-           seed: int = 0) -> tuple[float, float, float]:
+def cosine(
+    real_grads: torch.Tensor,
+    synthetic_grads: torch.Tensor,
+    precond: torch.Tensor,
+    bootstrap: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """(cos_P of the mean gradients, 2.5% and 97.5% bootstrap quantiles over batches)."""
     d, s, p = real_grads.double(), synthetic_grads.double(), precond.double()
     # Gram matrices in the P inner product: every resample's cosine is a quadratic form in them.
@@ -103,12 +117,26 @@ def cosine(real_grads: torch.Tensor, synthetic_grads: torch.Tensor, precond: tor
         return num / (((u @ dd) * u).sum(1).sqrt() * ((v @ ss) * v).sum(1).sqrt())
 
     k_d, k_s = len(d), len(s)
-    point = cos(torch.full((1, k_d), 1 / k_d, dtype=torch.float64), torch.full((1, k_s), 1 / k_s, dtype=torch.float64))
+    point = cos(
+        torch.full((1, k_d), 1 / k_d, dtype=torch.float64), torch.full((1, k_s), 1 / k_s, dtype=torch.float64)
+    )
     generator = torch.Generator().manual_seed(seed)
-    u = torch.zeros(bootstrap, k_d, dtype=torch.float64).scatter_add_(
-        1, torch.randint(k_d, (bootstrap, k_d), generator=generator), torch.ones(bootstrap, k_d, dtype=torch.float64)) / k_d
-    v = torch.zeros(bootstrap, k_s, dtype=torch.float64).scatter_add_(
-        1, torch.randint(k_s, (bootstrap, k_s), generator=generator), torch.ones(bootstrap, k_s, dtype=torch.float64)) / k_s
+    u = (
+        torch.zeros(bootstrap, k_d, dtype=torch.float64).scatter_add_(
+            1,
+            torch.randint(k_d, (bootstrap, k_d), generator=generator),
+            torch.ones(bootstrap, k_d, dtype=torch.float64),
+        )
+        / k_d
+    )
+    v = (
+        torch.zeros(bootstrap, k_s, dtype=torch.float64).scatter_add_(
+            1,
+            torch.randint(k_s, (bootstrap, k_s), generator=generator),
+            torch.ones(bootstrap, k_s, dtype=torch.float64),
+        )
+        / k_s
+    )
     low, high = torch.quantile(cos(u, v), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return point.item(), low, high
 

@@ -49,9 +49,21 @@ class Metrics:
     and the labels the samples were drawn with (an experiment's own, e.g. label accuracy)."""
 
 
-def evaluate(family, model, base: Theta, sampler, seeds: tuple[int, int], batch_size: int, metrics: Metrics | None, *,
-             self_trained: Theta | None = None, w: float = 0.0, control: Theta | None = None,
-             keep_samples: bool = False, keep_features: bool = False) -> dict:
+def evaluate(
+    family,
+    model,
+    base: Theta,
+    sampler,
+    seeds: tuple[int, int],
+    batch_size: int,
+    metrics: Metrics | None,
+    *,
+    self_trained: Theta | None = None,
+    w: float = 0.0,
+    control: Theta | None = None,
+    keep_samples: bool = False,
+    keep_features: bool = False,
+) -> dict:
     """Collective: the scores of one θ on the seed range `seeds` = (first seed, number of samples).
 
     θ is `control` when given, else θ_neon(w) from `base` and `self_trained` (the base when w = 0 or
@@ -68,9 +80,20 @@ def evaluate(family, model, base: Theta, sampler, seeds: tuple[int, int], batch_
         return {"samples": torch.cat([synthetic.draw(family, model, sampler, idx, labels, seeds[0])
                                       for idx in synthetic.batches(0, seeds[1], batch_size)])}
     keep = keep_features or metrics.extra is not None
-    result = score.generate_and_score(family, model, sampler, seeds, batch_size, metrics.fid, metrics.ref_stats,
-                                      metrics.inception_score, metrics.real, keep_samples=keep_samples,
-                                      keep_features=keep, extras=metrics.extras)
+    result = score.generate_and_score(
+        family,
+        model,
+        sampler,
+        seeds,
+        batch_size,
+        metrics.fid,
+        metrics.ref_stats,
+        metrics.inception_score,
+        metrics.real,
+        keep_samples=keep_samples,
+        keep_features=keep,
+        extras=metrics.extras,
+    )
     if metrics.extra is not None and result["fid"] is not None:
         labels = synthetic.balanced_labels(seeds[1], model.num_classes, seeds[0])
         result.update(metrics.extra(result["features"], labels))

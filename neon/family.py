@@ -35,8 +35,8 @@ from typing import Protocol
 
 import torch
 
-from neon.io import checkpoint
 from neon.errors import NeonError, NonFiniteError
+from neon.io import checkpoint
 
 GROUP = "neon.families"  # the entry-point group of pyproject.toml
 
@@ -254,11 +254,15 @@ def detect(path: str, spec: str | None = None):
         raise NeonError(refused[0] if refused else f"{path}: no installed family reads this file "
                         f"({errors[0] if errors else 'none installed'}); pass --family")
     if len({key for _, key in readers.values()}) > 1:
-        raise NeonError(f"{path}: families {', '.join(sorted(readers))} read θ from different places; pass --family")
+        raise NeonError(
+            f"{path}: families {', '.join(sorted(readers))} read θ from different places; pass --family"
+        )
     return next(iter(readers.values()))[0]
 
 
-def load_weights(module: torch.nn.Module, state_dict: dict, path: str, what: str, assign: bool = False) -> None:
+def load_weights(
+    module: torch.nn.Module, state_dict: dict, path: str, what: str, assign: bool = False
+) -> None:
     """`module.load_state_dict(state_dict, strict=True)`, a mismatch reported as one line naming the file,
     what it should have fitted (`what`, e.g. "EDMPrecond") and the missing, unexpected and reshaped keys."""
     expected = module.state_dict()
@@ -266,8 +270,15 @@ def load_weights(module: torch.nn.Module, state_dict: dict, path: str, what: str
     unexpected = [k for k in state_dict if k not in expected]
     reshaped = [f"{k} {list(state_dict[k].shape)} (expected {list(expected[k].shape)})"
                 for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    problems = [f"{label}: {_listed(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shapes differ", reshaped)) if keys]
+    problems = [
+        f"{label}: {_listed(keys)}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shapes differ", reshaped),
+        )
+        if keys
+    ]
     if problems:
         raise NeonError(f"{path} does not fit {what}: " + "; ".join(problems))
     try:
@@ -325,7 +336,9 @@ def build_net(constructor, kwargs, path: str, what: str, on_meta: bool = False) 
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
-            raise NeonError(f"{path}: unknown arch key {unknown[0]!r} for {what} (known: {', '.join(params)})")
+            raise NeonError(
+                f"{path}: unknown arch key {unknown[0]!r} for {what} (known: {', '.join(params)})"
+            )
     try:
         with torch.device("meta"):
             probe = constructor(**kwargs)
@@ -349,5 +362,7 @@ def check_finite(samples: torch.Tensor, what: str) -> torch.Tensor:
     """`samples` unchanged when every entry is finite; else NeonError (a family calls it on its
     float images before the uint8 cast, which would turn NaN into a silent 0)."""
     if samples.is_floating_point() and not torch.isfinite(samples).all():
-        raise NonFiniteError(f"the {what} produced non-finite values (NaN or inf): a diverged model or sampler setting")
+        raise NonFiniteError(
+            f"the {what} produced non-finite values (NaN or inf): a diverged model or sampler setting"
+        )
     return samples

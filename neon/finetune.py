@@ -1,8 +1,8 @@
 """The self-training step: fine-tune a copy of θ_base on the synthetic set S.
 
-Shaped after `NVlabs/edm2:training/training_loop.py`: intervals are counted in images, the random
-state is re-derived from (seed, step, rank) at every step (`neon.rng.derive`) instead of being carried along, snapshots
-(`snapshot-<images_seen:010d>.pt`: what inference and merging need) are kept apart from the
+Shaped after `NVlabs/edm2:training/training_loop.py`: intervals are counted in images, the random state
+is re-derived from (seed, step, shard) at every step (`neon.rng.derive`) instead of being carried along,
+snapshots (`snapshot-<images_seen:010d>.pt`: what inference and merging need) are kept apart from the
 training state (`state-latest.pt`: optimizer, scaler, data position), and running the same command
 again resumes from the training state. A run killed after a snapshot and resumed ends with exactly
 the weights of an uninterrupted run.
@@ -30,8 +30,7 @@ from collections.abc import Iterator
 
 import torch
 
-from neon import batches
-from neon import config, distributed, precision, rng, stop, synthetic
+from neon import batches, config, distributed, precision, rng, stop, synthetic
 from neon import family as neon_family
 from neon.errors import NeonError
 from neon.io import checkpoint, files
@@ -201,16 +200,23 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
             yield Progress(images_seen, conf.total_images, "img")
         while images_seen < conf.total_images:
             step = images_seen // conf.batch_size
-            lr = conf.lr * min(1.0, (images_seen + conf.batch_size) / conf.ramp_images) if conf.ramp_images else conf.lr
+            lr = (
+                conf.lr * min(1.0, (images_seen + conf.batch_size) / conf.ramp_images)
+                if conf.ramp_images
+                else conf.lr
+            )
             for group in opt.param_groups:
                 group["lr"] = lr
             losses = []
             for m, (samples, labels, generator) in enumerate(stream.take(images_seen)):
                 shard = rank * conf.accumulate + m
                 step_seed = rng.derive(conf.seed, step, shard)
-                torch.manual_seed(step_seed)  # dropout / drop-path inside the network draw from the global RNG
+                # dropout / drop-path inside the network draw from the global RNG
+                torch.manual_seed(step_seed)
                 # DDP all-reduces the gradients on the last micro-step only
-                sync = contextlib.nullcontext() if m == conf.accumulate - 1 or world == 1 else ddp_net.no_sync()
+                sync = (
+                    contextlib.nullcontext() if m == conf.accumulate - 1 or world == 1 else ddp_net.no_sync()
+                )
                 with sync:
                     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                         enabled=autocast_dtype is not None):
@@ -222,7 +228,9 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
             bad = (~torch.isfinite(torch.stack(losses))).any().to(torch.float32).reshape(1)
             # The step's one all-reduce (and host sync): a non-finite loss on any rank, whether rank 0's clock
             # says the training state is due, and the signals caught; every rank acts on the same sums.
-            due = distributed.is_main() and state_every > 0 and time.monotonic() - state_written >= state_every
+            due = (
+                distributed.is_main() and state_every > 0 and time.monotonic() - state_written >= state_every
+            )
             host = [float(due), *stop.flags()]
             flags = torch.cat([bad, bad.new_zeros(len(host))])
             for i, value in enumerate(host):
@@ -243,15 +251,22 @@ def run(family, model, conf: FinetuneConfig) -> Iterator[Progress]:
                 _update_ema(ema, net, conf.ema_decay(images_seen + conf.batch_size))
             images_seen += conf.batch_size
             snapshot = None
-            if images_seen // every > (images_seen - conf.batch_size) // every or images_seen >= conf.total_images:
+            if (
+                images_seen // every > (images_seen - conf.batch_size) // every
+                or images_seen >= conf.total_images
+            ):
                 snapshot = _save(conf.out, family, model, net, ema, opt, scaler, images_seen, identity, loss)
             elif state_due or signum is not None:  # the training state alone: no snapshot that is not due
-                _save(conf.out, family, model, net, ema, opt, scaler, images_seen, identity, loss, snapshot=False)
+                _save(conf.out, family, model, net, ema, opt, scaler, images_seen, identity, loss,
+                      snapshot=False)
             if snapshot is not None or state_due or signum is not None:
                 state_written = time.monotonic()
             if signum is not None and images_seen < conf.total_images:
-                raise stop.Stopped(f"the fine-tune stopped at {images_seen} of {conf.total_images} images, its "
-                                   f"training state in {os.path.join(conf.out, STATE)}", signum)
+                raise stop.Stopped(
+                    f"the fine-tune stopped at {images_seen} of {conf.total_images} images, its "
+                    f"training state in {os.path.join(conf.out, STATE)}",
+                    signum,
+                )
             step_info = {"images_seen": images_seen, "loss": loss.item(), "lr": lr, "snapshot": snapshot}
             if images_seen < conf.total_images:
                 yield Progress(images_seen, conf.total_images, "img", info=step_info)
@@ -285,8 +300,10 @@ def open_data(conf: FinetuneConfig, family_name: str) -> synthetic.SyntheticSet:
     if data.manifest["family"] != family_name:
         raise NeonError(f"{conf.data} was drawn from family {data.manifest['family']!r}, not {family_name!r}")
     if conf.batch_size % (distributed.world() * conf.accumulate):
-        raise NeonError(f"finetune.batch_size={conf.batch_size} is not divisible by {distributed.world()} processes "
-                        f"× finetune.accumulate={conf.accumulate} micro-steps")
+        raise NeonError(
+            f"finetune.batch_size={conf.batch_size} is not divisible by {distributed.world()} processes "
+            f"× finetune.accumulate={conf.accumulate} micro-steps"
+        )
     _checked_state(conf.out, _identity(conf, data))
     return data
 
@@ -327,7 +344,9 @@ def _checked_state(out, identity) -> dict | None:
     state = checkpoint.read_state(path, mmap=True)  # pages are read when touched, and shared by the ranks
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
-        raise NeonError(f"{path} is damaged (no {', '.join(missing)}); remove it to start the fine-tune again")
+        raise NeonError(
+            f"{path} is damaged (no {', '.join(missing)}); remove it to start the fine-tune again"
+        )
     if state["identity"] != identity:
         changed = sorted(k for k in identity if not isinstance(state["identity"], dict)
                          or state["identity"].get(k) != identity[k])

@@ -14,9 +14,9 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from neon.io import checkpoint, safetensors
 from neon import family as neon_family
 from neon.errors import NeonError
+from neon.io import checkpoint, safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +174,10 @@ def _extrapolate_tensor(a: torch.Tensor, b: torch.Tensor, w: float, in_place: bo
     else:
         out = ((1 + w) * a.to(compute) - wb).to(a.dtype)
     if not allow_nonfinite and not _all_finite(out):
-        raise NeonError(f"w={w:g} overflows {str(a.dtype).replace('torch.', '')} in {name or 'a tensor'}: choose a "
-                        f"smaller |w| (--allow-nonfinite writes it anyway)")
+        raise NeonError(
+            f"w={w:g} overflows {str(a.dtype).replace('torch.', '')} in {name or 'a tensor'}: choose a "
+            f"smaller |w| (--allow-nonfinite writes it anyway)"
+        )
     return out, True
 
 

@@ -112,7 +112,9 @@ def scatter(sets: dict, path: str, title: str | None = None) -> str:
                              squeeze=False, sharex=True, sharey=True)
     for ax, (label, points) in zip(axes[0], arrays.items()):
         ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5, linewidths=0)
-        ax.set(xlim=(low[0] - pad[0], high[0] + pad[0]), ylim=(low[1] - pad[1], high[1] + pad[1]), title=label)
+        ax.set(
+            xlim=(low[0] - pad[0], high[0] + pad[0]), ylim=(low[1] - pad[1], high[1] + pad[1]), title=label
+        )
         ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=9)

@@ -84,12 +84,15 @@ def compute(records: list[dict], summary: dict, model_conf, sampler, paths: list
     (module docstring). Unknown numbers are None."""
     run_dir = os.path.dirname(paths[0])
     synthetic_images = _synthetic_num(run_dir)
-    every = sum(r["num"] for r in records)  # a point scored twice (a final point redone for IS) was generated twice
+    # a point scored twice (a final point redone for IS) was generated twice
+    every = sum(r["num"] for r in records)
     selection, final = summary.selection_images, summary.final.images if summary.final else 0
     generated = every + (synthetic_images or 0)
     run_images = max((finetune.images_seen(p) or 0 for p in finetune.snapshots(run_dir)), default=0) or None
     chosen = finetune.images_seen(summary.snapshot) if summary.snapshot != sweep.BASE else 0
-    steps = next((getattr(sampler, f) for f in STEP_FIELDS if isinstance(getattr(sampler, f, None), int)), None)
+    steps = next(
+        (getattr(sampler, f) for f in STEP_FIELDS if isinstance(getattr(sampler, f, None), int)), None
+    )
     result = {"synthetic_images": synthetic_images, "selection_images": selection, "final_images": final,
               "other_images": every - selection - final, "generated_images": generated,
               "finetune_images": run_images, "chosen_snapshot_images": chosen,
@@ -114,24 +117,33 @@ def table(result: dict) -> str:
     and the pictures."""
     s, c = result["summary"], result["compute"]
     cfg = "" if s.cfg is None else f", cfg {s.cfg:g}"
-    lines = [f"search {s.search}: chosen {_name(s.snapshot)}, w {s.w:+g}{cfg}: FID {_num(s.fid)} at n = {s.num:,}",
-             "evidence: " + "; ".join(f"{e['points']} points at n = {e['n']:,}" for e in s.evidence)]
+    lines = [
+        f"search {s.search}: chosen {_name(s.snapshot)}, w {s.w:+g}{cfg}: FID {_num(s.fid)} at n = {s.num:,}",
+        "evidence: " + "; ".join(f"{e['points']} points at n = {e['n']:,}" for e in s.evidence),
+    ]
     final = s.final
     if final is not None:
         ranges = final.seeds
-        lines += ["", f"final report: {len(ranges)} seed range{'s' if len(ranges) > 1 else ''} of "
-                      f"{ranges[0][1]:,} samples from seed {ranges[0][0]:,}",
-                  f"compared: the base at its own cfg ({_cfg(final.base_cfg)}) and Neon at the chosen point "
-                  f"({_name(s.snapshot)}, w {s.w:+g}, cfg {_cfg(final.cfg)}), on the same seed ranges",
-                  f"{'metric':<10} {'base, cfg ' + _cfg(final.base_cfg):>30} {'neon, cfg ' + _cfg(final.cfg):>30}"]
+        lines += [
+            "",
+            f"final report: {len(ranges)} seed range{'s' if len(ranges) > 1 else ''} of "
+            f"{ranges[0][1]:,} samples from seed {ranges[0][0]:,}",
+            f"compared: the base at its own cfg ({_cfg(final.base_cfg)}) and Neon at the chosen point "
+            f"({_name(s.snapshot)}, w {s.w:+g}, cfg {_cfg(final.cfg)}), on the same seed ranges",
+            f"{'metric':<10} {'base, cfg ' + _cfg(final.base_cfg):>30} {'neon, cfg ' + _cfg(final.cfg):>30}",
+        ]
         for metric in sweep.METRICS:
             if metric in final.base or metric in final.neon:
-                lines.append(f"{metric:<10} {_cell(final.base.get(metric)):>30} {_cell(final.neon.get(metric)):>30}")
+                lines.append(
+                    f"{metric:<10} {_cell(final.base.get(metric)):>30} {_cell(final.neon.get(metric)):>30}"
+                )
         pair = final.paired.get("fid")
         if pair is not None and pair.low is not None:
-            lines.append(f"neon − base, paired by range: FID {pair.mean:+.4g} ± {pair.sd:.2g}, 95% interval "
-                         f"[{pair.low:+.4g}, {pair.high:+.4g}], {pair.improved} of {len(pair.differences)} ranges "
-                         f"improved: {final.verdict}")
+            lines.append(
+                f"neon − base, paired by range: FID {pair.mean:+.4g} ± {pair.sd:.2g}, 95% interval "
+                f"[{pair.low:+.4g}, {pair.high:+.4g}], {pair.improved} of {len(pair.differences)} ranges "
+                f"improved: {final.verdict}"
+            )
         if final.gain is not None:
             verdict = ("(one range: no spread)" if final.spread is None else
                        f"{'exceeds' if final.gain_exceeds_spread else 'does not exceed'} the spread "
@@ -140,19 +152,26 @@ def table(result: dict) -> str:
     else:
         lines += ["", "final report: none (sweep.final_num is 0)"]
     other = f" + {c['other_images']:,} (other results)" if c["other_images"] else ""
-    lines += ["", "compute:",
-              f"  generated: {_count(c['synthetic_images'])} (S) + {c['selection_images']:,} (selection) + "
-              f"{c['final_images']:,} (final){other} = {c['generated_images']:,} images",
-              f"  fine-tuned: {_count(c['finetune_images'])} images (the run), {_count(c['chosen_snapshot_images'])} "
-              f"(the chosen snapshot)"]
+    lines += [
+        "",
+        "compute:",
+        f"  generated: {_count(c['synthetic_images'])} (S) + {c['selection_images']:,} (selection) + "
+        f"{c['final_images']:,} (final){other} = {c['generated_images']:,} images",
+        f"  fine-tuned: {_count(c['finetune_images'])} images (the run), "
+        f"{_count(c['chosen_snapshot_images'])} "
+        f"(the chosen snapshot)",
+    ]
     if c["base_training_images"]:
         steps = (f"{c['steps_per_image']} per generated image (the sampler's steps)" if c["steps_per_image"]
                  else "1 per generated image (a lower bound: the sampler names no steps)")
-        lines += [f"  base training: {c['base_training_images']:,} images (model.base_training_images)",
-                  f"  fine-tune: {_pct(c['finetune_percent'])} of the base's training images (chosen snapshot), "
-                  f"{_pct(c['finetune_run_percent'])} (the whole run)",
-                  f"  whole Neon run: {c['forward_passes']:,.0f} forward passes = {_pct(c['forward_percent'])} of the "
-                  f"base's training ({TRAIN_PASSES} per training image, {steps})"]
+        lines += [
+            f"  base training: {c['base_training_images']:,} images (model.base_training_images)",
+            f"  fine-tune: {_pct(c['finetune_percent'])} of the base's training images (chosen snapshot), "
+            f"{_pct(c['finetune_run_percent'])} (the whole run)",
+            f"  whole Neon run: {c['forward_passes']:,.0f} forward passes = "
+            f"{_pct(c['forward_percent'])} of the "
+            f"base's training ({TRAIN_PASSES} per training image, {steps})",
+        ]
     else:
         lines.append("  base training: unknown (set model.base_training_images); counted in images only")
     lines += ["", "pictures: " + ", ".join(p for p in result["pictures"].values() if p)] + result["notes"]
@@ -168,7 +187,9 @@ def _fid_vs_w(records, conf, paths, summary, out) -> str:
             if len(ws) > 1 or (ws and ws != [0.0]):
                 curves[f"{_name(path)}" + (f" (n = {n:,})" if len(ns) > 1 else "")] = (ws, _nan(fids))
     cfg = "" if summary.cfg is None else f", cfg {summary.cfg:g}"
-    return plots.fid_vs_w(curves, os.path.join(out, "fid_vs_w.png"), title=f"FID against w ({conf.search}{cfg})")
+    return plots.fid_vs_w(
+        curves, os.path.join(out, "fid_vs_w.png"), title=f"FID against w ({conf.search}{cfg})"
+    )
 
 
 def _fid_w_cfg(records, conf, paths, summary, out) -> str:
@@ -215,7 +236,9 @@ def _samples(fam, model_conf, sampler, conf, summary, out, model=None) -> str:
 def _resolved(sweep_dir: str) -> dict:
     path = os.path.join(sweep_dir, RESOLVED)
     if not os.path.exists(path):
-        raise NeonError(f"{sweep_dir} holds no {RESOLVED}: neon report reads the recipe `neon sweep` wrote there")
+        raise NeonError(
+            f"{sweep_dir} holds no {RESOLVED}: neon report reads the recipe `neon sweep` wrote there"
+        )
     raw = config.load_yaml(path)
     if not raw.get("family"):
         raise NeonError(f"{path} names no family")
@@ -225,7 +248,9 @@ def _resolved(sweep_dir: str) -> dict:
 def _synthetic_num(run_dir: str) -> int | None:
     """The number of samples of the synthetic set the run in `run_dir` was fine-tuned on, or None."""
     resolved = os.path.join(run_dir, RESOLVED)
-    data = (config.load_yaml(resolved).get("finetune") or {}).get("data") if os.path.exists(resolved) else None
+    data = (
+        (config.load_yaml(resolved).get("finetune") or {}).get("data") if os.path.exists(resolved) else None
+    )
     if not data or not os.path.exists(os.path.join(data, synthetic.MANIFEST)):
         return None
     return synthetic.load_manifest(data)["num"]
@@ -234,7 +259,11 @@ def _synthetic_num(run_dir: str) -> int | None:
 def _cell(stats) -> str:
     if stats is None or stats.mean is None:
         return "-"
-    return f"{stats.mean:.4g}" + (f" ± {stats.sd:.2g}" if stats.sd is not None else "") + f" (min {stats.min:.4g})"
+    return (
+        f"{stats.mean:.4g}"
+        + (f" ± {stats.sd:.2g}" if stats.sd is not None else "")
+        + f" (min {stats.min:.4g})"
+    )
 
 
 def _cfg(value) -> str:

@@ -81,9 +81,14 @@ def grid(spec) -> list[float]:
             values = [float(v) for v in spec]
         elif ":" in spec:
             start, stop, step = (float(v) for v in spec.split(":"))
-            if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step)) or step <= 0 or stop < start:
+            if (
+                not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step))
+                or step <= 0
+                or stop < start
+            ):
                 raise ValueError
-            if max(abs(start), abs(stop)) > MAX_W:  # before counting: a huge range would read as too many points
+            # before counting: a huge range would read as too many points
+            if (max(abs(start), abs(stop)) > MAX_W):
                 raise NeonError(f"{bad}: |w| must be at most {MAX_W:g}")
             count = (stop - start) / step + 1
             if not count <= MAX_POINTS:
@@ -128,8 +133,17 @@ def _neighbours(x: float, step: float, is_w: bool) -> list[float]:
     return [v for v in out if (v != 0 and v * x > 0 if is_w else v > 0)]
 
 
-def search(strategy: str, snapshots: Sequence[str], ws: Sequence[float], cfgs: Sequence, num: int,
-           screen: int, keep: float, start_cfg=None, refine: float | None = None) -> Generator[tuple, float, Choice]:
+def search(
+    strategy: str,
+    snapshots: Sequence[str],
+    ws: Sequence[float],
+    cfgs: Sequence,
+    num: int,
+    screen: int,
+    keep: float,
+    start_cfg=None,
+    refine: float | None = None,
+) -> Generator[tuple, float, Choice]:
     """Generator: choose a point of the grid `snapshots` × `ws` × `cfgs` (cfgs [None] when cfg is not
     searched) by `strategy` with successive halving from n = `screen` to n = `num`, then `refine`
     (module docstring). Yields (snapshot, w, cfg, n); receives the FID of each; returns the `Choice`.
@@ -144,7 +158,9 @@ def search(strategy: str, snapshots: Sequence[str], ws: Sequence[float], cfgs: S
     elif strategy == "brent":
         for s in snapshots:
             for c in cfgs:
-                yield from _line(line_ws, line_ws.index(0.0), lambda i: scores.ask(point(s, line_ws[i], c), screen))
+                yield from _line(
+                    line_ws, line_ws.index(0.0), lambda i: scores.ask(point(s, line_ws[i], c), screen)
+                )
     else:
         c0 = start_cfg if start_cfg in cfgs else sorted(cfgs, key=_order)[(len(cfgs) - 1) // 2]
         for s in snapshots:
@@ -166,8 +182,12 @@ def search(strategy: str, snapshots: Sequence[str], ws: Sequence[float], cfgs: S
         near_c = [c] + (_neighbours(c, refine, False) if c is not None else [])
         for p in [point(s, a, b) for a in near_w for b in near_c][1:]:
             yield from scores.ask(p, num)
-        base = min(((p, f) for p, f in scores.at(num) if p[0] == BASE), key=lambda item: item[1], default=None)
-        for b in _neighbours(base[0][2], refine, False) if base is not None and base[0][2] is not None else []:
+        base = min(
+            ((p, f) for p, f in scores.at(num) if p[0] == BASE), key=lambda item: item[1], default=None
+        )
+        for b in (
+            _neighbours(base[0][2], refine, False) if base is not None and base[0][2] is not None else []
+        ):
             yield from scores.ask(point(BASE, 0.0, b), num)
     best, fid = min(scores.at(num), key=lambda item: item[1])
     base = min(((p, f) for p, f in scores.at(num) if p[0] == BASE), key=lambda item: item[1], default=None)
@@ -297,7 +317,9 @@ def _quadratic(ws, cfgs, known: dict, best: tuple) -> tuple | None:
     if np.linalg.matrix_rank(design) < 6 or np.any(np.linalg.eigvalsh(hessian) <= 0):
         return None
     grid_w, grid_c = np.meshgrid(np.array(ws, dtype=float), np.array(cfgs, dtype=float), indexing="ij")
-    predicted = np.stack([np.ones_like(grid_w), grid_w, grid_c, grid_w ** 2, grid_w * grid_c, grid_c ** 2], -1) @ coef
+    predicted = (
+        np.stack([np.ones_like(grid_w), grid_w, grid_c, grid_w**2, grid_w * grid_c, grid_c**2], -1) @ coef
+    )
     return tuple(int(i) for i in np.unravel_index(np.argmin(predicted), predicted.shape))
 
 

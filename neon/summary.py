@@ -23,7 +23,8 @@ class FinalReport:
     seeds: list[list[int]]  # [first seed, samples] per range.
     base_cfg: float | None  # The base's cfg: its own best on the selection, or sweep.base_cfg.
     cfg: float | None  # The cfg Neon was scored at (the chosen point's).
-    base: dict[str, evaluate.Stats]  # Per metric scored (fid, sweep.METRICS where asked, `extra`'s), over the ranges.
+    # Per metric scored (fid, sweep.METRICS where asked, `extra`'s), over the ranges.
+    base: dict[str, evaluate.Stats]
     neon: dict[str, evaluate.Stats]
     paired: dict[str, evaluate.Paired | None]
     """Per metric, neon − base range by range (None until both sides have every range)."""
@@ -61,23 +62,43 @@ def summary(records: list[dict], conf, paths: list[str] | None = None) -> Summar
     evidence, the images the selection generated and, with a final report, its statistics."""
     best = sweep.best_point(records, conf, paths)
     scored = sweep.selection(records, conf, paths)
-    evidence = [{"n": n, "points": sum(r["num"] == n for r in scored),
-                 "best": [[r["snapshot"], r["w"], r["cfg"], r["fid"]]
-                          for r in sorted((r for r in scored if r["num"] == n), key=sweep.record_fid)[:EVIDENCE]]}
-                for n in sorted({r["num"] for r in scored})]
-    return Summary(search=conf.search, snapshot=best["snapshot"], w=best["w"], cfg=best["cfg"],
-                   base_cfg=sweep.base_cfg(records, conf, paths), fid=best["fid"],
-                   num=conf.num, evidence=evidence, selection_images=sum(r["num"] for r in scored),
-                   final=_final(records, conf, best, sweep.base_cfg(records, conf, paths)) if conf.final_num else None,
-                   results=os.path.join(sweep.output_dir(conf), sweep.RESULTS))
+    evidence = [
+        {
+            "n": n,
+            "points": sum(r["num"] == n for r in scored),
+            "best": [
+                [r["snapshot"], r["w"], r["cfg"], r["fid"]]
+                for r in sorted((r for r in scored if r["num"] == n), key=sweep.record_fid)[:EVIDENCE]
+            ],
+        }
+        for n in sorted({r["num"] for r in scored})
+    ]
+    return Summary(
+        search=conf.search,
+        snapshot=best["snapshot"],
+        w=best["w"],
+        cfg=best["cfg"],
+        base_cfg=sweep.base_cfg(records, conf, paths),
+        fid=best["fid"],
+        num=conf.num,
+        evidence=evidence,
+        selection_images=sum(r["num"] for r in scored),
+        final=_final(records, conf, best, sweep.base_cfg(records, conf, paths)) if conf.final_num else None,
+        results=os.path.join(sweep.output_dir(conf), sweep.RESULTS),
+    )
 
 
 def _final(records: list[dict], conf, best: dict, base_cfg_) -> FinalReport:
     """The final report's statistics (`FinalReport`): the base at `base_cfg_`, Neon at the chosen point."""
     latest = {sweep.record_key(r): r for r in records}
     sides, used = {}, {}
-    for name, (snapshot, w, c) in (("base", (sweep.BASE, 0.0, base_cfg_)), ("neon", (best["snapshot"], best["w"], best["cfg"]))):
-        keys = [sweep.record_key(sweep.record_point(conf, snapshot, w, c, seeds)) for seeds in conf.final_ranges()]
+    for name, (snapshot, w, c) in (
+        ("base", (sweep.BASE, 0.0, base_cfg_)),
+        ("neon", (best["snapshot"], best["w"], best["cfg"])),
+    ):
+        keys = [
+            sweep.record_key(sweep.record_point(conf, snapshot, w, c, seeds)) for seeds in conf.final_ranges()
+        ]
         sides[name] = [latest.get(k) for k in keys]
         used.update((k, latest[k]["num"]) for k in keys if k in latest)
     stats, comparisons = {"base": {}, "neon": {}}, {}
@@ -88,17 +109,28 @@ def _final(records: list[dict], conf, best: dict, base_cfg_) -> FinalReport:
         for name in stats:
             stats[name][metric] = evaluate.summarize([v for v in values[name] if v is not None])
         complete = all(r is not None and r.get(metric) is not None for rows in sides.values() for r in rows)
-        comparisons[metric] = (evaluate.paired([r[metric] for r in sides["neon"]], [r[metric] for r in sides["base"]])
-                               if complete else None)
+        comparisons[metric] = (
+            evaluate.paired([r[metric] for r in sides["neon"]], [r[metric] for r in sides["base"]])
+            if complete
+            else None
+        )
     fid_pair = comparisons["fid"]
     gain = -fid_pair.mean if fid_pair is not None else None
     spread = (max(stats["base"]["fid"].sd, stats["neon"]["fid"].sd)
               if fid_pair is not None and conf.final_seeds > 1 else None)
-    return FinalReport(seeds=[list(seeds) for seeds in conf.final_ranges()], base_cfg=base_cfg_, cfg=best["cfg"],
-                       base=stats["base"], neon=stats["neon"],
-                       paired=comparisons, images=sum(used.values()), gain=gain, spread=spread,
-                       gain_exceeds_spread=None if spread is None else bool(gain > spread),
-                       verdict=evaluate.verdict(fid_pair) if fid_pair is not None else None)
+    return FinalReport(
+        seeds=[list(seeds) for seeds in conf.final_ranges()],
+        base_cfg=base_cfg_,
+        cfg=best["cfg"],
+        base=stats["base"],
+        neon=stats["neon"],
+        paired=comparisons,
+        images=sum(used.values()),
+        gain=gain,
+        spread=spread,
+        gain_exceeds_spread=None if spread is None else bool(gain > spread),
+        verdict=evaluate.verdict(fid_pair) if fid_pair is not None else None,
+    )
 
 
 
@@ -106,5 +138,16 @@ def _extra_metrics(records) -> tuple[str, ...]:
     """Numeric keys of `records` that are neither sweep.METRICS nor a record's own fields: the metrics an
     `extra` added (`neon.evaluate.Metrics.extra`), sorted."""
     fields = {"snapshot", "w", "cfg", "num", "seeds", "sampler", "seconds", "real", "nonfinite"}
-    return tuple(sorted({k for r in records for k, v in r.items() if k not in fields and k not in sweep.METRICS
-                         and isinstance(v, (int, float)) and not isinstance(v, bool)}))
+    return tuple(
+        sorted(
+            {
+                k
+                for r in records
+                for k, v in r.items()
+                if k not in fields
+                and k not in sweep.METRICS
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+            }
+        )
+    )

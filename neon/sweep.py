@@ -94,7 +94,9 @@ class SweepConfig:
         if self.num < 2 or self.final_num < 0 or self.batch_size <= 0:
             raise NeonError("sweep.num must be >= 2, sweep.final_num >= 0 and sweep.batch_size > 0")
         if self.search not in search.STRATEGIES:
-            raise NeonError(f"sweep.search must be one of {', '.join(search.STRATEGIES)}, got {self.search!r}")
+            raise NeonError(
+                f"sweep.search must be one of {', '.join(search.STRATEGIES)}, got {self.search!r}"
+            )
         if self.screen_num is not None and not 2 <= self.screen_num <= self.num:
             raise NeonError(f"sweep.screen_num must be in [2, sweep.num = {self.num}], got {self.screen_num}")
         if not 0 < self.screen_keep <= 1:
@@ -102,9 +104,13 @@ class SweepConfig:
         if self.final_seeds < 1:
             raise NeonError(f"sweep.final_seeds must be >= 1, got {self.final_seeds}")
         end = self.final_seed_base + self.final_seeds * self.final_num
-        if self.final_num and not (self.final_seed_base >= self.seed_base + self.num or end <= self.seed_base):
-            raise NeonError(f"sweep: the final seed ranges [{self.final_seed_base}, {end}) overlap the selection "
-                            f"seed range [{self.seed_base}, {self.seed_base + self.num})")
+        if self.final_num and not (
+            self.final_seed_base >= self.seed_base + self.num or end <= self.seed_base
+        ):
+            raise NeonError(
+                f"sweep: the final seed ranges [{self.final_seed_base}, {end}) overlap the selection "
+                f"seed range [{self.seed_base}, {self.seed_base + self.num})"
+            )
         if (self.inception_score or self.precision_recall) and not self.final_num:
             raise NeonError("sweep.inception_score and sweep.precision_recall score the final report: "
                             "set sweep.final_num")
@@ -136,7 +142,9 @@ class SweepConfig:
     def overrides(self) -> dict:
         """The sampler overrides every evaluation applies besides its cfg (a swept cfg replaces a
         `cfg` here), as recorded in results.jsonl: part of each result's key."""
-        return files.finite_json({k: v for k, v in sorted(self.sampler.items()) if not (k == "cfg" and self.cfg)})
+        return files.finite_json(
+            {k: v for k, v in sorted(self.sampler.items()) if not (k == "cfg" and self.cfg)}
+        )
 
 
 def run(family, model, base_path: str, sampler, conf: SweepConfig,
@@ -156,8 +164,17 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
         merge.check_self_trained(thetas.base, thetas.of(path), path)
     cache = {record_key(r): r for r in load_results(out)}
     start_cfg = conf.sampler.get("cfg", getattr(sampler, "cfg", None))  # the evaluation sampler's own
-    steps = search.search(conf.search, paths, search.grid(conf.w), conf.cfg or [None], conf.num, conf.screen(),
-                          conf.screen_keep, start_cfg, conf.refine)
+    steps = search.search(
+        conf.search,
+        paths,
+        search.grid(conf.w),
+        conf.cfg or [None],
+        conf.num,
+        conf.screen(),
+        conf.screen_keep,
+        start_cfg,
+        conf.refine,
+    )
     value, done = None, 0
     yield Progress(done, None, "eval")
     while True:
@@ -177,7 +194,8 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
         best = best_point(records, conf, paths)
         sides = [(BASE, 0.0, base_cfg(records, conf, paths)), (best["snapshot"], best["w"], best["cfg"])]
         asked = _asked(conf)
-        finished = {record_key(r) for r in records if asked <= set(r)}  # a final point lacking an asked metric is redone
+        # a final point lacking an asked metric is redone
+        finished = {record_key(r) for r in records if asked <= set(r)}
         final_metrics = None  # real features are read once, and only when a final point needs them
         for seeds in conf.final_ranges():
             for snapshot, w, c in sides[:1] if sides[0] == sides[1] else sides:
@@ -185,8 +203,12 @@ def run(family, model, base_path: str, sampler, conf: SweepConfig,
                     if final_metrics is None:
                         real = (score.real_features(conf.precision_recall, fid_conf, conf.extras())
                                 if conf.precision_recall else None)
-                        final_metrics = dataclasses.replace(metrics, inception_score=conf.inception_score, real=real,
-                                                            extras=frozenset(conf.extras()))
+                        final_metrics = dataclasses.replace(
+                            metrics,
+                            inception_score=conf.inception_score,
+                            real=real,
+                            extras=frozenset(conf.extras()),
+                        )
                     record = _evaluate(family, model, thetas, snapshot, w, c, seeds, sampler, conf,
                                        final_metrics, out)
                     done += 1
@@ -202,7 +224,8 @@ class _Thetas:
 
     def __init__(self, family, base_path: str):
         self.family = family
-        self.base = neon_family.read_checkpoint(family, base_path, mmap=True).weights  # (.pt only: others are read)
+        # (.pt only: others are read)
+        self.base = neon_family.read_checkpoint(family, base_path, mmap=True).weights
         self.path, self.weights = None, None
 
     def of(self, snapshot: str):
@@ -210,7 +233,10 @@ class _Thetas:
             return None
         if snapshot != self.path:
             self.path, self.weights = None, None  # drop the last mapping before the next one is made
-            self.path, self.weights = snapshot, neon_family.read_checkpoint(self.family, snapshot, mmap=True).weights
+            self.path, self.weights = (
+                snapshot,
+                neon_family.read_checkpoint(self.family, snapshot, mmap=True).weights,
+            )
         return self.weights
 
 
@@ -303,14 +329,25 @@ def _evaluate(family, model, thetas: _Thetas, snapshot, w, c, seeds, sampler, co
 
 def record_point(conf: SweepConfig, snapshot: str, w: float, c, seeds: tuple[int, int]) -> dict:
     """The key fields of a record."""
-    return {"snapshot": snapshot, "w": w, "cfg": c, "num": seeds[1], "seeds": list(seeds), "sampler": conf.overrides()}
+    return {
+        "snapshot": snapshot,
+        "w": w,
+        "cfg": c,
+        "num": seeds[1],
+        "seeds": list(seeds),
+        "sampler": conf.overrides(),
+    }
 
 
 def _asked(conf: SweepConfig) -> set[str]:
     """The metric keys a final record must hold."""
     extras = conf.extras()
-    return (({"is"} if conf.inception_score else set()) | ({"precision"} if conf.precision_recall else set())
-            | ({"fd_dinov2"} if "fd_dinov2" in extras else set()) | ({"density"} if "prdc" in extras else set()))
+    return (
+        ({"is"} if conf.inception_score else set())
+        | ({"precision"} if conf.precision_recall else set())
+        | ({"fd_dinov2"} if "fd_dinov2" in extras else set())
+        | ({"density"} if "prdc" in extras else set())
+    )
 
 
 def record_key(record: dict) -> tuple:

@@ -93,9 +93,15 @@ def write(family, model, sampler, conf: SyntheticConfig, base_sha256: str) -> It
         raise NeonError("synthetic.out (--out) is required")
     num_shards = -(-conf.num // conf.shard_size)
     settings = {
-        "family": family.name, "base_sha256": base_sha256, "sampler": _plain(sampler),
-        "num": conf.num, "labels": conf.labels, "num_classes": model.num_classes if conf.labels == "balanced" else 0,
-        "seed_base": conf.seed_base, "shard_size": conf.shard_size, "batch_size": conf.batch_size,
+        "family": family.name,
+        "base_sha256": base_sha256,
+        "sampler": _plain(sampler),
+        "num": conf.num,
+        "labels": conf.labels,
+        "num_classes": model.num_classes if conf.labels == "balanced" else 0,
+        "seed_base": conf.seed_base,
+        "shard_size": conf.shard_size,
+        "batch_size": conf.batch_size,
     }
     manifest = _start(conf.out, settings)
     labels = balanced_labels(conf.num, settings["num_classes"], conf.seed_base)
@@ -139,7 +145,10 @@ def write(family, model, sampler, conf: SyntheticConfig, base_sha256: str) -> It
 
 def _write_shard(family, model, sampler, conf, labels, j) -> tuple[str, str, list]:
     start, stop = j * conf.shard_size, min((j + 1) * conf.shard_size, conf.num)
-    parts = [draw(family, model, sampler, idx, labels, conf.seed_base) for idx in batches(start, stop, conf.batch_size)]
+    parts = [
+        draw(family, model, sampler, idx, labels, conf.seed_base)
+        for idx in batches(start, stop, conf.batch_size)
+    ]
     samples = torch.cat(parts)
     if samples.is_floating_point() and not torch.isfinite(samples).all():
         bad = (~torch.isfinite(samples.flatten(1))).any(1).nonzero().flatten()
@@ -226,8 +235,13 @@ def read(directory: str, verify: bool = True) -> SyntheticSet:
     if verify:
         _verify(directory, manifest, names)
     if not names:
-        return SyntheticSet(directory, manifest, [np.empty((0, 2), np.float32)], torch.empty(0, dtype=torch.int64),
-                            torch.empty(0, dtype=torch.int64))
+        return SyntheticSet(
+            directory,
+            manifest,
+            [np.empty((0, 2), np.float32)],
+            torch.empty(0, dtype=torch.int64),
+            torch.empty(0, dtype=torch.int64),
+        )
     arrays, labels, seeds = [], [], []
     for name in names:
         path = os.path.join(directory, name)
@@ -270,7 +284,9 @@ def _shard_names(directory: str, manifest: dict) -> list[str]:
 def _verify(directory: str, manifest: dict, names: list[str]) -> None:
     """Collective: check every shard's sha256 against the manifest, once (see `read`)."""
     stamp = _read_stamp(directory)
-    todo = [name for name in names if stamp.get(name) != _fingerprint(directory, name, manifest["shards"][name])]
+    todo = [
+        name for name in names if stamp.get(name) != _fingerprint(directory, name, manifest["shards"][name])
+    ]
     checked = []
     for name in log.progress(distributed.shard(todo), unit="shard", desc="sha256"):
         path = os.path.join(directory, name)
@@ -283,7 +299,9 @@ def _verify(directory: str, manifest: dict, names: list[str]) -> None:
     results = [item for part in distributed.gather_objects(checked) for item in part]
     problems = [problem for _, problem in results if problem]
     if problems:
-        raise NeonError(problems[0] + (f" (and {len(problems) - 1} more shards)" if len(problems) > 1 else ""))
+        raise NeonError(
+            problems[0] + (f" (and {len(problems) - 1} more shards)" if len(problems) > 1 else "")
+        )
     if todo and distributed.is_main():
         _stamp(directory, {name: manifest["shards"][name] for name, _ in results})
     distributed.barrier()
@@ -345,7 +363,9 @@ def _check_manifest(path: str, manifest) -> None:
     if not isinstance(manifest.get("shard_size"), int) or manifest["shard_size"] <= 0:
         bad("shard_size", "a positive integer")
     shards = manifest.get("shards")
-    if not isinstance(shards, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in shards.items()):
+    if not isinstance(shards, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in shards.items()
+    ):
         bad("shards", "a mapping of shard names to sha256 digests")
     expected = {_shard_name(j) for j in range(-(-manifest["num"] // manifest["shard_size"]))}
     strays = sorted(set(shards) - expected)
@@ -354,7 +374,9 @@ def _check_manifest(path: str, manifest) -> None:
     if not isinstance(manifest.get("family"), str):
         bad("family", "a family name")
     shape = manifest.get("sample_shape")
-    if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)):
+    if shape is not None and not (
+        isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)
+    ):
         bad("sample_shape", "a list of positive integers")
 
 

@@ -123,13 +123,18 @@ def _selection_line(conf: sweep.SweepConfig, ft: finetune.FinetuneConfig | None)
     else:
         count = len(finetune.snapshots(conf.self_trained or "")) or 1
     ws, cfgs = search.grid(conf.w), conf.cfg or [None]
-    most = search.max_images(conf.search, count, ws, cfgs, conf.num, conf.screen(), conf.screen_keep, conf.refine)
+    most = search.max_images(
+        conf.search, count, ws, cfgs, conf.num, conf.screen(), conf.screen_keep, conf.refine
+    )
     full = search.max_images("grid", count, ws, cfgs, conf.num, conf.num, conf.screen_keep)
     refine = f" + refine {conf.refine:g}" if conf.refine else ""
     halving = f" + halving at n = {conf.screen():,}" if conf.screen() < conf.num else ""
     reachable = search.refined(conf.cfg, conf.refine) if conf.cfg else None
-    return (f"# selection: {conf.search}{halving}{refine} over {count} snapshots: at most {most:,} images, "
-            f"full grid {full:,} ({most / full:.3f} of it)" + (f"; cfg reachable: {reachable}" if reachable else ""))
+    return (
+        f"# selection: {conf.search}{halving}{refine} over {count} snapshots: at most {most:,} images, "
+        f"full grid {full:,} ({most / full:.3f} of it)"
+        + (f"; cfg reachable: {reachable}" if reachable else "")
+    )
 
 
 def cmd_fid_stats(raw: dict, dry_run: bool) -> None:
@@ -149,7 +154,13 @@ def cmd_fid(raw: dict, dry_run: bool) -> None:
     _need({"--images": raw["images"], "--ref": raw["ref"]})
     metrics = raw["metrics"] or ["fid"]
     score.check_metrics(metrics, raw["pr"], "--metrics", "--pr REAL_SRC")
-    _say(_json(progress.drain(fid.evaluate(raw["images"], raw["ref"], conf, raw["is"], raw["pr"], metrics), "fid")))
+    _say(
+        _json(
+            progress.drain(
+                fid.evaluate(raw["images"], raw["ref"], conf, raw["is"], raw["pr"], metrics), "fid"
+            )
+        )
+    )
 
 
 def cmd_diagnose(raw: dict, dry_run: bool) -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from neon import synthetic
-from neon.io import checkpoint
 from neon.family import write_checkpoint
+from neon.io import checkpoint
 from neon.metrics import inception
 from neon.toy import appendix
 from neon.toy.family import ToySampler, family
@@ -59,8 +59,9 @@ def base_ckpt(tmp_path):
 @pytest.fixture
 def synthetic_set(tmp_path, base_ckpt):
     """A complete 96-sample toy synthetic set in 4 shards."""
-    conf = synthetic.SyntheticConfig(out=str(tmp_path / "synthetic"), num=96, batch_size=16, shard_size=24,
-                                     labels="none")
+    conf = synthetic.SyntheticConfig(
+        out=str(tmp_path / "synthetic"), num=96, batch_size=16, shard_size=24, labels="none"
+    )
     for _ in synthetic.write(family, family.load(base_ckpt), ToySampler(zeta=1.1), conf, "sha"):
         pass
     return conf.out
@@ -82,13 +83,19 @@ class Crashing:
             if self.calls == self.n:
                 raise KeyboardInterrupt
             return attr(*args)
+
         return counted
 
 
 def run_neon(*args, env=None, cwd=None):
     """`python -m neon.cli ARGS` in a subprocess; returns CompletedProcess (text)."""
-    return subprocess.run([sys.executable, "-m", "neon.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd or REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "neon.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd or REPO,
+    )
 
 
 def smooth(n: int, seed: int) -> torch.Tensor:
@@ -99,7 +106,9 @@ def smooth(n: int, seed: int) -> torch.Tensor:
 
 def noise(n: int, seed: int) -> torch.Tensor:
     """uint8 [n,3,32,32] of uniform noise."""
-    return torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
 
 
 def inception_weights(tmp_path_factory) -> str:

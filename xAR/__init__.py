@@ -4,4 +4,4 @@ to ours."""
 
 from .models import AutoencoderKL, kl16, xAR, xar_base, xar_huge, xar_large
 
-__all__ = ['AutoencoderKL', 'kl16', 'xAR', 'xar_base', 'xar_huge', 'xar_large']
+__all__ = ["AutoencoderKL", "kl16", "xAR", "xar_base", "xar_huge", "xar_large"]

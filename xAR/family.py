@@ -31,10 +31,9 @@ import types
 
 import torch
 
-from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import Model, arch_kwargs, check_finite, load_built, preset_of, read_checkpoint
-
+from neon.io import checkpoint
 from xAR.loss import draw_flow_inputs, encode_images, flow_loss
 from xAR.models.vae import AutoencoderKL, Decoder, Encoder
 from xAR.models.xar import CHANNELS, GRID, NULL_CLASS, Rope2D, xAR
@@ -44,16 +43,36 @@ DEFAULT_CODEC = os.path.join("checkpoints", "kl16.ckpt")
 
 # Upstream's constructor kwargs as Neon's scripts build the models (dropout 0.1 is active while
 # fine-tuning; sampling runs in eval mode).
-_COMMON = {"img_size": 256, "vae_stride": 16, "patch_size": 1, "vae_embed_dim": 16, "class_num": 1000,
-           "label_drop_prob": 0.1, "attn_dropout": 0.1, "proj_dropout": 0.1, "mlp_ratio": 4.0}
+_COMMON = {
+    "img_size": 256,
+    "vae_stride": 16,
+    "patch_size": 1,
+    "vae_embed_dim": 16,
+    "class_num": 1000,
+    "label_drop_prob": 0.1,
+    "attn_dropout": 0.1,
+    "proj_dropout": 0.1,
+    "mlp_ratio": 4.0,
+}
 
 
 def _preset(width: int, depth: int, heads: int) -> dict:
-    return {**_COMMON, "encoder_embed_dim": width, "encoder_depth": depth, "encoder_num_heads": heads,
-            "decoder_embed_dim": width, "decoder_depth": depth, "decoder_num_heads": heads}
+    return {
+        **_COMMON,
+        "encoder_embed_dim": width,
+        "encoder_depth": depth,
+        "encoder_num_heads": heads,
+        "decoder_embed_dim": width,
+        "decoder_depth": depth,
+        "decoder_num_heads": heads,
+    }
 
 
-PRESETS = {"xar_base": _preset(768, 8, 12), "xar_large": _preset(1024, 16, 16), "xar_huge": _preset(1280, 20, 16)}
+PRESETS = {
+    "xar_base": _preset(768, 8, 12),
+    "xar_large": _preset(1024, 16, 16),
+    "xar_huge": _preset(1280, 20, 16),
+}
 
 # tiny(): width 32 (2 heads of 16), 1 + 1 blocks, 10 classes; a KL VAE with 32 base channels and one
 # downsampling, so 32 px images make the 16×16 latent grid.
@@ -83,10 +102,14 @@ class XARSampler:
 
     def __post_init__(self):
         if self.num_steps < 3:
-            raise NeonError(f"sampler: xAR needs num_steps >= 3, got {self.num_steps} "
-                            f"(upstream fails at 1 and duplicates its key/value cache at 2)")
+            raise NeonError(
+                f"sampler: xAR needs num_steps >= 3, got {self.num_steps} "
+                f"(upstream fails at 1 and duplicates its key/value cache at 2)"
+            )
         if self.precision not in PRECISIONS:
-            raise NeonError(f"sampler.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise NeonError(
+                f"sampler.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
 
 
 class XARNet(xAR):
@@ -118,8 +141,9 @@ class XARFamily:
                     module.reset_parameters()
         return _model(net, vae, TINY)
 
-    def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
-             codec: str | None = None) -> Model:
+    def load(
+        self, path: str, arch: str | None = None, device: torch.device | str = "cpu", codec: str | None = None
+    ) -> Model:
         container = read_checkpoint(self, path)
         weights = container.weights
         vae, stride = _load_vae(codec or DEFAULT_CODEC)
@@ -127,9 +151,11 @@ class XARFamily:
         if kwargs is None:  # a flat or wrapped upstream file: the weights say the rest, the VAE the geometry
             kwargs = {**infer_arch(weights, path), "img_size": GRID * stride, "vae_stride": stride}
         elif kwargs.get("img_size", 256) != GRID * stride or kwargs.get("vae_stride", 16) != stride:
-            raise NeonError(f"{path}: its xAR arch expects {kwargs.get('img_size', 256)} px images at stride "
-                            f"{kwargs.get('vae_stride', 16)}, but the VAE has stride {stride} "
-                            f"({GRID * stride} px); pass the matching --model.codec")
+            raise NeonError(
+                f"{path}: its xAR arch expects {kwargs.get('img_size', 256)} px images at stride "
+                f"{kwargs.get('vae_stride', 16)}, but the VAE has stride {stride} "
+                f"({GRID * stride} px); pass the matching --model.codec"
+            )
         try:
             with torch.device("meta"):
                 net = XARNet(**kwargs)
@@ -137,20 +163,29 @@ class XARFamily:
             raise NeonError(f"{path}: cannot build xAR with arch {kwargs}: {e}") from None
         return _model(load_built(net, weights, path, "xAR", device).float(), vae.to(device), kwargs)
 
-    def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: XARSampler) -> torch.Tensor:
+    def sample(
+        self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: XARSampler
+    ) -> torch.Tensor:
         net = model.net
         device = net.mask.device
         labels = _class_labels(labels, model.num_classes).to(device)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         dtype = PRECISIONS[sampler.precision]
-        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32,
-                                                    enabled=device.type == "cuda" and dtype is not None):
-            tokens = sample_tokens(net, labels, sampler.num_steps, sampler.cfg, randn=per_sample_randn(generators))
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                "cuda", dtype=dtype or torch.float32, enabled=device.type == "cuda" and dtype is not None
+            ),
+        ):
+            tokens = sample_tokens(
+                net, labels, sampler.num_steps, sampler.cfg, randn=per_sample_randn(generators)
+            )
             images = decode(model.codec, tokens)
-        return to_uint8(check_finite(images, 'xAR sampler'))
+        return to_uint8(check_finite(images, "xAR sampler"))
 
-    def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, model: Model, samples: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         """Flow-matching MSE of the batch: flips, then the posterior noise, then label drop, cell
         noise and times, all from `generator`; dropout draws from the global RNG."""
         net = model.net  # xAR, or the core's DDP wrapper of it
@@ -160,8 +195,14 @@ class XARFamily:
             x0 = encode_images(model.codec, samples, generator)
         drop, t, noise = draw_flow_inputs(len(x0), label_drop_prob, generator, device)
         # flow_loss calls `.velocity`; route it through net(...) so a DDP wrapper runs its forward.
-        return flow_loss(types.SimpleNamespace(velocity=net), x0, _class_labels(labels, model.num_classes).to(device),
-                         drop, t, noise)
+        return flow_loss(
+            types.SimpleNamespace(velocity=net),
+            x0,
+            _class_labels(labels, model.num_classes).to(device),
+            drop,
+            t,
+            noise,
+        )
 
     def full_size(self, ckpt: str | None, arch: str | None) -> Model:
         kwargs = preset_of(ckpt, arch, PRESETS, PAPER_FILES, "xAR")
@@ -183,11 +224,14 @@ def _model(net: XARNet, vae: AutoencoderKL, arch: dict) -> Model:
 
 
 def _class_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """int64 labels with −1 (and upstream's 1000) as the null class 1000; NeonError for others out of range."""
+    """int64 labels with −1 (and upstream's 1000) as the null class 1000; NeonError for others out of
+    range."""
     labels = labels.to(torch.int64)
     null = (labels == -1) | (labels == NULL_CLASS)
     if ((labels < 0) | (labels >= num_classes))[~null].any():
-        raise NeonError(f"class labels must be in [0, {num_classes}) for this xAR model, or -1 for the null class")
+        raise NeonError(
+            f"class labels must be in [0, {num_classes}) for this xAR model, or -1 for the null class"
+        )
     return torch.where(null, NULL_CLASS, labels)
 
 
@@ -218,10 +262,18 @@ def build_vae(config: dict) -> AutoencoderKL:
     with torch.device("meta"):
         vae = AutoencoderKL(config["embed_dim"], ch_mult, config["use_variational"])
         if (config["ch"], config["num_res_blocks"]) != (128, 2):
-            vae.encoder = Encoder(ch=config["ch"], ch_mult=ch_mult, num_res_blocks=config["num_res_blocks"],
-                                  z_channels=config["embed_dim"])
-            vae.decoder = Decoder(ch=config["ch"], ch_mult=ch_mult, num_res_blocks=config["num_res_blocks"],
-                                  z_channels=config["embed_dim"])
+            vae.encoder = Encoder(
+                ch=config["ch"],
+                ch_mult=ch_mult,
+                num_res_blocks=config["num_res_blocks"],
+                z_channels=config["embed_dim"],
+            )
+            vae.decoder = Decoder(
+                ch=config["ch"],
+                ch_mult=ch_mult,
+                num_res_blocks=config["num_res_blocks"],
+                z_channels=config["embed_dim"],
+            )
     return vae
 
 
@@ -230,17 +282,22 @@ def infer_vae(weights: dict[str, torch.Tensor], path: str = "codec") -> dict:
     ch 128, 2 res blocks)."""
     needed = ("encoder.conv_in.weight", "post_quant_conv.weight", "quant_conv.weight")
     if any(k not in weights for k in needed):
-        raise NeonError(f"{path} is not a KL VAE checkpoint (no {', '.join(k for k in needed if k not in weights)})")
+        raise NeonError(
+            f"{path} is not a KL VAE checkpoint (no {', '.join(k for k in needed if k not in weights)})"
+        )
     ch = weights["encoder.conv_in.weight"].shape[0]
     levels = sorted({int(k.split(".")[2]) for k in weights if k.startswith("encoder.down.")})
     blocks = {int(k.split(".")[4]) for k in weights if k.startswith("encoder.down.0.block.")}
     embed_dim = weights["post_quant_conv.weight"].shape[0]
     if not levels or not blocks or levels != list(range(len(levels))):
         raise NeonError(f"{path}: cannot read the VAE's levels from its weights")
-    return {"embed_dim": embed_dim,
-            "ch_mult": [weights[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels],
-            "ch": ch, "num_res_blocks": max(blocks) + 1,
-            "use_variational": weights["quant_conv.weight"].shape[0] == 2 * embed_dim}
+    return {
+        "embed_dim": embed_dim,
+        "ch_mult": [weights[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels],
+        "ch": ch,
+        "num_res_blocks": max(blocks) + 1,
+        "use_variational": weights["quant_conv.weight"].shape[0] == 2 * embed_dim,
+    }
 
 
 def _load_vae(path: str) -> tuple[AutoencoderKL, int]:
@@ -259,8 +316,14 @@ def _load_vae(path: str) -> tuple[AutoencoderKL, int]:
 def _reference_mask() -> torch.Tensor:
     """The block-causal mask every xAR builds (the smallest xAR that has one, built off the global RNG)."""
     with torch.random.fork_rng(devices=[]):
-        return xAR(encoder_embed_dim=4, encoder_depth=0, encoder_num_heads=1,
-                   decoder_embed_dim=4, decoder_depth=0, decoder_num_heads=1).mask
+        return xAR(
+            encoder_embed_dim=4,
+            encoder_depth=0,
+            encoder_num_heads=1,
+            decoder_embed_dim=4,
+            decoder_depth=0,
+            decoder_num_heads=1,
+        ).mask
 
 
 @functools.cache
@@ -286,8 +349,10 @@ def _restore_constant_buffers(net: XARNet, incompatible_keys) -> None:
                     loaded, value = getattr(module, buffer), getattr(reference, buffer)
                     gap = (loaded.float().cpu() - value).abs().max().item()
                     if not gap <= ROPE_TOLERANCE:
-                        raise NeonError(f"the xAR state dict's {name}.{buffer} differs from the RoPE table "
-                                        f"by {gap:.3g}; it is not an xAR checkpoint of this architecture")
+                        raise NeonError(
+                            f"the xAR state dict's {name}.{buffer} differs from the RoPE table "
+                            f"by {gap:.3g}; it is not an xAR checkpoint of this architecture"
+                        )
                     loaded.copy_(value)
         net.mask.copy_(_reference_mask())
 

@@ -27,8 +27,9 @@ def noisy_tokens(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> tupl
     return x_t.reshape(B, -1, CHANNELS), (eps - x).reshape(B, -1, CHANNELS)
 
 
-def flow_loss(model, x0: torch.Tensor, labels: torch.Tensor, drop: torch.Tensor, t: torch.Tensor,
-              noise: torch.Tensor) -> torch.Tensor:
+def flow_loss(
+    model, x0: torch.Tensor, labels: torch.Tensor, drop: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
     """Scalar float32 loss for supplied draws.
 
     x0 float32 [B, 16, 16, 16] clean latent (VAE sample × 0.2325); labels int64 [B] before dropout;
@@ -39,25 +40,28 @@ def flow_loss(model, x0: torch.Tensor, labels: torch.Tensor, drop: torch.Tensor,
     return (v - target).pow(2).mean(dim=(1, 2)).mean()
 
 
-def draw_flow_inputs(batch: int, label_drop_prob: float, generator: torch.Generator | None = None,
-                     device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw_flow_inputs(
+    batch: int, label_drop_prob: float, generator: torch.Generator | None = None, device=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(drop bool [B], t float32 [4B], noise float32 [4, B, 64, 16]) drawn from `generator` (torch's
     default CPU generator when None), on the generator's device, returned on `device`.
 
     Order: rand(B) < label_drop_prob; four randn(B, 64, 16), cell 0 first; randn(4B) in float64,
     t = float32(sigmoid) (logit-normal times).
     """
-    gen_device = generator.device if generator is not None else 'cpu'
+    gen_device = generator.device if generator is not None else "cpu"
     drop = torch.rand(batch, generator=generator, device=gen_device) < label_drop_prob
-    noise = torch.stack([torch.randn(batch, CELL, CHANNELS, generator=generator, device=gen_device)
-                         for _ in range(CELLS)])
+    noise = torch.stack(
+        [torch.randn(batch, CELL, CHANNELS, generator=generator, device=gen_device) for _ in range(CELLS)]
+    )
     z = torch.randn(CELLS * batch, generator=generator, device=gen_device, dtype=torch.float64)
     t = torch.sigmoid(z).float()
     return drop.to(device), t.to(device), noise.to(device)
 
 
-def training_loss(model, x0: torch.Tensor, labels: torch.Tensor,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def training_loss(
+    model, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """`flow_loss` with drop/t/noise from `draw_flow_inputs(B, model.label_drop_prob, generator)`.
     Dropout inside the network (attn_dropout, proj_dropout) draws from torch's global generator."""
     drop, t, noise = draw_flow_inputs(x0.shape[0], model.label_drop_prob, generator, x0.device)
@@ -76,7 +80,7 @@ def encode_images(vae, images: torch.Tensor, generator: torch.Generator | None =
     Each image is flipped horizontally with probability 1/2 (upstream's RandomHorizontalFlip); draws from
     `generator` (default CPU generator when None): first rand(B) for the flips, then the posterior noise.
     """
-    gen_device = generator.device if generator is not None else 'cpu'
+    gen_device = generator.device if generator is not None else "cpu"
     flip = (torch.rand(images.shape[0], generator=generator, device=gen_device) < 0.5).to(images.device)
     x = uint8_to_pm1(images)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)

@@ -26,16 +26,22 @@ from .models.xar import CELL, CELLS, CHANNELS, NULL_CLASS, to_latent
 
 def time_grid(num_steps: int) -> torch.Tensor:
     """float64 [num_steps + 1]: linspace(1, 0.04, num_steps), then 0."""
-    return torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    return torch.cat(
+        [torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
+    )
 
 
 def per_sample_randn(generators):
     """A `randn(shape, dtype)` for `sample_tokens` whose row i comes from generators[i] alone (drawn on
     that generator's device), so sample i's draws do not depend on the rest of the batch."""
+
     def randn(shape, dtype):
         if shape[0] != len(generators):
-            raise ValueError(f'a batch of {shape[0]} needs as many generators, got {len(generators)}')
-        return torch.stack([torch.randn(shape[1:], dtype=dtype, generator=g, device=g.device) for g in generators])
+            raise ValueError(f"a batch of {shape[0]} needs as many generators, got {len(generators)}")
+        return torch.stack(
+            [torch.randn(shape[1:], dtype=dtype, generator=g, device=g.device) for g in generators]
+        )
+
     return randn
 
 
@@ -51,8 +57,14 @@ def step_time_index(t: float, n: int, first: bool, device=None) -> torch.Tensor:
     return torch.full((n,), index, dtype=torch.long, device=device)
 
 
-def em_step(v: torch.Tensor, x: torch.Tensor, t_cur: float, t_next: float, scale: float,
-            eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def em_step(
+    v: torch.Tensor,
+    x: torch.Tensor,
+    t_cur: float,
+    t_next: float,
+    scale: float,
+    eps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One guided Euler–Maruyama update.
 
     v [2B, 64, 16] network velocity (conditional rows first); x float64 [B, 64, 16] state at t_cur; scale the
@@ -80,8 +92,10 @@ def sample_tokens(model, labels: torch.Tensor, num_steps: int, cfg: float, randn
     Returns float32 [B, 16, 16, 16], the latent at xAR scale (decode with `decode`).
     """
     if num_steps < 3:
-        raise ValueError(f'xAR sampling needs num_steps >= 3, got {num_steps} (upstream fails at 1 and '
-                         'duplicates its key/value cache at 2)')
+        raise ValueError(
+            f"xAR sampling needs num_steps >= 3, got {num_steps} (upstream fails at 1 and "
+            "duplicates its key/value cache at 2)"
+        )
     randn = randn or _default_randn
     device = model.mask.device
     labels = labels.to(device)
@@ -115,7 +129,8 @@ def sample_tokens(model, labels: torch.Tensor, num_steps: int, cfg: float, randn
 
 
 def decode(vae, tokens: torch.Tensor) -> torch.Tensor:
-    """xAR latent [B, 16, 16, 16] -> images [B, 3, 256, 256], roughly in [-1, 1] (`vae.decode(tokens/0.2325)`)."""
+    """xAR latent [B, 16, 16, 16] -> images [B, 3, 256, 256], roughly in [-1, 1]
+    (`vae.decode(tokens/0.2325)`)."""
     return vae.decode(tokens / LATENT_SCALE)
 
 

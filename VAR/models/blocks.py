@@ -1,4 +1,5 @@
-"""The transformer blocks of VAR: adaptive-LayerNorm self-attention blocks and the adaptive norm before the head.
+"""The transformer blocks of VAR: adaptive-LayerNorm self-attention blocks and the adaptive norm before
+the head.
 
 Mirrors `FoundationVision/VAR:models/basic_var.py` (and `DropPath` of `models/helpers.py`) @ 78b95394
 (MIT License, Copyright (c) 2024 FoundationVision). The code is written anew; submodule and parameter
@@ -18,7 +19,8 @@ from torch import nn
 
 class DropPath(nn.Module):
     """Stochastic depth: in training, zero a sample's whole branch with probability `drop_prob` and scale the
-    kept ones by 1/(1 - drop_prob). One `bernoulli_` draw [B, 1, ..] from torch's global generator per call."""
+    kept ones by 1/(1 - drop_prob). One `bernoulli_` draw [B, 1, ..] from torch's global generator per
+    call."""
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
@@ -32,7 +34,7 @@ class DropPath(nn.Module):
         return x * keep.div_(keep_prob)
 
     def extra_repr(self):
-        return f'drop_prob={self.drop_prob:g}'
+        return f"drop_prob={self.drop_prob:g}"
 
 
 class FFN(nn.Module):
@@ -41,7 +43,7 @@ class FFN(nn.Module):
     def __init__(self, in_features, hidden_features=None, out_features=None, drop=0.0):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features or in_features)
-        self.act = nn.GELU(approximate='tanh')
+        self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features or in_features, out_features or in_features)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
@@ -57,7 +59,9 @@ class SelfAttention(nn.Module):
     softmax scale is 1; otherwise the scale is 0.25/√c.
     """
 
-    def __init__(self, block_idx, embed_dim=768, num_heads=12, attn_drop=0.0, proj_drop=0.0, attn_l2_norm=False):
+    def __init__(
+        self, block_idx, embed_dim=768, num_heads=12, attn_drop=0.0, proj_drop=0.0, attn_l2_norm=False
+    ):
         super().__init__()
         assert embed_dim % num_heads == 0
         self.block_idx, self.num_heads, self.head_dim = block_idx, num_heads, embed_dim // num_heads
@@ -71,7 +75,7 @@ class SelfAttention(nn.Module):
         self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(embed_dim))
         self.v_bias = nn.Parameter(torch.zeros(embed_dim))
-        self.register_buffer('zero_k_bias', torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
@@ -97,11 +101,13 @@ class SelfAttention(nn.Module):
                 v = torch.cat((self.cached_v, v), dim=2)
             self.cached_k, self.cached_v = k, v
         dropout_p = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=self.scale)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=self.scale
+        )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
 
     def extra_repr(self):
-        return f'attn_l2_norm={self.attn_l2_norm}'
+        return f"attn_l2_norm={self.attn_l2_norm}"
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -112,35 +118,57 @@ class AdaLNSelfAttn(nn.Module):
     affine parameters.
     """
 
-    def __init__(self, block_idx, embed_dim, cond_dim, shared_aln: bool, num_heads, mlp_ratio=4.0, drop=0.0,
-                 attn_drop=0.0, drop_path=0.0, attn_l2_norm=False, norm_eps=1e-6):
+    def __init__(
+        self,
+        block_idx,
+        embed_dim,
+        cond_dim,
+        shared_aln: bool,
+        num_heads,
+        mlp_ratio=4.0,
+        drop=0.0,
+        attn_drop=0.0,
+        drop_path=0.0,
+        attn_l2_norm=False,
+        norm_eps=1e-6,
+    ):
         super().__init__()
         self.block_idx, self.C, self.D = block_idx, embed_dim, cond_dim
         # Identity (not a DropPath with p = 0) keeps block 0 from touching the RNG, as upstream.
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.attn = SelfAttention(block_idx=block_idx, embed_dim=embed_dim, num_heads=num_heads, attn_drop=attn_drop,
-                                  proj_drop=drop, attn_l2_norm=attn_l2_norm)
+        self.attn = SelfAttention(
+            block_idx=block_idx,
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            attn_l2_norm=attn_l2_norm,
+        )
         self.ffn = FFN(in_features=embed_dim, hidden_features=round(embed_dim * mlp_ratio), drop=drop)
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
         self.shared_aln = shared_aln
         if shared_aln:
-            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim ** 0.5)
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim**0.5)
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * embed_dim))
 
     def forward(self, x, cond_BD, attn_bias):
         """x [B, L, C]; cond_BD [B, D] (or [B, 1, 6, C] when shared_aln); attn_bias as in SelfAttention."""
         if self.shared_aln:
-            gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(2)  # each [B, 1, C]
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(
+                2
+            )  # each [B, 1, C]
         else:
-            gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = (
+                self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
+            )
         h = self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_bias=attn_bias)
         x = x + self.drop_path(h.mul(gamma1))
         h = self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2))
         return x + self.drop_path(h.mul(gamma2))
 
     def extra_repr(self):
-        return f'shared_aln={self.shared_aln}'
+        return f"shared_aln={self.shared_aln}"
 
 
 class AdaLNBeforeHead(nn.Module):

@@ -82,8 +82,17 @@ class PhiNonShared(nn.ModuleList):
 class VectorQuantizer2(nn.Module):
     """Codebook `embedding` [vocab_size, Cvae] plus the φ convs `quant_resi`; see the module docstring."""
 
-    def __init__(self, vocab_size, Cvae, using_znorm, beta: float = 0.25, default_qresi_counts=0, v_patch_nums=None,
-                 quant_resi=0.5, share_quant_resi=4):
+    def __init__(
+        self,
+        vocab_size,
+        Cvae,
+        using_znorm,
+        beta: float = 0.25,
+        default_qresi_counts=0,
+        v_patch_nums=None,
+        quant_resi=0.5,
+        share_quant_resi=4,
+    ):
         super().__init__()
         self.vocab_size = vocab_size
         self.Cvae = Cvae
@@ -94,14 +103,17 @@ class VectorQuantizer2(nn.Module):
 
         def make_phi():
             return Phi(Cvae, quant_resi) if abs(quant_resi) > 1e-6 else nn.Identity()
+
         if share_quant_resi == 0:
-            self.quant_resi = PhiNonShared([make_phi() for _ in range(default_qresi_counts or len(self.v_patch_nums))])
+            self.quant_resi = PhiNonShared(
+                [make_phi() for _ in range(default_qresi_counts or len(self.v_patch_nums))]
+            )
         elif share_quant_resi == 1:
             self.quant_resi = PhiShared(make_phi())
         else:
             self.quant_resi = PhiPartiallyShared(nn.ModuleList([make_phi() for _ in range(share_quant_resi)]))
         # Per-scale code usage, written only by VQ-VAE training; kept because checkpoints carry it.
-        self.register_buffer('ema_vocab_hit_SV', torch.zeros(len(self.v_patch_nums), vocab_size))
+        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.v_patch_nums), vocab_size))
         self.embedding = nn.Embedding(vocab_size, Cvae)
 
     def phi(self, si: int, SN: int) -> nn.Module:
@@ -117,7 +129,9 @@ class VectorQuantizer2(nn.Module):
         d_NV = torch.sum(z_NC.square(), dim=1, keepdim=True) + torch.sum(E_VC.square(), dim=1)
         return torch.argmin(torch.addmm(d_NV, z_NC, E_VC.T, alpha=-2), dim=1)
 
-    def f_to_idxBl_or_fhat(self, f_BChw: torch.Tensor, to_fhat: bool, v_patch_nums=None) -> list[torch.Tensor]:
+    def f_to_idxBl_or_fhat(
+        self, f_BChw: torch.Tensor, to_fhat: bool, v_patch_nums=None
+    ) -> list[torch.Tensor]:
         """Quantise f [B, Cvae, H, W] scale by scale.
 
         Returns per scale either the token map int64 [B, ph·pw] (`to_fhat=False`) or the cumulative
@@ -128,16 +142,16 @@ class VectorQuantizer2(nn.Module):
         f_rest = f_BChw.detach().clone()
         f_hat = torch.zeros_like(f_rest)
         hws = [(pn, pn) if isinstance(pn, int) else tuple(pn) for pn in (v_patch_nums or self.v_patch_nums)]
-        assert hws[-1] == (H, W), f'the last scale {hws[-1]} must equal the latent size {(H, W)}'
+        assert hws[-1] == (H, W), f"the last scale {hws[-1]} must equal the latent size {(H, W)}"
         SN = len(hws)
         out = []
         for si, (ph, pw) in enumerate(hws):
             last = si == SN - 1
-            z_BChw = f_rest if last else F.interpolate(f_rest, size=(ph, pw), mode='area')
+            z_BChw = f_rest if last else F.interpolate(f_rest, size=(ph, pw), mode="area")
             idx_N = self._nearest_code(z_BChw.permute(0, 2, 3, 1).reshape(-1, C))
             h_BChw = self.embedding(idx_N.view(B, ph, pw)).permute(0, 3, 1, 2)
             if not last:
-                h_BChw = F.interpolate(h_BChw, size=(H, W), mode='bicubic')
+                h_BChw = F.interpolate(h_BChw, size=(H, W), mode="bicubic")
             h_BChw = self.phi(si, SN)(h_BChw.contiguous())
             f_hat.add_(h_BChw)
             f_rest.sub_(h_BChw)
@@ -160,14 +174,14 @@ class VectorQuantizer2(nn.Module):
             for si in range(SN):
                 h_BChw = ms_h_BChw[si]
                 if si < SN - 1:
-                    h_BChw = F.interpolate(h_BChw, size=(H, W), mode='bicubic')
+                    h_BChw = F.interpolate(h_BChw, size=(H, W), mode="bicubic")
                 f_hat.add_(self.phi(si, SN)(h_BChw))
                 out.append(f_hat.clone())
         else:
             pn0 = self.v_patch_nums[0]
             f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, pn0, pn0, dtype=torch.float32)
             for si, pn in enumerate(self.v_patch_nums):
-                f_hat = F.interpolate(f_hat, size=(pn, pn), mode='bicubic')
+                f_hat = F.interpolate(f_hat, size=(pn, pn), mode="bicubic")
                 f_hat.add_(self.phi(si, SN)(ms_h_BChw[si]))
                 out.append(f_hat)
         return out[-1] if last_one else out
@@ -186,8 +200,10 @@ class VectorQuantizer2(nn.Module):
         for si in range(SN - 1):
             pn, pn_next = self.v_patch_nums[si], self.v_patch_nums[si + 1]
             h_BChw = self.embedding(gt_ms_idx_Bl[si]).transpose(1, 2).view(B, C, pn, pn)
-            f_hat.add_(self.phi(si, SN)(F.interpolate(h_BChw, size=(H, W), mode='bicubic')))
-            pieces.append(F.interpolate(f_hat, size=(pn_next, pn_next), mode='area').view(B, C, -1).transpose(1, 2))
+            f_hat.add_(self.phi(si, SN)(F.interpolate(h_BChw, size=(H, W), mode="bicubic")))
+            pieces.append(
+                F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").view(B, C, -1).transpose(1, 2)
+            )
         return torch.cat(pieces, dim=1) if pieces else None
 
     def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor):
@@ -200,9 +216,12 @@ class VectorQuantizer2(nn.Module):
         if si == SN - 1:
             f_hat = f_hat + self.phi(si, SN)(h_BChw)
             return f_hat, f_hat
-        f_hat = f_hat + self.phi(si, SN)(F.interpolate(h_BChw, size=(HW, HW), mode='bicubic'))
+        f_hat = f_hat + self.phi(si, SN)(F.interpolate(h_BChw, size=(HW, HW), mode="bicubic"))
         pn_next = self.v_patch_nums[si + 1]
-        return f_hat, F.interpolate(f_hat, size=(pn_next, pn_next), mode='area')
+        return f_hat, F.interpolate(f_hat, size=(pn_next, pn_next), mode="area")
 
     def extra_repr(self) -> str:
-        return f'{self.v_patch_nums}, znorm={self.using_znorm}, beta={self.beta}, quant_resi={self.quant_resi_ratio}'
+        return (
+            f"{self.v_patch_nums}, znorm={self.using_znorm}, beta={self.beta}, "
+            f"quant_resi={self.quant_resi_ratio}"
+        )

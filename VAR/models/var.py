@@ -23,6 +23,7 @@ Differences from upstream, none of which changes the numbers of a call upstream 
 """
 
 import math
+
 import torch
 from torch import nn
 
@@ -43,10 +44,25 @@ class VAR(nn.Module):
     state dict has no VQ-VAE keys. Persistent buffers: `lvl_1L` int64 [1, L] (scale of each position) and
     `attn_bias_for_masking` float32 [1, 1, L, L] (0 where visible, -inf elsewhere: never extrapolate it)."""
 
-    def __init__(self, vae_local: VQVAE, num_classes=1000, depth=16, embed_dim=1024, num_heads=16, mlp_ratio=4.0,
-                 drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-6, shared_aln=False,
-                 cond_drop_rate=0.1, attn_l2_norm=False, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-                 flash_if_available=True, fused_if_available=True):
+    def __init__(
+        self,
+        vae_local: VQVAE,
+        num_classes=1000,
+        depth=16,
+        embed_dim=1024,
+        num_heads=16,
+        mlp_ratio=4.0,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.0,
+        norm_eps=1e-6,
+        shared_aln=False,
+        cond_drop_rate=0.1,
+        attn_l2_norm=False,
+        patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        flash_if_available=True,
+        fused_if_available=True,
+    ):
         super().__init__()
         assert embed_dim % num_heads == 0
         self.Cvae, self.V = vae_local.Cvae, vae_local.vocab_size
@@ -73,10 +89,12 @@ class VAR(nn.Module):
         nn.init.trunc_normal_(self.pos_1LC, mean=0, std=init_std)
 
         lvl_L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(self.patch_nums)])
-        self.register_buffer('lvl_1L', lvl_L.view(1, self.L).clone())
+        self.register_buffer("lvl_1L", lvl_L.view(1, self.L).clone())
         visible_LL = lvl_L.view(self.L, 1) >= lvl_L.view(1, self.L)
-        self.register_buffer('attn_bias_for_masking',
-                             torch.where(visible_LL, 0.0, -torch.inf).view(1, 1, self.L, self.L).contiguous())
+        self.register_buffer(
+            "attn_bias_for_masking",
+            torch.where(visible_LL, 0.0, -torch.inf).view(1, 1, self.L, self.L).contiguous(),
+        )
 
         self.word_embed = nn.Linear(self.Cvae, self.C)
         # Row num_classes is the null class: the unconditional branch of CFG and the target of label dropout.
@@ -89,13 +107,27 @@ class VAR(nn.Module):
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(self.D, 6 * self.C))
         else:
             self.shared_ada_lin = nn.Identity()
-        # Drop-path rises linearly from 0 at block 0; float32 linspace (on the CPU, so meta builds work) as upstream.
-        dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
-        self.blocks = nn.ModuleList([
-            AdaLNSelfAttn(block_idx=i, embed_dim=self.C, cond_dim=self.D, shared_aln=shared_aln, num_heads=num_heads,
-                          mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
-                          attn_l2_norm=attn_l2_norm, norm_eps=norm_eps)
-            for i in range(depth)])
+        # Drop-path rises linearly from 0 at block 0; float32 linspace (on the CPU, so meta builds work) as
+        # upstream.
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(
+            [
+                AdaLNSelfAttn(
+                    block_idx=i,
+                    embed_dim=self.C,
+                    cond_dim=self.D,
+                    shared_aln=shared_aln,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    attn_l2_norm=attn_l2_norm,
+                    norm_eps=norm_eps,
+                )
+                for i in range(depth)
+            ]
+        )
         self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_eps=norm_eps)
         self.head = nn.Linear(self.C, self.V)
 
@@ -119,7 +151,9 @@ class VAR(nn.Module):
         B = x_BLCv_wo_first_l.shape[0]
         with torch.autocast(device_type=x_BLCv_wo_first_l.device.type, enabled=False):
             label_B = torch.where(label_B < 0, self.num_classes, label_B)
-            label_B = torch.where(torch.rand(B, device=label_B.device) < self.cond_drop_rate, self.num_classes, label_B)
+            label_B = torch.where(
+                torch.rand(B, device=label_B.device) < self.cond_drop_rate, self.num_classes, label_B
+            )
             sos = cond_BD = self.class_emb(label_B)
             sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
             x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
@@ -134,20 +168,42 @@ class VAR(nn.Module):
             x_BLC = block(x=x_BLC, cond_BD=cond_BD_or_gss, attn_bias=attn_bias)
         return self.get_logits(x_BLC.float(), cond_BD)
 
-    def autoregressive_steps(self, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False,
-                             generators=None):
+    def autoregressive_steps(
+        self, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, generators=None
+    ):
         """Upstream-named entry into `VAR.sampler.autoregressive_steps` (an `ARStep` per scale)."""
-        return sampler.autoregressive_steps(self, B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
-                                            more_smooth=more_smooth, generators=generators)
+        return sampler.autoregressive_steps(
+            self,
+            B,
+            label_B,
+            g_seed=g_seed,
+            cfg=cfg,
+            top_k=top_k,
+            top_p=top_p,
+            more_smooth=more_smooth,
+            generators=generators,
+        )
 
-    def autoregressive_infer_cfg(self, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False,
-                                 generators=None) -> torch.Tensor:
+    def autoregressive_infer_cfg(
+        self, B: int, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, generators=None
+    ) -> torch.Tensor:
         """Upstream-named entry into `VAR.sampler.sample_images`: float32 [B, 3, H, W] in [0, 1]."""
-        return sampler.sample_images(self, B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
-                                     more_smooth=more_smooth, generators=generators)
+        return sampler.sample_images(
+            self,
+            B,
+            label_B,
+            g_seed=g_seed,
+            cfg=cfg,
+            top_k=top_k,
+            top_p=top_p,
+            more_smooth=more_smooth,
+            generators=generators,
+        )
 
     @torch.no_grad()
-    def init_weights(self, init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=0.02, conv_std_or_gain=0.02):
+    def init_weights(
+        self, init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=0.02, conv_std_or_gain=0.02
+    ):
         """Upstream's initialisation (run by `build_vae_var`): truncated normals of std `init_std`
         (√(1/3C) when negative) for linear and embedding weights, zero biases, the head scaled by `init_head`,
         AdaLN scales/shifts by `init_adaln` and gates by `init_adaln_gamma`, and the residual output
@@ -180,9 +236,9 @@ class VAR(nn.Module):
                 block.ada_gss[:, :, 2:].mul_(init_adaln)
                 block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
             else:
-                block.ada_lin[-1].weight[2 * self.C:].mul_(init_adaln)
-                block.ada_lin[-1].weight[:2 * self.C].mul_(init_adaln_gamma)
+                block.ada_lin[-1].weight[2 * self.C :].mul_(init_adaln)
+                block.ada_lin[-1].weight[: 2 * self.C].mul_(init_adaln_gamma)
                 block.ada_lin[-1].bias.zero_()
 
     def extra_repr(self):
-        return f'drop_path_rate={self.drop_path_rate:g}'
+        return f"drop_path_rate={self.drop_path_rate:g}"

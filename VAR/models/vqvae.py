@@ -32,7 +32,7 @@ class Upsample2x(nn.Module):
         self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode='nearest'))
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class Downsample2x(nn.Module):
@@ -43,7 +43,7 @@ class Downsample2x(nn.Module):
         self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x):
-        return self.conv(F.pad(x, pad=(0, 1, 0, 1), mode='constant', value=0))
+        return self.conv(F.pad(x, pad=(0, 1, 0, 1), mode="constant", value=0))
 
 
 class ResnetBlock(nn.Module):
@@ -79,7 +79,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1))
+        q, k, v = (
+            t.transpose(1, 2).unsqueeze(1) for t in self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
+        )
         h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C], scale 1/√C
         return x + self.proj_out(h.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
 
@@ -92,7 +94,9 @@ class _Level(nn.Module):
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
         for _ in range(num_blocks):
-            self.block.append(ResnetBlock(in_channels=channels_in, out_channels=channels_out, dropout=dropout))
+            self.block.append(
+                ResnetBlock(in_channels=channels_in, out_channels=channels_out, dropout=dropout)
+            )
             channels_in = channels_out
             if with_attn:
                 self.attn.append(AttnBlock(channels_out))
@@ -117,10 +121,22 @@ class _Middle(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image [B, in_channels, H, W] -> latent [B, z_channels (x2 if double_z), H/f, W/f], f = 2^(len(ch_mult)-1)."""
+    """Image [B, in_channels, H, W] -> latent [B, z_channels (x2 if double_z), H/f, W/f],
+    f = 2^(len(ch_mult)-1)."""
 
-    def __init__(self, *, ch=128, ch_mult=(1, 2, 4, 8), num_res_blocks=2, dropout=0.0, in_channels=3,
-                 z_channels, double_z=False, using_sa=True, using_mid_sa=True):
+    def __init__(
+        self,
+        *,
+        ch=128,
+        ch_mult=(1, 2, 4, 8),
+        num_res_blocks=2,
+        dropout=0.0,
+        in_channels=3,
+        z_channels,
+        double_z=False,
+        using_sa=True,
+        using_mid_sa=True,
+    ):
         super().__init__()
         self.ch, self.num_resolutions, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
         self.downsample_ratio = 2 ** (self.num_resolutions - 1)
@@ -143,7 +159,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-            if hasattr(level, 'downsample'):
+            if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -152,8 +168,18 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent [B, z_channels, h, w] -> image [B, in_channels, h·f, w·f] (unclamped)."""
 
-    def __init__(self, *, ch=128, ch_mult=(1, 2, 4, 8), num_res_blocks=2, dropout=0.0, in_channels=3,
-                 z_channels, using_sa=True, using_mid_sa=True):
+    def __init__(
+        self,
+        *,
+        ch=128,
+        ch_mult=(1, 2, 4, 8),
+        num_res_blocks=2,
+        dropout=0.0,
+        in_channels=3,
+        z_channels,
+        using_sa=True,
+        using_mid_sa=True,
+    ):
         super().__init__()
         self.ch, self.num_resolutions, self.num_res_blocks = ch, len(ch_mult), num_res_blocks
         block_in = ch * ch_mult[-1]
@@ -162,8 +188,13 @@ class Decoder(nn.Module):
         # Built from the lowest resolution up, but indexed by level so that up.0 is the full resolution.
         levels = []
         for i_level in reversed(range(self.num_resolutions)):
-            level = _Level(block_in, ch * ch_mult[i_level], num_res_blocks + 1, dropout,
-                           with_attn=i_level == self.num_resolutions - 1 and using_sa)
+            level = _Level(
+                block_in,
+                ch * ch_mult[i_level],
+                num_res_blocks + 1,
+                dropout,
+                with_attn=i_level == self.num_resolutions - 1 and using_sa,
+            )
             block_in = ch * ch_mult[i_level]
             if i_level != 0:
                 level.upsample = Upsample2x(block_in)
@@ -176,7 +207,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-            if hasattr(level, 'upsample'):
+            if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -186,23 +217,54 @@ class VQVAE(nn.Module):
     encoder) and `post_quant_conv` (before the decoder). With `test_mode` (the default, and what VAR
     uses) the module is put in eval mode and its parameters are frozen."""
 
-    def __init__(self, vocab_size=4096, z_channels=32, ch=128, dropout=0.0, beta=0.25, using_znorm=False,
-                 quant_conv_ks=3, quant_resi=0.5, share_quant_resi=4, default_qresi_counts=0,
-                 v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), test_mode=True):
+    def __init__(
+        self,
+        vocab_size=4096,
+        z_channels=32,
+        ch=128,
+        dropout=0.0,
+        beta=0.25,
+        using_znorm=False,
+        quant_conv_ks=3,
+        quant_resi=0.5,
+        share_quant_resi=4,
+        default_qresi_counts=0,
+        v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        test_mode=True,
+    ):
         super().__init__()
         self.test_mode = test_mode
         self.V = self.vocab_size = vocab_size
         self.Cvae = z_channels
-        ddconfig = dict(dropout=dropout, ch=ch, z_channels=z_channels, in_channels=3, ch_mult=(1, 1, 2, 2, 4),
-                        num_res_blocks=2, using_sa=True, using_mid_sa=True)
+        ddconfig = dict(
+            dropout=dropout,
+            ch=ch,
+            z_channels=z_channels,
+            in_channels=3,
+            ch_mult=(1, 1, 2, 2, 4),
+            num_res_blocks=2,
+            using_sa=True,
+            using_mid_sa=True,
+        )
         self.encoder = Encoder(double_z=False, **ddconfig)
         self.decoder = Decoder(**ddconfig)
-        self.downsample = 2 ** (len(ddconfig['ch_mult']) - 1)
-        self.quantize = VectorQuantizer2(vocab_size=vocab_size, Cvae=z_channels, using_znorm=using_znorm, beta=beta,
-                                         default_qresi_counts=default_qresi_counts, v_patch_nums=v_patch_nums,
-                                         quant_resi=quant_resi, share_quant_resi=share_quant_resi)
-        self.quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
-        self.post_quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
+        self.downsample = 2 ** (len(ddconfig["ch_mult"]) - 1)
+        self.quantize = VectorQuantizer2(
+            vocab_size=vocab_size,
+            Cvae=z_channels,
+            using_znorm=using_znorm,
+            beta=beta,
+            default_qresi_counts=default_qresi_counts,
+            v_patch_nums=v_patch_nums,
+            quant_resi=quant_resi,
+            share_quant_resi=share_quant_resi,
+        )
+        self.quant_conv = nn.Conv2d(
+            z_channels, z_channels, quant_conv_ks, stride=1, padding=quant_conv_ks // 2
+        )
+        self.post_quant_conv = nn.Conv2d(
+            z_channels, z_channels, quant_conv_ks, stride=1, padding=quant_conv_ks // 2
+        )
         if test_mode:
             self.eval()
             self.requires_grad_(False)
@@ -232,14 +294,15 @@ class VQVAE(nn.Module):
 
     def img_to_reconstructed_img(self, x: torch.Tensor, v_patch_nums=None, last_one=False):
         """Encode, quantise and decode: the reconstruction after the last scale, or after each scale."""
-        f_hats = self.quantize.f_to_idxBl_or_fhat(self.quant_conv(self.encoder(x)), to_fhat=True,
-                                                  v_patch_nums=v_patch_nums)
+        f_hats = self.quantize.f_to_idxBl_or_fhat(
+            self.quant_conv(self.encoder(x)), to_fhat=True, v_patch_nums=v_patch_nums
+        )
         return self.fhat_to_img(f_hats[-1]) if last_one else [self.fhat_to_img(f_hat) for f_hat in f_hats]
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """As nn.Module's, except that `quantize.ema_vocab_hit_SV` of another number of scales is replaced by
         ours: the released VQ-VAE serves both patch-number sets, and upstream tolerates this the same way."""
-        key = 'quantize.ema_vocab_hit_SV'
+        key = "quantize.ema_vocab_hit_SV"
         if key in state_dict and state_dict[key].shape[0] != self.quantize.ema_vocab_hit_SV.shape[0]:
             state_dict = {**state_dict, key: self.quantize.ema_vocab_hit_SV}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

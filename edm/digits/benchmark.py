@@ -17,16 +17,18 @@ import json
 import logging
 import os
 
+from edm.digits import data, demo
+from edm.digits.family import DigitsFamily
 from neon import config, progress, sweep
 from neon.threads import one_thread
 
-from edm.digits import data, demo
-from edm.digits.family import DigitsFamily
-
 logger = logging.getLogger(__name__)
 
-AXES = {"steps": ("sampler.num_steps", [4, 8, 18]), "S": ("synthetic.num", [300, 1000, 4000]),
-        "images": ("self_train.total_images", [1200, 2400, 4800])}
+AXES = {
+    "steps": ("sampler.num_steps", [4, 8, 18]),
+    "S": ("synthetic.num", [300, 1000, 4000]),
+    "images": ("self_train.total_images", [1200, 2400, 4800]),
+}
 SELECTION = {"num": 500, "screen_num": 250}  # cheaper than the demo's: seven variants share the budget
 REPORT = {"final_num": 200, "final_seeds": 5}
 
@@ -48,8 +50,10 @@ def run(demo_out: str, out: str) -> list[dict]:
             for value in values:
                 v = demo.settings()
                 config.set_dotted(v, key, value, parse=False)
-                name = (f"steps{v['sampler']['num_steps']}-S{v['synthetic']['num']}"
-                        f"-ft{v['self_train']['total_images']}")
+                name = (
+                    f"steps{v['sampler']['num_steps']}-S{v['synthetic']['num']}"
+                    f"-ft{v['self_train']['total_images']}"
+                )
                 if name not in done:
                     done[name] = _variant(os.path.join(out, name), fam, base, base_path, split, v, extra)
                 row = {"axis": axis, "value": value, "variant": name, **done[name]}
@@ -65,27 +69,39 @@ def _variant(d: str, fam, base, base_path: str, split: dict, v: dict, extra) -> 
     self_path = demo._finetune(os.path.join(d, "self-train"), fam, base, s_dir, v["self_train"], "θ_s")
     section = {**v["sweep"], **SELECTION}
     out = os.path.join(os.path.dirname(d), f"sweep-steps{v['sampler']['num_steps']}")
-    conf = sweep.SweepConfig(self_trained=self_path, out=out, final_seed_base=v["report"]["seed_base"],
-                             **REPORT, **section)
+    conf = sweep.SweepConfig(
+        self_trained=self_path, out=out, final_seed_base=v["report"]["seed_base"], **REPORT, **section
+    )
     found = progress.drain(sweep.run(fam, base, base_path, sampler, conf, extra=extra), os.path.basename(d))
     final = found.final
     metrics = ("fid", "precision", "recall", "label_accuracy")
     paired = {m: dataclasses.asdict(final.paired[m]) for m in metrics}
-    return {"w": found.w, "base_fid": final.base["fid"].mean, "neon_fid": final.neon["fid"].mean, **paired,
-            "verdict": final.verdict, "cos_p": [diagnosis["cos_p"], diagnosis["low"], diagnosis["high"]],
-            "k": conf.final_seeds, "n": conf.final_num}
+    return {
+        "w": found.w,
+        "base_fid": final.base["fid"].mean,
+        "neon_fid": final.neon["fid"].mean,
+        **paired,
+        "verdict": final.verdict,
+        "cos_p": [diagnosis["cos_p"], diagnosis["low"], diagnosis["high"]],
+        "k": conf.final_seeds,
+        "n": conf.final_num,
+    }
 
 
 def table(rows: list[dict]) -> str:
     """One line per variant: Neon − base FID with its interval, precision and recall changes, cos_P."""
-    lines = [f"{'axis':<7} {'value':>6} {'w':>6} {'base FID':>9} {'Neon − base FID [95%]':>24} "
-             f"{'Δprecision':>11} {'Δrecall':>8} {'cos_P [95%]':>24}"]
+    lines = [
+        f"{'axis':<7} {'value':>6} {'w':>6} {'base FID':>9} {'Neon − base FID [95%]':>24} "
+        f"{'Δprecision':>11} {'Δrecall':>8} {'cos_P [95%]':>24}"
+    ]
     for r in rows:
         f, c = r["fid"], r["cos_p"]
-        lines.append(f"{r['axis']:<7} {r['value']:>6} {r['w']:>+6.2f} {r['base_fid']:>9.2f} "
-                     f"{f['mean']:>+7.2f} [{f['low']:+6.2f}, {f['high']:+6.2f}] "
-                     f"{r['precision']['mean']:>+11.3f} {r['recall']['mean']:>+8.3f} "
-                     f"{c[0]:>+7.3f} [{c[1]:+.3f}, {c[2]:+.3f}]")
+        lines.append(
+            f"{r['axis']:<7} {r['value']:>6} {r['w']:>+6.2f} {r['base_fid']:>9.2f} "
+            f"{f['mean']:>+7.2f} [{f['low']:+6.2f}, {f['high']:+6.2f}] "
+            f"{r['precision']['mean']:>+11.3f} {r['recall']['mean']:>+8.3f} "
+            f"{c[0]:>+7.3f} [{c[1]:+.3f}, {c[2]:+.3f}]"
+        )
     return "\n".join(lines)
 
 

@@ -34,9 +34,18 @@ class Classifier(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.LazyLinear(FEATURES), nn.ReLU())
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.LazyLinear(FEATURES),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(FEATURES, num_classes)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -55,7 +64,9 @@ def build(image_size: int) -> Classifier:
     return net
 
 
-def train(images: torch.Tensor, labels: torch.Tensor, conf: ClassifierConfig = ClassifierConfig()) -> Classifier:
+def train(
+    images: torch.Tensor, labels: torch.Tensor, conf: ClassifierConfig = ClassifierConfig()
+) -> Classifier:
     """Train on uint8 images [N, C, H, W] and int64 labels [N] with Adam (cosine-decayed lr) and random
     shifts; returns the network in eval mode, without gradients. Trains with gradients enabled
     whatever the caller's grad mode."""
@@ -86,7 +97,7 @@ def _shift(images: torch.Tensor, most: int, generator: torch.Generator) -> torch
     size = images.shape[-1]
     padded = F.pad(images, [most] * 4)
     dy, dx = torch.randint(0, 2 * most + 1, (2, len(images)), generator=generator).tolist()
-    return torch.stack([p[:, y:y + size, x:x + size] for p, y, x in zip(padded, dy, dx)])
+    return torch.stack([p[:, y : y + size, x : x + size] for p, y, x in zip(padded, dy, dx)])
 
 
 @torch.no_grad()

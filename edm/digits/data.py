@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from neon import synthetic
-from neon.io import files
 from neon.errors import NeonError
+from neon.io import files
 
 SIZE = 16
 SPLIT_SEED = 0
@@ -53,8 +53,13 @@ def load(size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(digits.target).to(torch.int64)
 
 
-def split(size: int = SIZE, seed: int = SPLIT_SEED, features: int = SIZES["features"],
-          reference: int = SIZES["reference"], real: int = SIZES["real"]) -> dict:
+def split(
+    size: int = SIZE,
+    seed: int = SPLIT_SEED,
+    features: int = SIZES["features"],
+    reference: int = SIZES["reference"],
+    real: int = SIZES["real"],
+) -> dict:
     """{role: (images, labels, index)} for each of `ROLES`: a fixed permutation of the 1,797 digits by
     `seed` cut into `features`, `reference` and `real` images, the rest the generator's; `index` (int64)
     says which of `load`'s images a role holds, so the roles are disjoint by construction. Formats as
@@ -62,12 +67,16 @@ def split(size: int = SIZE, seed: int = SPLIT_SEED, features: int = SIZES["featu
     images, labels = load(size)
     counts = [features, reference, real]
     if min(counts) < 1 or sum(counts) >= len(images):
-        raise NeonError(f"digits split: features, reference and real need 1 image or more each and leave "
-                        f"some for the generator, got {counts} of {len(images)}")
+        raise NeonError(
+            f"digits split: features, reference and real need 1 image or more each and leave "
+            f"some for the generator, got {counts} of {len(images)}"
+        )
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     parts = order.split([features, reference, real, len(images) - sum(counts)])
-    return {role: (images[index], labels[index], index)
-            for role, index in zip(("features", "reference", "real", "generator"), parts)}
+    return {
+        role: (images[index], labels[index], index)
+        for role, index in zip(("features", "reference", "real", "generator"), parts)
+    }
 
 
 def write_set(out: str, images: torch.Tensor, labels: torch.Tensor, family_name: str) -> str:
@@ -82,8 +91,20 @@ def write_set(out: str, images: torch.Tensor, labels: torch.Tensor, family_name:
     samples = images.permute(0, 2, 3, 1).contiguous().numpy()  # stored channels-last, as S is
     with files.atomic(os.path.join(out, name)) as tmp:
         np.savez(tmp, samples=samples, labels=labels.numpy(), seeds=np.arange(len(images), dtype=np.int64))
-    files.write_json(manifest_path, {
-        "family": family_name, "base_sha256": None, "sampler": None, "num": len(images), "labels": "real",
-        "num_classes": NUM_CLASSES, "seed_base": 0, "shard_size": len(images), "batch_size": len(images),
-        "sample_shape": list(samples.shape[1:]), "shards": {name: files.sha256(os.path.join(out, name))}})
+    files.write_json(
+        manifest_path,
+        {
+            "family": family_name,
+            "base_sha256": None,
+            "sampler": None,
+            "num": len(images),
+            "labels": "real",
+            "num_classes": NUM_CLASSES,
+            "seed_base": 0,
+            "shard_size": len(images),
+            "batch_size": len(images),
+            "sample_shape": list(samples.shape[1:]),
+            "shards": {name: files.sha256(os.path.join(out, name))},
+        },
+    )
     return out

@@ -34,15 +34,14 @@ import time
 
 import torch
 
+from edm.digits import classifier, data
+from edm.digits.family import DigitsFamily
 from neon import config, diagnose, evaluate, finetune, plots, progress, summary, sweep, synthetic
 from neon import family as neon_family
 from neon.io import checkpoint, files
 from neon.metrics import fid
 from neon.progress import Progress
 from neon.threads import one_thread
-
-from edm.digits import classifier, data
-from edm.digits.family import DigitsFamily
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +78,13 @@ def run(out: str, quick: bool = False, overrides: dict | None = None) -> dict:
 def _run(out: str, s: dict) -> dict:
     start = time.time()
     os.makedirs(out, exist_ok=True)
-    split = data.split(s["data"]["size"], s["data"]["split_seed"], s["data"]["features"],
-                       s["data"]["reference"], s["data"]["real"])
+    split = data.split(
+        s["data"]["size"],
+        s["data"]["split_seed"],
+        s["data"]["features"],
+        s["data"]["reference"],
+        s["data"]["real"],
+    )
     net, accuracy = _classifier(out, split, s["classifier"])
     fam = DigitsFamily(net, split)
     generator = split["generator"][:2]
@@ -91,30 +95,51 @@ def _run(out: str, s: dict) -> dict:
     s_dir = _synthetic(out, fam, base, base_path, sampler, s["synthetic"])
     diagnosis = _diagnose(out, fam, base, generator, s_dir, s["diagnose"])
     self_path = _finetune(os.path.join(out, "self-train"), fam, base, s_dir, s["self_train"], "θ_s on S")
-    controls = {"control": _finetune(os.path.join(out, "control"), fam, base, real_set, s["self_train"],
-                                     "control on real"),
-                "control_ema": _finetune(os.path.join(out, "control-ema"), fam, base, real_set,
-                                         {**s["self_train"], **s["control_ema"]}, "control on real, EMA")}
+    controls = {
+        "control": _finetune(
+            os.path.join(out, "control"), fam, base, real_set, s["self_train"], "control on real"
+        ),
+        "control_ema": _finetune(
+            os.path.join(out, "control-ema"),
+            fam,
+            base,
+            real_set,
+            {**s["self_train"], **s["control_ema"]},
+            "control on real, EMA",
+        ),
+    }
 
     conf = _sweep_config(out, self_path, s)
-    _check_disjoint([(s["synthetic"]["seed_base"], s["synthetic"]["num"]), (conf.seed_base, conf.num),
-                     *conf.final_ranges(), (s["samples"]["seed_base"], s["samples"]["num"])])
+    _check_disjoint(
+        [
+            (s["synthetic"]["seed_base"], s["synthetic"]["num"]),
+            (conf.seed_base, conf.num),
+            *conf.final_ranges(),
+            (s["samples"]["seed_base"], s["samples"]["num"]),
+        ]
+    )
     reference = fam.features(split["reference"][0])
     extra = _extra(fam, reference)
     found = progress.drain(sweep.run(fam, base, base_path, sampler, conf, extra=extra), "sweep")
     final = found.final
     rows = progress.drain(_controls(fam, base, base_path, sampler, conf, controls, extra), "controls")
 
-    report = {"seeds": final.seeds, "num": conf.final_num,
-              "base": {"w": 0.0, **_stats(final.base)}, "neon": {"w": found.w, **_stats(final.neon)}}
+    report = {
+        "seeds": final.seeds,
+        "num": conf.final_num,
+        "base": {"w": 0.0, **_stats(final.base)},
+        "neon": {"w": found.w, **_stats(final.neon)},
+    }
     paired = {m: _asdict(final.paired.get(m)) for m in METRICS}
     comparisons = {"neon_vs_base": {**paired, "verdict": final.verdict}}
     for name, scored in rows.items():
         values = {m: [r[m] for r in scored] for m in METRICS}
         report[name] = {"w": None, **{m: _asdict(evaluate.summarize(values[m])) for m in METRICS}}
         pairs = {m: evaluate.paired(final.neon[m].values, values[m]) for m in METRICS}
-        comparisons[f"neon_vs_{name}"] = {**{m: _asdict(p) for m, p in pairs.items()},
-                                          "verdict": evaluate.verdict(pairs["fid"])}
+        comparisons[f"neon_vs_{name}"] = {
+            **{m: _asdict(p) for m, p in pairs.items()},
+            "verdict": evaluate.verdict(pairs["fid"]),
+        }
     records = sweep.load_results(conf.out)
     result = {
         "settings": s,
@@ -139,26 +164,36 @@ def table(result: dict) -> str:
     differences with their 95% intervals."""
     report = result["report"]
     k, n = len(report["seeds"]), report["num"]
-    lines = [f"{'model':<12} {'w':>6}  {f'digits FID (k={k}, n={n})':>24}  {'label accuracy':>16}  "
-             f"{'precision':>15}  {'recall':>15}"]
+    lines = [
+        f"{'model':<12} {'w':>6}  {f'digits FID (k={k}, n={n})':>24}  {'label accuracy':>16}  "
+        f"{'precision':>15}  {'recall':>15}"
+    ]
     for name in MODELS:
         row, w = report[name], report[name]["w"]
         cells = [_pm(row[key], digits) for key, digits in zip(METRICS, (2, 3, 3, 3))]
-        lines.append(f"{name:<12} {'-' if w is None else f'{w:+.2f}':>6}  {cells[0]:>24}  {cells[1]:>16}  "
-                     f"{cells[2]:>15}  {cells[3]:>15}")
+        lines.append(
+            f"{name:<12} {'-' if w is None else f'{w:+.2f}':>6}  {cells[0]:>24}  {cells[1]:>16}  "
+            f"{cells[2]:>15}  {cells[3]:>15}"
+        )
     real = result["real"]
-    lines.append(f"{'real':<12} {'-':>6}  {real['fid']:>24.2f}  {real['label_accuracy']:>16.3f}  "
-                 f"{real['precision']:>15.3f}  {real['recall']:>15.3f}")
+    lines.append(
+        f"{'real':<12} {'-':>6}  {real['fid']:>24.2f}  {real['label_accuracy']:>16.3f}  "
+        f"{real['precision']:>15.3f}  {real['recall']:>15.3f}"
+    )
     for other in MODELS[0:1] + MODELS[2:]:
         c = result["comparisons"][f"neon_vs_{other}"]
         f, a = c["fid"], c["label_accuracy"]
-        lines.append(f"Neon − {other}, paired over {k} ranges: FID {f['mean']:+.2f} [{f['low']:+.2f}, "
-                     f"{f['high']:+.2f}] ({f['improved']}/{k} improved), label accuracy {a['mean']:+.3f} "
-                     f"[{a['low']:+.3f}, {a['high']:+.3f}]: {c['verdict']}")
+        lines.append(
+            f"Neon − {other}, paired over {k} ranges: FID {f['mean']:+.2f} [{f['low']:+.2f}, "
+            f"{f['high']:+.2f}] ({f['improved']}/{k} improved), label accuracy {a['mean']:+.3f} "
+            f"[{a['low']:+.3f}, {a['high']:+.3f}]: {c['verdict']}"
+        )
     d = result["diagnose"]
-    lines.append(f"classifier accuracy on unseen digits {result['classifier']['heldout_accuracy']:.3f}; "
-                 f"diagnose cos_P {d['cos_p']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({d['advice']}); "
-                 f"best w {result['best_w']:+.2f}")
+    lines.append(
+        f"classifier accuracy on unseen digits {result['classifier']['heldout_accuracy']:.3f}; "
+        f"diagnose cos_P {d['cos_p']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({d['advice']}); "
+        f"best w {result['best_w']:+.2f}"
+    )
     return "\n".join(lines)
 
 
@@ -215,8 +250,13 @@ def _diagnose(out: str, fam, base, generator: tuple, s_dir: str, section: dict) 
     conf = config.build(diagnose.DiagnoseConfig, section, "diagnose")
     result = diagnose.run(fam, base, generator, (s_set, s_set.labels), conf)
     files.write_json(path, result)
-    logger.info("diagnose: cos_P %+.4f [%+.4f, %+.4f]: %s", result["cos_p"], result["low"], result["high"],
-                diagnose.ADVICE[result["advice"]])
+    logger.info(
+        "diagnose: cos_P %+.4f [%+.4f, %+.4f]: %s",
+        result["cos_p"],
+        result["low"],
+        result["high"],
+        diagnose.ADVICE[result["advice"]],
+    )
     return result
 
 
@@ -241,8 +281,14 @@ def _sweep_config(out: str, self_path: str, s: dict) -> sweep.SweepConfig:
     """The sweep of θ_s's last snapshot: the recipe's `sweep` section, its final report on the
     `report` ranges."""
     section, report = dict(s["sweep"]), s["report"]
-    return sweep.SweepConfig(self_trained=self_path, out=os.path.join(out, "sweep"), final_num=report["num"],
-                             final_seeds=report["ranges"], final_seed_base=report["seed_base"], **section)
+    return sweep.SweepConfig(
+        self_trained=self_path,
+        out=os.path.join(out, "sweep"),
+        final_num=report["num"],
+        final_seeds=report["ranges"],
+        final_seed_base=report["seed_base"],
+        **section,
+    )
 
 
 def _extra(fam: DigitsFamily, reference: torch.Tensor):
@@ -254,8 +300,11 @@ def _extra(fam: DigitsFamily, reference: torch.Tensor):
         with torch.no_grad():
             predicted = head(features.float()).argmax(1)
         precision, recall = fid.precision_recall(features, reference)
-        return {"label_accuracy": (predicted == labels).double().mean().item(), "precision": precision,
-                "recall": recall}
+        return {
+            "label_accuracy": (predicted == labels).double().mean().item(),
+            "precision": precision,
+            "recall": recall,
+        }
 
     return extra
 
@@ -271,21 +320,37 @@ def _controls(fam, model, base_path: str, sampler, conf: sweep.SweepConfig, path
     base, metrics, count = None, None, 0
     yield Progress(0, len(jobs), "eval")
     for name, seeds in jobs:
-        record = {"control": name, "snapshot": paths[name], "w": None, "cfg": None, "num": seeds[1],
-                  "seeds": list(seeds), "sampler": conf.overrides()}
+        record = {
+            "control": name,
+            "snapshot": paths[name],
+            "w": None,
+            "cfg": None,
+            "num": seeds[1],
+            "seeds": list(seeds),
+            "sampler": conf.overrides(),
+        }
         if _control_key(record) not in done:
             if base is None:
                 base = neon_family.read_checkpoint(fam, base_path).weights
                 metrics = evaluate.Metrics(fam.reference(), extra=extra)
             began = time.time()
             theta = neon_family.read_checkpoint(fam, paths[name]).weights
-            scores = evaluate.evaluate(fam, model, base, dataclasses.replace(sampler, **conf.sampler), seeds,
-                                       conf.batch_size, metrics, control=theta)
+            scores = evaluate.evaluate(
+                fam,
+                model,
+                base,
+                dataclasses.replace(sampler, **conf.sampler),
+                seeds,
+                conf.batch_size,
+                metrics,
+                control=theta,
+            )
             record = files.finite_json({**record, **scores, "seconds": round(time.time() - began, 3)})
             files.append_jsonl(path, record)
             done[_control_key(record)] = record
         count += 1
         yield Progress(count, len(jobs), "eval")
+
     def key(name, seeds):
         return _control_key({"snapshot": paths[name], "seeds": list(seeds), "sampler": conf.overrides()})
 
@@ -314,8 +379,14 @@ def _selection(records: list[dict], conf: sweep.SweepConfig, found: summary.Summ
     for n in sorted({conf.screen(), conf.num}):
         ws, fids = sweep.curve(records, conf, sweep.snapshot_paths(conf)[0], None, n)
         curves[str(n)] = {"w": ws, "fid": fids}
-    return {"search": conf.search, "seeds": [conf.seed_base, conf.num], "screen_num": conf.screen(),
-            "images": found.selection_images, "curves": curves, "evidence": found.evidence}
+    return {
+        "search": conf.search,
+        "seeds": [conf.seed_base, conf.num],
+        "screen_num": conf.screen(),
+        "images": found.selection_images,
+        "curves": curves,
+        "evidence": found.evidence,
+    }
 
 
 def _stats(stats: dict) -> dict:
@@ -356,20 +427,30 @@ def _pictures(out, fam, model, base_path, self_path, controls, sampler, result, 
         curves[f"selection, n={n} (seeds {result['selection']['seeds'][0]}+)"] = (curve["w"], curve["fid"])
     k, best_w = len(report["seeds"]), result["best_w"]
     curves[f"report: base and Neon, mean ± sd (k={k}, n={report['num']})"] = (
-        [0.0, best_w], [report["base"]["fid"]["mean"], report["neon"]["fid"]["mean"]],
-        [report["base"]["fid"]["sd"] or 0, report["neon"]["fid"]["sd"] or 0])
+        [0.0, best_w],
+        [report["base"]["fid"]["mean"], report["neon"]["fid"]["mean"]],
+        [report["base"]["fid"]["sd"] or 0, report["neon"]["fid"]["sd"] or 0],
+    )
     ws = [w for curve in result["selection"]["curves"].values() for w in curve["w"]] or [0.0, best_w]
     for name in MODELS[2:]:
         curves[f"{name} (report mean)"] = ([min(ws), max(ws)], [report[name]["fid"]["mean"]] * 2)
     curves[f"real images, n={result['real']['num']}"] = ([min(ws), max(ws)], [result["real"]["fid"]] * 2)
-    pictures = {"fid_vs_w": plots.fid_vs_w(curves, os.path.join(out, "fid_vs_w.png"), ylabel="digits FID",
-                                           title="digits: FID against w")}
+    pictures = {
+        "fid_vs_w": plots.fid_vs_w(
+            curves, os.path.join(out, "fid_vs_w.png"), ylabel="digits FID", title="digits: FID against w"
+        )
+    }
     base = neon_family.read_checkpoint(fam, base_path).weights
     self_trained = neon_family.read_checkpoint(fam, self_path).weights
     seeds, rows = (section["seed_base"], section["num"]), {}
-    for title, kwargs in [("base", {}), (f"Neon w={best_w:+g}", {"self_trained": self_trained, "w": best_w}),
-                          *[(name, {"control": neon_family.read_checkpoint(fam, controls[name]).weights})
-                            for name in MODELS[2:]]]:
+    for title, kwargs in [
+        ("base", {}),
+        (f"Neon w={best_w:+g}", {"self_trained": self_trained, "w": best_w}),
+        *[
+            (name, {"control": neon_family.read_checkpoint(fam, controls[name]).weights})
+            for name in MODELS[2:]
+        ],
+    ]:
         drawn = evaluate.evaluate(fam, model, base, sampler, seeds, section["num"], None, **kwargs)
         rows[title] = drawn["samples"].permute(0, 2, 3, 1).numpy()
     pictures["samples"] = plots.sample_grid(rows, os.path.join(out, "samples.png"))

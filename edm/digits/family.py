@@ -19,20 +19,33 @@ settings (seconds; the same network on the same machine and thread count). `spli
 
 import torch
 
-from neon.family import Model
-from neon.metrics import fid
-
 from edm import networks
 from edm.digits import classifier, data
 from edm.family import EDMSampler
 from edm.family import family as edm
+from neon.family import Model
+from neon.metrics import fid
 
 # A model of 46k parameters that runs every code path of the real one (tests).
-TINY = {"class_name": "EDMPrecond", "model_type": "SongUNet", "embedding_type": "positional",
-        "encoder_type": "standard", "decoder_type": "standard", "channel_mult_noise": 1, "resample_filter": [1, 1],
-        "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
-        "augment_dim": 0, "use_fp16": False, "img_channels": 3, "img_resolution": data.SIZE,
-        "label_dim": data.NUM_CLASSES}
+TINY = {
+    "class_name": "EDMPrecond",
+    "model_type": "SongUNet",
+    "embedding_type": "positional",
+    "encoder_type": "standard",
+    "decoder_type": "standard",
+    "channel_mult_noise": 1,
+    "resample_filter": [1, 1],
+    "model_channels": 8,
+    "channel_mult": [1, 2],
+    "num_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+    "augment_dim": 0,
+    "use_fp16": False,
+    "img_channels": 3,
+    "img_resolution": data.SIZE,
+    "label_dim": data.NUM_CLASSES,
+}
 
 
 class DigitsFamily:
@@ -56,23 +69,32 @@ class DigitsFamily:
         torch's global generator, without augmentation."""
         kwargs = dict(arch)
         net = {"EDMPrecond": networks.EDMPrecond}[kwargs.pop("class_name", "EDMPrecond")](**kwargs)
-        return Model(net=net, image_size=net.img_resolution, num_classes=net.label_dim, arch=dict(arch),
-                     extras={"augment_pipe": None})
+        return Model(
+            net=net,
+            image_size=net.img_resolution,
+            num_classes=net.label_dim,
+            arch=dict(arch),
+            extras={"augment_pipe": None},
+        )
 
     def tiny(self, seed: int) -> Model:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.init(TINY)
 
-    def load(self, path: str, arch: str | None = None, device: torch.device | str = "cpu",
-             codec: str | None = None) -> Model:
+    def load(
+        self, path: str, arch: str | None = None, device: torch.device | str = "cpu", codec: str | None = None
+    ) -> Model:
         return edm.load(path, arch, device, codec)
 
-    def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: EDMSampler) -> torch.Tensor:
+    def sample(
+        self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: EDMSampler
+    ) -> torch.Tensor:
         return edm.sample(model, labels, seeds, sampler)
 
-    def loss(self, model: Model, samples: torch.Tensor, labels: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, model: Model, samples: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         return edm.loss(model, samples, labels, generator)
 
     def container(self, model: Model, state_dict: dict[str, torch.Tensor]) -> dict:

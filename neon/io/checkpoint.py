@@ -51,7 +51,14 @@ GENERIC = Format(weight_keys=((), ("ema",), ("model",), ("state_dict",)))
 
 # `.ckpt`: a torch save under another name (MAR's kl16.ckpt).
 # `.bin`: a torch save under another name (the pickled weights of Hugging Face model folders).
-_SUFFIXES = {".pt": "pt", ".pth": "pt", ".ckpt": "pt", ".bin": "pt", ".safetensors": "safetensors", ".pkl": "pkl"}
+_SUFFIXES = {
+    ".pt": "pt",
+    ".pth": "pt",
+    ".ckpt": "pt",
+    ".bin": "pt",
+    ".safetensors": "safetensors",
+    ".pkl": "pkl",
+}
 # A folder checkpoint's entries besides θ (`images_seen`, `family`), as JSON inside the folder.
 FOLDER_RECORD = "neon.json"
 
@@ -95,7 +102,9 @@ def format_of(path: str) -> str:
         return "folder"
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if suffix not in _SUFFIXES:
-        raise NeonError(f"{path}: unknown checkpoint format (expected .pt, .pth, .ckpt, .safetensors or .pkl)")
+        raise NeonError(
+            f"{path}: unknown checkpoint format (expected .pt, .pth, .ckpt, .safetensors or .pkl)"
+        )
     return _SUFFIXES[suffix]
 
 
@@ -129,7 +138,9 @@ def read(path: str, fmt: Format = GENERIC, mmap: bool = False) -> Container:
     else:
         data = _torch_load(path, mmap)
         if not isinstance(data, dict):
-            raise NeonError(f"cannot read checkpoint {path}: top level is a {type(data).__name__}, not a dict")
+            raise NeonError(
+                f"cannot read checkpoint {path}: top level is a {type(data).__name__}, not a dict"
+            )
     return Container(path, kind, data, locate(path, data, fmt.weight_keys), metadata)
 
 

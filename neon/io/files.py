@@ -1,4 +1,5 @@
-"""Plain files: atomic writes, stale temporaries, the output check and lock, JSON and JSON lines, sha256, downloads.
+"""Plain files: atomic writes, stale temporaries, the output check and lock, JSON and JSON lines, sha256,
+downloads.
 
 Every output of the project reaches its final name through `atomic` (a temporary file renamed into
 place), so an interrupted run never leaves a partial file under a final name; `remove_stale_temporaries`
@@ -185,7 +186,9 @@ def claim(directory: str, command: str, keep_on_error: Callable[[str], bool] = l
             who = f"{info['command']} (pid {info['pid']} on {info['host']})"
         except (ValueError, KeyError, TypeError):
             who = "another neon process"
-        raise NeonError(f"{directory} is in use by {who}; wait for it to finish or choose another output") from None
+        raise NeonError(
+            f"{directory} is in use by {who}; wait for it to finish or choose another output"
+        ) from None
     try:
         handle.seek(0)
         handle.truncate()
@@ -283,7 +286,9 @@ def read_jsonl(path: str) -> list[dict]:
             except json.JSONDecodeError:
                 record = None
             if not isinstance(record, dict):
-                logger.warning("%s: line %d is not a JSON record (an interrupted write?); skipped", path, number)
+                logger.warning(
+                    "%s: line %d is not a JSON record (an interrupted write?); skipped", path, number
+                )
                 continue
             records.append(record)
     return records

@@ -36,7 +36,9 @@ def read(path: str, weights_paths: Sequence[str], mmap: bool = False):
         if not isinstance(data, dict):
             raise NeonError(f"cannot read {record}: not a JSON object")
     data[found[0]] = inner.weights
-    return checkpoint.Container(path, "folder", data, (found[0],), inner.metadata, replaces=tuple(weights_paths))
+    return checkpoint.Container(
+        path, "folder", data, (found[0],), inner.metadata, replaces=tuple(weights_paths)
+    )
 
 
 def write(container, state_dict: Mapping[str, torch.Tensor], path: str) -> None:
@@ -88,6 +90,8 @@ def _link_tree(source: str, dest: str, skip: set[str]) -> None:
                 shutil.copyfile(src, dst)
 
 
-def _write_tensors(path: str, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
+def _write_tensors(
+    path: str, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+):
     specs = [(name, t.dtype, tuple(t.shape)) for name, t in state_dict.items()]
     safetensors.write(path, specs, state_dict.values(), metadata)

@@ -74,9 +74,11 @@ def npz_array(path: str, key: str, max_bytes: int = MAX_IN_MEMORY):
     declared = math.prod(shape) * dtype.itemsize
     if info.compress_type != zipfile.ZIP_STORED or fortran or dtype.hasobject:
         if declared > max_bytes:
-            raise NeonError(f"{path}[{key!r}] declares {list(shape)} {dtype} ({declared / 2**30:,.1f} GiB), above the "
-                            f"limit of {max_bytes / 2**30:.0f} GiB read whole; store it uncompressed (np.savez) to "
-                            f"stream it")
+            raise NeonError(
+                f"{path}[{key!r}] declares {list(shape)} {dtype} ({declared / 2**30:,.1f} GiB), above the "
+                f"limit of {max_bytes / 2**30:.0f} GiB read whole; store it uncompressed (np.savez) to "
+                f"stream it"
+            )
         try:
             with np.load(path, allow_pickle=False) as data:
                 return np.ascontiguousarray(data[key])
@@ -89,7 +91,9 @@ def npz_array(path: str, key: str, max_bytes: int = MAX_IN_MEMORY):
         name_len, extra_len = struct.unpack("<HH", f.read(4))
     offset = info.header_offset + 30 + name_len + extra_len + data_start
     if offset + declared > os.path.getsize(path):
-        raise NeonError(f"{path}[{key!r}] is truncated: it declares {list(shape)} {dtype} but the file is shorter")
+        raise NeonError(
+            f"{path}[{key!r}] is truncated: it declares {list(shape)} {dtype} but the file is shorter"
+        )
     if math.prod(shape) == 0:
         return np.empty(shape, dtype=dtype)
     return RowFile(path, offset, shape, dtype)

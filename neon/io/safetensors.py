@@ -16,7 +16,6 @@ import torch
 from neon.errors import NeonError, first_sentence
 from neon.io import files
 
-
 # safetensors dtype codes. Reading goes through the safetensors library; `write` is ours
 # because the library's writer needs every tensor in memory at once. Data is little-endian; like the
 # library, the writer assumes a little-endian host and copies bytes as they are.
@@ -62,7 +61,9 @@ def header(path: str) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], d
             part = f.get_slice(name)
             code = part.get_dtype()
             if code not in _ST_DTYPES:
-                raise NeonError(f"cannot read checkpoint {path}: {name!r} has dtype {code}, which neon does not read")
+                raise NeonError(
+                    f"cannot read checkpoint {path}: {name!r} has dtype {code}, which neon does not read"
+                )
             header[name] = (_ST_DTYPES[code], tuple(part.get_shape()))
         return header, dict(f.metadata() or {})
 

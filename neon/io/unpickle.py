@@ -63,10 +63,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in self.allowed:
             return self.allowed[(module, name)]
-        raise pickle.UnpicklingError(f"refused {module}.{name}: not on the allowlist of this family's pickles")
+        raise pickle.UnpicklingError(
+            f"refused {module}.{name}: not on the allowlist of this family's pickles"
+        )
 
 
-def read(path: str, allowed: Mapping[tuple[str, str], object], from_pickle: Callable[[object], dict] | None) -> dict:
+def read(
+    path: str, allowed: Mapping[tuple[str, str], object], from_pickle: Callable[[object], dict] | None
+) -> dict:
     """The `.pkl` at `path` unpickled with only the globals of `allowed` resolvable, turned into a plain
     dict by `from_pickle` (None: no family reads pickles, refused after the allowlist had its say);
     NeonError (one line) for anything refused or malformed."""
@@ -77,10 +81,20 @@ def read(path: str, allowed: Mapping[tuple[str, str], object], from_pickle: Call
             raise NeonError(f"cannot read network pickle {path}: no family format given for .pkl files "
                             f"(pass --family)")
         data = from_pickle(raw)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, RuntimeError, KeyError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        AttributeError,
+        ValueError,
+        TypeError,
+        RuntimeError,
+        KeyError,
+    ) as e:
         raise NeonError(f"cannot read network pickle {path}: {first_sentence(e)}") from None
     if not isinstance(data, dict):
-        raise NeonError(f"cannot read network pickle {path}: top level is a {type(data).__name__}, not a dict")
+        raise NeonError(
+            f"cannot read network pickle {path}: top level is a {type(data).__name__}, not a dict"
+        )
     return data
 
 def module_state_dict(record: Record, prefix: str = "", out: dict | None = None) -> dict:
@@ -98,7 +112,9 @@ def module_state_dict(record: Record, prefix: str = "", out: dict | None = None)
     for name, child in state.get("_modules", {}).items():
         if child is not None:
             if not isinstance(child, Record):
-                raise pickle.UnpicklingError(f"unexpected module {prefix + name} of type {type(child).__name__}")
+                raise pickle.UnpicklingError(
+                    f"unexpected module {prefix + name} of type {type(child).__name__}"
+                )
             module_state_dict(child, f"{prefix}{name}.", out)
     return out
 

@@ -29,7 +29,11 @@ PR_NEIGHBOURS = 5  # precision/recall with k = 5 (Kynkäänniemi et al. 2019; AD
 
 def statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mu float64 [D], sigma float64 [D, D]) of features [N, D], N >= 2; sigma is unbiased."""
-    x = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float64)
+    x = (
+        features.detach().cpu().double().numpy()
+        if isinstance(features, torch.Tensor)
+        else np.asarray(features, np.float64)
+    )
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
@@ -50,8 +54,10 @@ def frechet_distance(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.n
         raise NeonError(f"the features have dimension {len(stats_a[0])} but the reference statistics "
                         f"{len(stats_b[0])}: a reference made with another feature network?")
 
-    (mu_a, sigma_a), (mu_b, sigma_b) = [(np.asarray(mu, np.float64), np.atleast_2d(np.asarray(sigma, np.float64)))
-                                        for mu, sigma in (stats_a, stats_b)]
+    (mu_a, sigma_a), (mu_b, sigma_b) = [
+        (np.asarray(mu, np.float64), np.atleast_2d(np.asarray(sigma, np.float64)))
+        for mu, sigma in (stats_a, stats_b)
+    ]
     both = sigma_a + sigma_b
     # At least numpy's matrix_rank threshold: eigenvalues below it are rounding noise of zero.
     tolerance = np.linalg.norm(both) * len(both) * np.finfo(np.float64).eps
@@ -66,7 +72,9 @@ def frechet_distance(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.n
             return outside
         mu_a, mu_b = span.T @ mu_a, span.T @ mu_b
         sigma_a, sigma_b = span.T @ sigma_a @ span, span.T @ sigma_b @ span
-    metric = fid_statistics_to_metric({"mu": mu_a, "sigma": sigma_a}, {"mu": mu_b, "sigma": sigma_b}, verbose=False)
+    metric = fid_statistics_to_metric(
+        {"mu": mu_a, "sigma": sigma_a}, {"mu": mu_b, "sigma": sigma_b}, verbose=False
+    )
     return float(metric[KEY_METRIC_FID]) + outside
 
 
@@ -76,12 +84,16 @@ def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS) -> tuple[floa
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
     if len(logits) < splits:
-        raise NeonError(f"the Inception score needs at least {splits} images ({splits} splits), got {len(logits)}")
+        raise NeonError(
+            f"the Inception score needs at least {splits} images ({splits} splits), got {len(logits)}"
+        )
     out = isc_features_to_metric(logits.float().cpu(), splits=splits)
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
 
-def precision_recall(features: torch.Tensor, real: torch.Tensor, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
+def precision_recall(
+    features: torch.Tensor, real: torch.Tensor, k: int = PR_NEIGHBOURS
+) -> tuple[float, float]:
     """(precision, recall) of generated features [N, D] against real features [M, D]: the share of
     generated samples inside the real manifold (k-NN balls) and of real samples inside the
     generated one. N and M must exceed k."""
@@ -90,7 +102,9 @@ def precision_recall(features: torch.Tensor, real: torch.Tensor, k: int = PR_NEI
     if min(len(features), len(real)) <= k:
         raise NeonError(f"precision/recall with k = {k} needs more than {k} images in each set, "
                         f"got {len(features)} and {len(real)}")
-    out = prc_features_to_metric(features.float().cpu(), real.float().cpu(), prc_neighborhood=k, verbose=False)
+    out = prc_features_to_metric(
+        features.float().cpu(), real.float().cpu(), prc_neighborhood=k, verbose=False
+    )
     return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
@@ -122,7 +136,8 @@ def reference_statistics(source: str, out: str, conf: FidConfig) -> Iterator[Pro
     images = image_sources.source(source)
     if len(images) < 2:
         raise NeonError(f"{source}: statistics need at least 2 images, got {len(images)}")
-    inception.weights_path(conf.inception_weights)  # the inputs first; a missing weights file fails every rank at once
+    # the inputs first; a missing weights file fails every rank at once
+    inception.weights_path(conf.inception_weights)
     features = {}
     yield from _features(images, conf, 0, len(images), features)
     if distributed.is_main():
@@ -149,9 +164,12 @@ def evaluate(source: str, ref: str, conf: FidConfig, with_is: bool = False,
     if with_is and len(images) < IS_SPLITS:
         raise NeonError(f"{source}: the Inception score needs at least {IS_SPLITS} images, got {len(images)}")
     if real_images is not None and min(len(images), len(real_images)) <= PR_NEIGHBOURS:
-        raise NeonError(f"precision/recall with k = {PR_NEIGHBOURS} needs more than {PR_NEIGHBOURS} images in "
-                        f"each set, got {len(images)} and {len(real_images)}")
-    inception.weights_path(conf.inception_weights)  # the inputs first; a missing weights file fails every rank at once
+        raise NeonError(
+            f"precision/recall with k = {PR_NEIGHBOURS} needs more than {PR_NEIGHBOURS} images in "
+            f"each set, got {len(images)} and {len(real_images)}"
+        )
+    # the inputs first; a missing weights file fails every rank at once
+    inception.weights_path(conf.inception_weights)
     total = len(images) + (len(real_images) if real_images is not None else 0)
     features, real_features = {}, {}
     yield from _features(images, conf, 0, total, features)
@@ -168,8 +186,10 @@ def evaluate(source: str, ref: str, conf: FidConfig, with_is: bool = False,
         if "fd_dinov2" in metrics:
             from neon.metrics import dinov2
 
-            sides = [next(r for r in dinov2.extract(x, conf.batch_size) if r.result is not None).result["dinov2"]
-                     for x in (images, real_images)]
+            sides = [
+                next(r for r in dinov2.extract(x, conf.batch_size) if r.result is not None).result["dinov2"]
+                for x in (images, real_images)
+            ]
             result["fd_dinov2"] = frechet_distance(statistics(sides[0]), statistics(sides[1]))
     yield Progress(total, total, "img", result=result)
 

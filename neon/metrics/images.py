@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from neon import synthetic
-from neon.io import rows
 from neon.errors import NeonError
+from neon.io import rows
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 NPZ_KEYS = ("samples", "arr_0")  # in order of preference
@@ -88,7 +88,9 @@ def source(path: str) -> Images:
         return Images(path, (3, *array.shape[1:3]), [array])
     if not os.path.exists(path):
         raise NeonError(f"no such image source: {path}")
-    raise NeonError(f"{path}: images must be a folder of PNG/JPEG files, an .npz of uint8 images or a synthetic set")
+    raise NeonError(
+        f"{path}: images must be a folder of PNG/JPEG files, an .npz of uint8 images or a synthetic set"
+    )
 
 
 def labels(path: str, num: int) -> torch.Tensor | None:
@@ -101,7 +103,12 @@ def labels(path: str, num: int) -> torch.Tensor | None:
         if LABELS_KEY not in data.files:
             return None
         found = data[LABELS_KEY]
-    if found.ndim != 1 or len(found) != num or not np.issubdtype(found.dtype, np.integer) or (found < 0).any():
+    if (
+        found.ndim != 1
+        or len(found) != num
+        or not np.issubdtype(found.dtype, np.integer)
+        or (found < 0).any()
+    ):
         raise NeonError(f"{path}[{LABELS_KEY!r}] must be {num} class labels (integers >= 0), "
                         f"got {found.dtype} of shape {list(found.shape)}")
     return torch.from_numpy(found.astype(np.int64))
@@ -157,7 +164,9 @@ def _npz_images(path: str) -> np.ndarray:
     if array.dtype != np.uint8:
         raise NeonError(f"{where} holds {array.dtype} images; expected uint8 [N,H,W,3] in 0..255")
     if array.ndim != 4 or array.shape[3] != 3:
-        raise NeonError(f"{where} has shape {list(array.shape)}; expected uint8 [N,H,W,3] (3 channels, channels last)")
+        raise NeonError(
+            f"{where} has shape {list(array.shape)}; expected uint8 [N,H,W,3] (3 channels, channels last)"
+        )
     if array.shape[0] == 0:
         raise NeonError(f"{where} holds no images")
     return array

@@ -21,9 +21,9 @@ from typing import Iterator
 import torch
 
 from neon import distributed, precision, synthetic
-from neon.progress import Progress
-from neon.io import checkpoint
 from neon.errors import NeonError
+from neon.io import checkpoint
+from neon.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,9 @@ def build(weights: str | None = None, device: torch.device | str = "cpu") -> tor
     try:
         extractor = FeatureExtractorInceptionV3(NAME, [POOL, LOGITS], feature_extractor_weights_path=buffer)
     except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen keys
-        raise NeonError(f"{path} is not a torch-fidelity InceptionV3 state dict: {str(e).splitlines()[0]}") from None
+        raise NeonError(
+            f"{path} is not a torch-fidelity InceptionV3 state dict: {str(e).splitlines()[0]}"
+        ) from None
     return extractor.to(device)
 
 

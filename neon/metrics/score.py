@@ -91,12 +91,16 @@ def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_siz
         if samples.is_floating_point() and not torch.isfinite(samples).all():
             nonfinite = True
             break
-        own = (inception.pool_and_logits(samples, conf) if inception_only else (features(family, samples, conf),))
+        own = (
+            inception.pool_and_logits(samples, conf) if inception_only else (features(family, samples, conf),)
+        )
         dino = (dinov2.features(samples, conf.batch_size),) if "fd_dinov2" in extras else ()
         feats.append((idx.start, own + dino + ((samples,) if keep_samples else ())))
     if distributed.all_reduce_sum(torch.tensor([float(nonfinite)])).item() > 0:
         return {"fid": None, "nonfinite": True}
-    gathered = sorted((item for part in distributed.gather_objects(feats) for item in part), key=lambda t: t[0])
+    gathered = sorted(
+        (item for part in distributed.gather_objects(feats) for item in part), key=lambda t: t[0]
+    )
     pool = torch.cat([f[0] for _, f in gathered])
     result = {"fid": fid.frechet_distance(fid.statistics(pool), ref_stats)}
     if with_is:
@@ -119,7 +123,9 @@ def add_metric_flags(parser) -> None:
     """`--metrics fid,fd_dinov2,prdc` and `--real REAL_SRC`, the flags every `calculate_fid.py` shares."""
     parser.add_argument("--metrics", type=parse_metrics, default=["fid"],
                         help="fid,fd_dinov2,prdc (fd_dinov2, prdc and precision/recall against --real)")
-    parser.add_argument("--real", metavar="REAL_SRC", help="real images (a folder, an .npz or a synthetic set)")
+    parser.add_argument(
+        "--real", metavar="REAL_SRC", help="real images (a folder, an .npz or a synthetic set)"
+    )
 
 
 def score_checkpoint(family, path: str, sampler, seeds: tuple[int, int], batch_size: int, ref: str, *,
@@ -149,7 +155,9 @@ def real_features(source: str, conf: inception.FidConfig, extras=()) -> dict:
     `extras`; the same on every rank."""
     images = image_sources.source(source)
     if len(images) <= fid.PR_NEIGHBOURS:
-        raise NeonError(f"{source}: precision/recall needs more than {fid.PR_NEIGHBOURS} real images, got {len(images)}")
+        raise NeonError(
+            f"{source}: precision/recall needs more than {fid.PR_NEIGHBOURS} real images, got {len(images)}"
+        )
     result = {"pool": fid.features_of(images, conf)["pool"]}
     if "fd_dinov2" in extras:
         for record in dinov2.extract(images, conf.batch_size):

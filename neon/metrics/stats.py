@@ -6,9 +6,8 @@ import os
 import numpy as np
 
 from neon import distributed
-from neon.io import files, rows
 from neon.errors import NeonError
-
+from neon.io import files, rows
 
 MAX_DIM = 16384
 """The largest feature dimension of reference statistics (sigma: 2 GiB in float64; Inception's is 2048)."""
@@ -31,10 +30,14 @@ def load(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise NeonError(f"{path} lacks {' and '.join(missing)} (it has: {', '.join(files) or 'nothing'})")
     (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = (rows.npz_header(path, key) for key in ("mu", "sigma"))
     if len(mu_shape) != 1 or tuple(sigma_shape) != (mu_shape[0], mu_shape[0]):
-        raise NeonError(f"{path}: mu has shape {list(mu_shape)} and sigma {list(sigma_shape)}; expected [D] and [D, D]")
+        raise NeonError(
+            f"{path}: mu has shape {list(mu_shape)} and sigma {list(sigma_shape)}; expected [D] and [D, D]"
+        )
     if mu_shape[0] > MAX_DIM:
         raise NeonError(f"{path}: features of dimension {mu_shape[0]}, above the limit of {MAX_DIM}")
-    if not all(np.issubdtype(d, np.floating) or np.issubdtype(d, np.integer) for d in (mu_dtype, sigma_dtype)):
+    if not all(
+        np.issubdtype(d, np.floating) or np.issubdtype(d, np.integer) for d in (mu_dtype, sigma_dtype)
+    ):
         raise NeonError(f"{path}: mu and sigma must hold real numbers, not {mu_dtype} and {sigma_dtype}")
     mu, sigma = (np.asarray(rows.npz_array(path, key)[:], dtype=np.float64) for key in ("mu", "sigma"))
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from neon import diagnose, finetune, log, progress, sweep, synthetic
-from neon.io import files
 from neon.errors import NeonError
 from neon.family import write_checkpoint
+from neon.io import files
 from neon.threads import one_thread  # tests and benchmarks reach it as appendix.one_thread
 from neon.toy import models
 from neon.toy.family import METHODS, ToySampler, family
@@ -42,8 +42,14 @@ NUM_SYNTHETIC = 1000
 # base), fewer samples per point and coarser grids.
 BASE = {False: (None, None), True: (2000, 1e-3)}
 EVAL_NUM = {False: 50_000, True: 10_000}
-W_GRID = {False: {"diffusion": "-2:2:0.05", "ar": "-1:1:0.025"}, True: {"diffusion": "-2:2:0.2", "ar": "-1:1:0.05"}}
-COSINE = {False: {"points": 10_000, "values": 21, "repeats": 8}, True: {"points": 2000, "values": 9, "repeats": 16}}
+W_GRID = {
+    False: {"diffusion": "-2:2:0.05", "ar": "-1:1:0.025"},
+    True: {"diffusion": "-2:2:0.2", "ar": "-1:1:0.05"},
+}
+COSINE = {
+    False: {"points": 10_000, "values": 21, "repeats": 8},
+    True: {"points": 2000, "values": 9, "repeats": 16},
+}
 COSINE_RANGE = {"diffusion": ("zeta", 0.8, 1.2), "ar": ("tau", 0.6, 1.4)}
 
 
@@ -78,8 +84,14 @@ def run_setting(out: str, setting: dict, epochs: tuple[int, ...], w_grid: str, e
                                     batch_size=NUM_SYNTHETIC, shard_size=NUM_SYNTHETIC, labels="none")
     progress.last(synthetic.write(family, model, sampler, syn, files.sha256(base_path)))
     step = int(np.gcd.reduce(epochs)) * NUM_SYNTHETIC
-    ft = finetune.FinetuneConfig(data=syn.out, out=os.path.join(folder, "run"), total_images=max(epochs) * NUM_SYNTHETIC,
-                                 batch_size=NUM_SYNTHETIC, lr=FT_LR[kind], snapshot_every_images=step)
+    ft = finetune.FinetuneConfig(
+        data=syn.out,
+        out=os.path.join(folder, "run"),
+        total_images=max(epochs) * NUM_SYNTHETIC,
+        batch_size=NUM_SYNTHETIC,
+        lr=FT_LR[kind],
+        snapshot_every_images=step,
+    )
     progress.last(finetune.run(family, family.load(base_path), ft))
     rows = []
     for epoch in epochs:
@@ -89,18 +101,33 @@ def run_setting(out: str, setting: dict, epochs: tuple[int, ...], w_grid: str, e
         progress.last(sweep.run(family, model, base_path, sampler, sw))
         ws, fids = sweep.curve(sweep.load_results(sw.out), sw, snapshot)
         best = min(range(len(ws)), key=fids.__getitem__)
-        rows.append({"model": kind, "sampler": setting["sampler"], "method": sampler.method if kind == "diffusion" else None,
-                     "mode": setting["mode"], "epochs": epoch,
-                     "base": fids[ws.index(0.0)], "best_w": ws[best], "best": fids[best], "w": ws, "metric": fids})
+        rows.append(
+            {
+                "model": kind,
+                "sampler": setting["sampler"],
+                "method": sampler.method if kind == "diffusion" else None,
+                "mode": setting["mode"],
+                "epochs": epoch,
+                "base": fids[ws.index(0.0)],
+                "best_w": ws[best],
+                "best": fids[best],
+                "w": ws,
+                "metric": fids,
+            }
+        )
     return rows
 
 
 def run_curves(out: str = "outputs/appendix", quick: bool = False, method: str = "notebook") -> list[dict]:
     """The appendix's FID-vs-w curves after 50 and 250 fine-tune epochs, for every setting."""
     with one_thread():
-        rows = [row for setting in SETTINGS
-                for row in run_setting(out, setting, (50, 250), W_GRID[quick][setting["model"]], EVAL_NUM[quick],
-                                       quick, method)]
+        rows = [
+            row
+            for setting in SETTINGS
+            for row in run_setting(
+                out, setting, (50, 250), W_GRID[quick][setting["model"]], EVAL_NUM[quick], quick, method
+            )
+        ]
     files.write_json(os.path.join(out, "curves.json"), rows)
     return rows
 

@@ -12,11 +12,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import Model, arch_kwargs, build_and_load, preset_of, read_checkpoint
+from neon.io import checkpoint
 from neon.toy import models
-
 
 METHODS = ("ddim", "notebook")  # the diffusion samplers: a correct DDIM, the appendix notebook's
 
@@ -41,7 +40,9 @@ class ToySampler:
         if self.steps < 1 or self.zeta <= 0 or self.tau <= 0 or self.eta < 0:
             raise NeonError("sampler: need steps >= 1, zeta > 0, tau > 0 and eta >= 0")
         if self.method not in METHODS:
-            raise NeonError(f"sampler.method: expected {' or '.join(map(repr, METHODS))}, got {self.method!r}")
+            raise NeonError(
+                f"sampler.method: expected {' or '.join(map(repr, METHODS))}, got {self.method!r}"
+            )
         if self.method == "notebook" and (self.eta != 0 or self.steps < 2):
             raise NeonError("sampler: the notebook method is deterministic with steps >= 2; set eta 0")
 
@@ -73,7 +74,9 @@ class ToyFamily:
                              f"the toy {kwargs['model']} model", device)
         return Model(net=net, arch=dict(kwargs))
 
-    def sample(self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: ToySampler) -> torch.Tensor:
+    def sample(
+        self, model: Model, labels: torch.Tensor, seeds: torch.Tensor, sampler: ToySampler
+    ) -> torch.Tensor:
         seeds = seeds.to(next(model.net.parameters()).device)
         with torch.inference_mode():
             if model.arch["model"] == "diffusion" and sampler.method == "notebook":

@@ -58,7 +58,9 @@ class EpsMLP(nn.Module):
             h = torch.relu(block(h))
         return self.out(h)
 
-    def sample(self, seeds: torch.Tensor, zeta: float = 1.0, steps: int = 20, eta: float = 0.0) -> torch.Tensor:
+    def sample(
+        self, seeds: torch.Tensor, zeta: float = 1.0, steps: int = 20, eta: float = 0.0
+    ) -> torch.Tensor:
         """DDIM (Song et al. 2021, Eq. 12) over `steps` of the T training steps, t = T − T/steps … 0,
         with the predicted ε (hence the score −ε/√(1−ᾱ)) scaled by ζ. η = 0 is deterministic; η = 1
         is the DDPM posterior variance. Returns float32 [B, 2]."""
@@ -92,7 +94,9 @@ class EpsMLP(nn.Module):
         x = rng.normal(seeds, (2,), stream=0, dtype=torch.float64)
         a_bar = cosine_alpha_bar(steps).to(x.device)
         for k in range(steps - 1, 0, -1):
-            time = torch.full((x.shape[0],), k * self.timesteps / (steps - 1), dtype=torch.float32, device=x.device)
+            time = torch.full(
+                (x.shape[0],), k * self.timesteps / (steps - 1), dtype=torch.float32, device=x.device
+            )
             eps = self(x.float(), time).double()
             x0 = (x - zeta * (1 - a_bar[k]).sqrt() * eps) / a_bar[k].sqrt()
             x = a_bar[k - 1].sqrt() * x0 + (1 - a_bar[k - 1]).sqrt() * eps

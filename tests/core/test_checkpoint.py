@@ -9,14 +9,24 @@ import struct
 import numpy as np
 import pytest
 import safetensors.torch as safetensors_torch
-from safetensors import safe_open
 import torch
+from safetensors import safe_open
 
-from neon.io import checkpoint, files, safetensors
 from neon.errors import NeonError
+from neon.io import checkpoint, files, safetensors
 
-ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-              torch.int16, torch.int8, torch.uint8, torch.bool]
+ALL_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
 
 
 def _sample(dtype: torch.dtype, shape=(3, 5), seed=0) -> torch.Tensor:
@@ -30,9 +40,11 @@ def _sample(dtype: torch.dtype, shape=(3, 5), seed=0) -> torch.Tensor:
 
 
 def _state_dict(seed=0) -> dict[str, torch.Tensor]:
-    return {"net.weight": _sample(torch.float32, (4, 3), seed),
-            "net.bias": _sample(torch.float16, (4,), seed),
-            "net.steps": torch.tensor(7)}
+    return {
+        "net.weight": _sample(torch.float32, (4, 3), seed),
+        "net.bias": _sample(torch.float16, (4,), seed),
+        "net.steps": torch.tensor(7),
+    }
 
 
 def _leftovers(directory) -> list[str]:
@@ -61,8 +73,11 @@ def test_safetensors_written_by_us_load_in_the_library(tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_safetensors_written_by_the_library_read_by_us(tmp_path, dtype):
-    tensors = {"b": _sample(dtype, (2, 3, 4), seed=1), "a": _sample(dtype, (5,), seed=2),
-               "s": _sample(dtype, ())}
+    tensors = {
+        "b": _sample(dtype, (2, 3, 4), seed=1),
+        "a": _sample(dtype, (5,), seed=2),
+        "s": _sample(dtype, ()),
+    }
     path = tmp_path / "theirs.safetensors"
     safetensors_torch.save_file(tensors, path, metadata={"format": "pt"})
     header, metadata = safetensors.header(path)
@@ -80,9 +95,11 @@ def test_safetensors_header_order_padding_and_selection(tmp_path):
     # A hand-built file: header space-padded, header order differing from data order.
     a = torch.tensor([1.5, -2.0], dtype=torch.float32)
     b = torch.tensor([[3, 4]], dtype=torch.int64)
-    header = {"b": {"dtype": "I64", "shape": [1, 2], "data_offsets": [8, 24]},
-              "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "__metadata__": {"note": "hand-made"}}
+    header = {
+        "b": {"dtype": "I64", "shape": [1, 2], "data_offsets": [8, 24]},
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "__metadata__": {"note": "hand-made"},
+    }
     raw = json.dumps(header).encode() + b" " * 13
     path = tmp_path / "hand.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + a.numpy().tobytes() + b.numpy().tobytes())
@@ -91,7 +108,9 @@ def test_safetensors_header_order_padding_and_selection(tmp_path):
     assert list(names) == ["a", "b"] and names["b"] == (torch.int64, (1, 2))
     assert metadata == {"note": "hand-made"}
     assert [(n, t.tolist()) for n, t in safetensors.iterate(path, ["b", "a"])] == [
-        ("b", [[3, 4]]), ("a", [1.5, -2.0])]
+        ("b", [[3, 4]]),
+        ("a", [1.5, -2.0]),
+    ]
     with pytest.raises(NeonError, match="no tensor named c"):
         list(safetensors.iterate(path, ["a", "c"]))
 
@@ -130,8 +149,10 @@ LAYOUTS = {
     "state_dict": (lambda sd: {"state_dict": sd, "epoch": 1}, ("state_dict",)),
     "net": (lambda sd: {"net": sd}, ("net",)),
     "var_wo_ddp": (lambda sd: {"var_wo_ddp": sd, "vae": "vae.pth"}, ("var_wo_ddp",)),
-    "trainer": (lambda sd: {"trainer": {"var_wo_ddp": sd, "epoch": 3}, "args": {"depth": 16}},
-                ("trainer", "var_wo_ddp")),
+    "trainer": (
+        lambda sd: {"trainer": {"var_wo_ddp": sd, "epoch": 3}, "args": {"depth": 16}},
+        ("trainer", "var_wo_ddp"),
+    ),
 }
 
 
@@ -243,20 +264,35 @@ def _bad_dtype_st(path):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0")
 
 
-@pytest.mark.parametrize("name, make, message", [
-    ("garbage.pt", _garbage, "cannot read checkpoint .*garbage.pt: "),
-    ("truncated.pt", _truncated_pt, "cannot read checkpoint .*truncated.pt: "),
-    ("list.pt", _list_pt, "top level is a list, not a dict"),
-    ("empty.pth", lambda p: p.write_bytes(b""), "cannot read checkpoint .*empty.pth: "),
-    ("no_weights.pt", _no_weights_pt, r"no state dict found \(top-level keys: epoch, args, model\)"),
-    ("garbage.safetensors", _garbage, "cannot read checkpoint .*garbage.safetensors: "),
-    # the safetensors library's own diagnoses, on one line
-    ("truncated.safetensors", _truncated_st, "cannot read checkpoint .*truncated.safetensors: .*not fully covered"),
-    ("huge.safetensors", _huge_header_st, "cannot read checkpoint .*huge.safetensors: .*header too large"),
-    ("dtype.safetensors", _bad_dtype_st, "cannot read checkpoint .*dtype.safetensors: .*unknown variant `F8`"),
-    ("net.pkl", _garbage, "cannot read network pickle .*net.pkl: "),
-    ("weights.npz", _garbage, "unknown checkpoint format"),
-])
+@pytest.mark.parametrize(
+    "name, make, message",
+    [
+        ("garbage.pt", _garbage, "cannot read checkpoint .*garbage.pt: "),
+        ("truncated.pt", _truncated_pt, "cannot read checkpoint .*truncated.pt: "),
+        ("list.pt", _list_pt, "top level is a list, not a dict"),
+        ("empty.pth", lambda p: p.write_bytes(b""), "cannot read checkpoint .*empty.pth: "),
+        ("no_weights.pt", _no_weights_pt, r"no state dict found \(top-level keys: epoch, args, model\)"),
+        ("garbage.safetensors", _garbage, "cannot read checkpoint .*garbage.safetensors: "),
+        # the safetensors library's own diagnoses, on one line
+        (
+            "truncated.safetensors",
+            _truncated_st,
+            "cannot read checkpoint .*truncated.safetensors: .*not fully covered",
+        ),
+        (
+            "huge.safetensors",
+            _huge_header_st,
+            "cannot read checkpoint .*huge.safetensors: .*header too large",
+        ),
+        (
+            "dtype.safetensors",
+            _bad_dtype_st,
+            "cannot read checkpoint .*dtype.safetensors: .*unknown variant `F8`",
+        ),
+        ("net.pkl", _garbage, "cannot read network pickle .*net.pkl: "),
+        ("weights.npz", _garbage, "unknown checkpoint format"),
+    ],
+)
 def test_read_errors_are_one_line(tmp_path, name, make, message):
     make(tmp_path / name)
     with pytest.raises(NeonError, match=message) as info:

@@ -19,29 +19,121 @@ def test_sample_finetune_merge_sweep_through_the_cli(tmp_path, capsys):
     base = save_base(tmp_path / "base.pt")
     s, r = tmp_path / "S", tmp_path / "run"
     common = ["--family", "toy"]
-    cli.main(["sample", *common, "--ckpt", base, "--out", str(s), "--num", "64", "--batch-size", "32",
-              "--shard-size", "32", "--sampler.zeta", "1.1", "--synthetic.labels", "none"])
+    cli.main(
+        [
+            "sample",
+            *common,
+            "--ckpt",
+            base,
+            "--out",
+            str(s),
+            "--num",
+            "64",
+            "--batch-size",
+            "32",
+            "--shard-size",
+            "32",
+            "--sampler.zeta",
+            "1.1",
+            "--synthetic.labels",
+            "none",
+        ]
+    )
     assert yaml.safe_load(open(s / "config.resolved.yaml"))["sampler"]["zeta"] == 1.1
-    cli.main(["finetune", *common, "--ckpt", base, "--data", str(s), "--out", str(r), "--images", "128",
-              "--batch-size", "32", "--lr", "1e-3", "--snapshot-every", "64", "--ema-beta", "0.5"])
-    assert sorted(os.listdir(r)) == ["config.resolved.yaml", "log.txt", "snapshot-0000000064.pt",
-                                     "snapshot-0000000128.pt", "state-latest.pt", "stats.jsonl"]
-    cli.main(["merge", "--base", base, "--self", str(r / "snapshot-0000000128.pt"), "--w", "0.5",
-              "--out", str(tmp_path / "neon.pt")])
+    cli.main(
+        [
+            "finetune",
+            *common,
+            "--ckpt",
+            base,
+            "--data",
+            str(s),
+            "--out",
+            str(r),
+            "--images",
+            "128",
+            "--batch-size",
+            "32",
+            "--lr",
+            "1e-3",
+            "--snapshot-every",
+            "64",
+            "--ema-beta",
+            "0.5",
+        ]
+    )
+    assert sorted(os.listdir(r)) == [
+        "config.resolved.yaml",
+        "log.txt",
+        "snapshot-0000000064.pt",
+        "snapshot-0000000128.pt",
+        "state-latest.pt",
+        "stats.jsonl",
+    ]
+    cli.main(
+        [
+            "merge",
+            "--base",
+            base,
+            "--self",
+            str(r / "snapshot-0000000128.pt"),
+            "--w",
+            "0.5",
+            "--out",
+            str(tmp_path / "neon.pt"),
+        ]
+    )
     a, b = checkpoint.read(base), read_checkpoint(toy_family, str(r / "snapshot-0000000128.pt"))
     merged = checkpoint.read(str(tmp_path / "neon.pt"))
     assert merged.data.keys() == a.data.keys() and merged.weights_key == ("model",)
     ema = checkpoint.read_state(str(r / "state-latest.pt"))["ema"]
     for k, v in a.weights.items():
         assert torch.equal(b.weights[k], ema[k]) and torch.equal(merged.weights[k], 1.5 * v - 0.5 * ema[k])
-    cli.main(["sweep", *common, "--base", base, "--self", str(r), "--w", "0:1:0.5", "--num", "32",
-              "--batch-size", "32", "--out", str(tmp_path / "sweep"), "--sweep.sampler", "{zeta: 1.0}"])
+    cli.main(
+        [
+            "sweep",
+            *common,
+            "--base",
+            base,
+            "--self",
+            str(r),
+            "--w",
+            "0:1:0.5",
+            "--num",
+            "32",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path / "sweep"),
+            "--sweep.sampler",
+            "{zeta: 1.0}",
+        ]
+    )
     records = [json.loads(line) for line in open(tmp_path / "sweep" / "results.jsonl")]
     assert len(records) == 1 + 2 * 2 and all(r["fid"] > 0 for r in records)
     capsys.readouterr()
-    cli.main(["sweep", *common, "--base", base, "--self", str(r), "--w", "0:1:0.5", "--num", "32",
-              "--batch-size", "32", "--out", str(tmp_path / "sweep"), "--final-num", "16",
-              "--sweep.final_seeds", "1"])
+    cli.main(
+        [
+            "sweep",
+            *common,
+            "--base",
+            base,
+            "--self",
+            str(r),
+            "--w",
+            "0:1:0.5",
+            "--num",
+            "32",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path / "sweep"),
+            "--final-num",
+            "16",
+            "--sweep.final_seeds",
+            "1",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     lines = open(tmp_path / "sweep" / "results.jsonl")
     finals = {(x["snapshot"], x["w"]): x["fid"] for x in map(json.loads, lines) if x["num"] == 16}
@@ -50,29 +142,59 @@ def test_sample_finetune_merge_sweep_through_the_cli(tmp_path, capsys):
 
 
 def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(tmp_path, capsys):
-    cli.main(["finetune", "--family", "toy", "--ckpt", "b.pt", "--out", str(tmp_path / "r"), "--images", "64",
-              "--batch-size", "32", "--finetune.lr", "2e-5", "--dry-run"])
+    cli.main(
+        [
+            "finetune",
+            "--family",
+            "toy",
+            "--ckpt",
+            "b.pt",
+            "--out",
+            str(tmp_path / "r"),
+            "--images",
+            "64",
+            "--batch-size",
+            "32",
+            "--finetune.lr",
+            "2e-5",
+            "--dry-run",
+        ]
+    )
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["finetune"]["lr"] == 2e-5 and resolved["finetune"]["total_images"] == 64
     assert not os.path.exists(tmp_path / "r")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["sample", "--family", "nope", "--ckpt", "x.pt", "--out", "o"],
-     f"unknown family 'nope' (installed: {', '.join(family_names())}; or give package.module:attribute)"),
-    (["sample", "--family", "toy", "--ckpt", "missing.pt", "--out", "o", "--num", "4"],
-     "no such checkpoint: missing.pt"),
-    (["sample", "--family", "toy", "--ckpt", "x.pt", "--out", "o", "--num", "many"], None),
-    (["finetune", "--family", "toy", "--ckpt", "x.pt", "--images", "0", "--batch-size", "4"],
-     "finetune.total_images and finetune.batch_size must be positive"),
-    (["sweep", "--family", "toy", "--base", "x.pt", "--self", "r", "--w", "1:0:1"], "bad w grid '1:0:1'"),
-    (["sweep", "--family", "toy", "--base", "x.pt", "--self", "r", "--is"],
-     "sweep.inception_score and sweep.precision_recall score the final report: set sweep.final_num"),
-    (["sweep", "--family", "toy", "--base", "x.pt", "--self", "r", "--final-num", "8", "--is"],
-     "sweep.inception_score needs sweep.final_num >= 10"),
-    (["sample", "--family", "toy", "--sampler.zeta", "big"], "sampler.zeta: expected float, got 'big'"),
-    (["merge", "--base", "a.pt", "--self", "b.pt", "--w", "nan", "--out", "c.pt"], "w must be finite"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["sample", "--family", "nope", "--ckpt", "x.pt", "--out", "o"],
+            f"unknown family 'nope' (installed: {', '.join(family_names())}; "
+            "or give package.module:attribute)",
+        ),
+        (
+            ["sample", "--family", "toy", "--ckpt", "missing.pt", "--out", "o", "--num", "4"],
+            "no such checkpoint: missing.pt",
+        ),
+        (["sample", "--family", "toy", "--ckpt", "x.pt", "--out", "o", "--num", "many"], None),
+        (
+            ["finetune", "--family", "toy", "--ckpt", "x.pt", "--images", "0", "--batch-size", "4"],
+            "finetune.total_images and finetune.batch_size must be positive",
+        ),
+        (["sweep", "--family", "toy", "--base", "x.pt", "--self", "r", "--w", "1:0:1"], "bad w grid '1:0:1'"),
+        (
+            ["sweep", "--family", "toy", "--base", "x.pt", "--self", "r", "--is"],
+            "sweep.inception_score and sweep.precision_recall score the final report: set sweep.final_num",
+        ),
+        (
+            ["sweep", "--family", "toy", "--base", "x.pt", "--self", "r", "--final-num", "8", "--is"],
+            "sweep.inception_score needs sweep.final_num >= 10",
+        ),
+        (["sample", "--family", "toy", "--sampler.zeta", "big"], "sampler.zeta: expected float, got 'big'"),
+        (["merge", "--base", "a.pt", "--self", "b.pt", "--w", "nan", "--out", "c.pt"], "w must be finite"),
+    ],
+)
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
@@ -101,8 +223,21 @@ def test_deterministic_flag_and_recipe_key(tmp_path, monkeypatch, capsys):
     base = save_base(tmp_path / "base.pt")
     calls = []
     monkeypatch.setattr(distributed, "deterministic", lambda: calls.append(True))
-    args = ["sample", "--family", "toy", "--ckpt", base, "--num", "8", "--batch-size", "8",
-            "--shard-size", "8", "--synthetic.labels", "none"]
+    args = [
+        "sample",
+        "--family",
+        "toy",
+        "--ckpt",
+        base,
+        "--num",
+        "8",
+        "--batch-size",
+        "8",
+        "--shard-size",
+        "8",
+        "--synthetic.labels",
+        "none",
+    ]
     cli.main(args + ["--out", str(tmp_path / "plain")])
     resolved = yaml.safe_load(open(tmp_path / "plain" / "config.resolved.yaml"))
     assert calls == [] and resolved["deterministic"] is False
@@ -152,27 +287,54 @@ def test_ranks_but_the_first_log_warnings_only(monkeypatch):
 
 
 DRY_RUNS = {  # verb: (argv, {dotted key: value the printed YAML holds})
-    "sample": (["--family", "toy", "--ckpt", "b.pt", "--num", "12"],
-               {"synthetic.num": 12, "model.ckpt": "b.pt"}),
-    "finetune": (["--family", "toy", "--images", "64", "--lr", "2e-5"],
-                 {"finetune.total_images": 64, "finetune.lr": 2e-5}),
-    "merge": (["--base", "b.pt", "--self", "s.pt", "--w", "-1", "--out", "m.pt"],
-              {"family": None, "model.ckpt": "b.pt", "merge.self_trained": "s.pt", "merge.w": -1.0,
-               "merge.out": "m.pt", "merge.format": "same", "merge.allow_nonfinite": False}),
-    "sweep": (["--family", "toy", "--base", "b.pt", "--self", "r", "--w", "-1:1:0.5"],
-              {"sweep.w": "-1:1:0.5", "sweep.self_trained": "r"}),
-    "fid-stats": (["--images", "a.npz", "--out", "s.npz", "--batch-size", "8"],
-                  {"images": "a.npz", "out": "s.npz", "fid.batch_size": 8}),
-    "fid": (["--images", "a.npz", "--ref", "r.npz", "--is"],
-            {"images": "a.npz", "ref": "r.npz", "is": True, "pr": None, "fid.batch_size": 64}),
-    "diagnose": (["--family", "toy", "--ckpt", "b.pt", "--real", "toy:100", "--synthetic", "S",
-                  "--batches", "4"],
-                 {"family": "toy", "diagnose.real": "toy:100", "diagnose.synthetic": "S",
-                  "diagnose.batches": 4}),
+    "sample": (
+        ["--family", "toy", "--ckpt", "b.pt", "--num", "12"],
+        {"synthetic.num": 12, "model.ckpt": "b.pt"},
+    ),
+    "finetune": (
+        ["--family", "toy", "--images", "64", "--lr", "2e-5"],
+        {"finetune.total_images": 64, "finetune.lr": 2e-5},
+    ),
+    "merge": (
+        ["--base", "b.pt", "--self", "s.pt", "--w", "-1", "--out", "m.pt"],
+        {
+            "family": None,
+            "model.ckpt": "b.pt",
+            "merge.self_trained": "s.pt",
+            "merge.w": -1.0,
+            "merge.out": "m.pt",
+            "merge.format": "same",
+            "merge.allow_nonfinite": False,
+        },
+    ),
+    "sweep": (
+        ["--family", "toy", "--base", "b.pt", "--self", "r", "--w", "-1:1:0.5"],
+        {"sweep.w": "-1:1:0.5", "sweep.self_trained": "r"},
+    ),
+    "fid-stats": (
+        ["--images", "a.npz", "--out", "s.npz", "--batch-size", "8"],
+        {"images": "a.npz", "out": "s.npz", "fid.batch_size": 8},
+    ),
+    "fid": (
+        ["--images", "a.npz", "--ref", "r.npz", "--is"],
+        {"images": "a.npz", "ref": "r.npz", "is": True, "pr": None, "fid.batch_size": 64},
+    ),
+    "diagnose": (
+        ["--family", "toy", "--ckpt", "b.pt", "--real", "toy:100", "--synthetic", "S", "--batches", "4"],
+        {"family": "toy", "diagnose.real": "toy:100", "diagnose.synthetic": "S", "diagnose.batches": 4},
+    ),
     "demo": (["--quick"], {"demo": "toy", "out": os.path.join("outputs", "demo"), "quick": True}),
     "report": (["sw"], {"sweep_dir": "sw"}),
-    "plan": ([os.path.join(REPO, "configs", "toy", "ar_tau0.5.yaml"), "--gpus", "2", "--finetune.batch_size",
-              "500"], {"family": "toy", "finetune.batch_size": 500, "plan.gpus": 2, "plan.gpu_memory": 80.0}),
+    "plan": (
+        [
+            os.path.join(REPO, "configs", "toy", "ar_tau0.5.yaml"),
+            "--gpus",
+            "2",
+            "--finetune.batch_size",
+            "500",
+        ],
+        {"family": "toy", "finetune.batch_size": 500, "plan.gpus": 2, "plan.gpu_memory": 80.0},
+    ),
 }
 
 
@@ -197,8 +359,14 @@ def test_every_verb_dry_run_prints_its_resolved_mapping_as_yaml(verb, capsys, tm
 
 def test_each_flag_sets_the_key_the_table_names(capsys):
     """The table is the one way from a flag to a key: every value flag of sample lands at its key."""
-    values = {"--ckpt": "b.pt", "--out": "S", "--num-images": "7", "--batch-size": "3", "--seed": "5",
-              "--shard-size": "2"}
+    values = {
+        "--ckpt": "b.pt",
+        "--out": "S",
+        "--num-images": "7",
+        "--batch-size": "3",
+        "--seed": "5",
+        "--shard-size": "2",
+    }
     cli.main(["sample", "--family", "toy", *[t for pair in values.items() for t in pair], "--dry-run"])
     resolved = yaml.safe_load(capsys.readouterr().out)
     for flag in cli.VERBS["sample"].flags:

@@ -5,9 +5,9 @@ import pytest
 import yaml
 
 from neon import cli, config
-from neon.recipe import build_recipe
 from neon.errors import NeonError
 from neon.finetune import FinetuneConfig
+from neon.recipe import build_recipe
 from tests.conftest import REPO
 
 
@@ -18,14 +18,24 @@ def test_dotted_overrides_are_parsed_as_yaml_scalars():
     config.set_dotted(raw, "sweep.cfg", "[1.5, 2]")
     config.set_dotted(raw, "sweep.w", "0:2:0.25")  # YAML 1.1 would read base 60: 120.25
     config.set_dotted(raw, "sweep.out", "1e-5", parse=False)
-    assert raw == {"finetune": {"lr": 3e-4}, "sampler": {"zeta": 1.1},
-                   "sweep": {"cfg": [1.5, 2], "w": "0:2:0.25", "out": "1e-5"}}
+    assert raw == {
+        "finetune": {"lr": 3e-4},
+        "sampler": {"zeta": 1.1},
+        "sweep": {"cfg": [1.5, 2], "w": "0:2:0.25", "out": "1e-5"},
+    }
     assert config.parse_yaml("a: 1e-5\nb: 0:1:0.5\nc: 12\nd: .inf\ne: 1_000") == {
-        "a": 1e-5, "b": "0:1:0.5", "c": 12, "d": float("inf"), "e": "1_000"}
+        "a": 1e-5,
+        "b": "0:1:0.5",
+        "c": 12,
+        "d": float("inf"),
+        "e": "1_000",
+    }
 
 
 def test_build_checks_types_and_coerces_numbers():
-    conf = config.build(FinetuneConfig, {"total_images": "1e3", "batch_size": 10, "lr": 1, "betas": [0.9, 0.95]}, "finetune")
+    conf = config.build(
+        FinetuneConfig, {"total_images": "1e3", "batch_size": 10, "lr": 1, "betas": [0.9, 0.95]}, "finetune"
+    )
     assert conf.total_images == 1000 and isinstance(conf.lr, float) and conf.betas == (0.9, 0.95)
     with pytest.raises(NeonError, match="finetune.batch_size: expected int, got 'many'"):
         config.build(FinetuneConfig, {"total_images": 10, "batch_size": "many"}, "finetune")
@@ -48,8 +58,13 @@ def test_post_init_rejects_bad_combinations():
 
 
 def test_recipe_links_sections_and_rejects_unknown_sections():
-    recipe = build_recipe({"family": "toy", "synthetic": {"out": "S", "num": 10},
-                           "finetune": {"out": "R", "total_images": 10, "batch_size": 10}})
+    recipe = build_recipe(
+        {
+            "family": "toy",
+            "synthetic": {"out": "S", "num": 10},
+            "finetune": {"out": "R", "total_images": 10, "batch_size": 10},
+        }
+    )
     assert recipe.finetune.data == "S" and recipe.sweep.self_trained == "R"
     with pytest.raises(NeonError, match="unknown recipe section 'trainer'"):
         build_recipe({"family": "toy", "trainer": {}})
@@ -63,8 +78,11 @@ def test_recipe_links_sections_and_rejects_unknown_sections():
 
 # configs/digits/edm.yaml holds the settings of `neon demo digits` (its stages), not a recipe of the
 # single verbs; tests/digits checks it.
-RECIPES = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
-                 if os.sep + "digits" + os.sep not in p)
+RECIPES = sorted(
+    p
+    for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+    if os.sep + "digits" + os.sep not in p
+)
 
 
 def test_there_are_recipes():

@@ -45,11 +45,19 @@ def test_fd_dinov2_equals_a_direct_computation(tmp_path, monkeypatch, inception_
     stats.save(ref, np.zeros(2048), np.eye(2048))
     from neon.metrics.inception import FidConfig
 
-    result = progress.last(fid.evaluate(paths[0], ref, FidConfig(inception_weights=inception_file, batch_size=12),
-                                        real=paths[1], metrics=["fid", "fd_dinov2", "prdc"]))
+    result = progress.last(
+        fid.evaluate(
+            paths[0],
+            ref,
+            FidConfig(inception_weights=inception_file, batch_size=12),
+            real=paths[1],
+            metrics=["fid", "fd_dinov2", "prdc"],
+        )
+    )
     fa, fb = dinov2.forward(small, a), dinov2.forward(small, b)
     assert fa.shape == (12, 32) and result["fd_dinov2"] == pytest.approx(
-        fid.frechet_distance(fid.statistics(fa), fid.statistics(fb)), rel=1e-9)
+        fid.frechet_distance(fid.statistics(fa), fid.statistics(fb)), rel=1e-9
+    )
     assert {"density", "coverage", "precision", "recall"} <= set(result)
     assert image_sources.source(paths[0]).read(range(12)).shape == a.shape
     with pytest.raises(NeonError, match="unknown metric 'kid'"):

@@ -17,13 +17,14 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None or shutil.which("bash") is None,
-                                reason="needs curl and bash")
+pytestmark = pytest.mark.skipif(
+    shutil.which("curl") is None or shutil.which("bash") is None, reason="needs curl and bash"
+)
 
 
 def content(path: str) -> bytes:
     """The mirror's bytes for a URL path: a few KB that differ from path to path."""
-    return (hashlib.sha256(path.encode()).digest() * 200)[:4000 + len(path)]
+    return (hashlib.sha256(path.encode()).digest() * 200)[: 4000 + len(path)]
 
 
 class Mirror(http.server.BaseHTTPRequestHandler):
@@ -66,9 +67,18 @@ def mirror():
 
 
 def _run(folder, mirror, *args):
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k not in ("HF_ENDPOINT", "HF_TOKEN")}
-    return subprocess.run(["bash", str(folder / "download_models.sh"), *args], capture_output=True, text=True,
-                          env={**env, "NEON_DOWNLOAD_MIRROR": mirror}, timeout=120)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if "proxy" not in k.lower() and k not in ("HF_ENDPOINT", "HF_TOKEN")
+    }
+    return subprocess.run(
+        ["bash", str(folder / "download_models.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={**env, "NEON_DOWNLOAD_MIRROR": mirror},
+        timeout=120,
+    )
 
 
 def _manifest(path):
@@ -78,7 +88,9 @@ def _manifest(path):
 def test_download_records_sha256_resumes_and_verifies(tmp_path, mirror):
     shutil.copy(os.path.join(REPO, "download_models.sh"), tmp_path)
     # A file already present before the first run is kept and recorded, not fetched.
-    inception = "/github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+    inception = (
+        "/github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+    )
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / os.path.basename(inception)).write_bytes(content(inception))
 
@@ -92,15 +104,21 @@ def test_download_records_sha256_resumes_and_verifies(tmp_path, mirror):
         sub = "fid_stats" if path.endswith(".npz") else "checkpoints"
         name = ("sd-vae-ft-ema/" if "sd-vae-ft-ema" in path else "") + os.path.basename(path)
         assert (tmp_path / sub / name).read_bytes() == content(path), path
-    for path in ("/huggingface.co/FoundationVision/var/resolve/main/var_d16.pth",
-                 "/huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/config.json",
-                 "/nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz"):
+    for path in (
+        "/huggingface.co/FoundationVision/var/resolve/main/var_d16.pth",
+        "/huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/config.json",
+        "/nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz",
+    ):
         assert path in fetched
     # The manifests hold the sha256 of every file, in sha256sum's format, relative to their folder.
     sums = {sub: _manifest(tmp_path / sub / "SHA256SUMS") for sub in ("checkpoints", "fid_stats")}
     assert len(sums["checkpoints"]) == 21 and len(sums["fid_stats"]) == 4
-    assert sums["checkpoints"]["sd-vae-ft-ema/config.json"] == hashlib.sha256(
-        content("/huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/config.json")).hexdigest()
+    assert (
+        sums["checkpoints"]["sd-vae-ft-ema/config.json"]
+        == hashlib.sha256(
+            content("/huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/config.json")
+        ).hexdigest()
+    )
     for sub, manifest in sums.items():
         for name, digest in manifest.items():
             assert hashlib.sha256((tmp_path / sub / name).read_bytes()).hexdigest() == digest
@@ -115,7 +133,9 @@ def test_download_records_sha256_resumes_and_verifies(tmp_path, mirror):
     result = _run(tmp_path, mirror, "fid")
     assert result.returncode == 0, result.stderr
     assert Mirror.requests == [(ref, "bytes=1000-")]
-    assert "resuming after 1000 bytes" in result.stdout and "ok   fid_stats/cifar10-32x32.npz" in result.stdout
+    assert (
+        "resuming after 1000 bytes" in result.stdout and "ok   fid_stats/cifar10-32x32.npz" in result.stdout
+    )
     assert target.read_bytes() == content(ref) and not target.with_name(target.name + ".part").exists()
     assert _manifest(tmp_path / "fid_stats" / "SHA256SUMS") == sums["fid_stats"]
 

@@ -58,7 +58,9 @@ def test_the_base_is_scored_at_its_own_cfg_and_compared_range_by_range(tmp_path)
     teacher = fam.tiny(1)
     with torch.no_grad():
         teacher.net.map.bias.zero_()
-    fam.ref = fid.statistics(fam.features(fam.sample(teacher, None, torch.arange(4000) + 10**7, CfgSampler())))
+    fam.ref = fid.statistics(
+        fam.features(fam.sample(teacher, None, torch.arange(4000) + 10**7, CfgSampler()))
+    )
     base, neon_self = fam.tiny(1), fam.tiny(1)
     with torch.no_grad():  # the base: underdispersed (W × 0.7) and off by −0.4 d (best at cfg 1.4); θ_s more
         # so (W × 0.5, −0.6 d): θ_neon = (1 + w) θ − w θ_s has W × (0.7 + 0.2 w) and −(0.4 − 0.2 w) d
@@ -70,8 +72,16 @@ def test_the_base_is_scored_at_its_own_cfg_and_compared_range_by_range(tmp_path)
     os.makedirs(tmp_path / "run")
     write_checkpoint(fam, base.net.state_dict(), base_path, like=base)
     write_checkpoint(fam, neon_self.net.state_dict(), snapshot, like=neon_self)
-    conf = sweep.SweepConfig(self_trained=snapshot, w="0:2:0.5", cfg=[1.0, 1.2, 1.4, 1.6], num=200,
-                             final_num=100, final_seeds=4, batch_size=200, out=str(tmp_path / "sweep"))
+    conf = sweep.SweepConfig(
+        self_trained=snapshot,
+        w="0:2:0.5",
+        cfg=[1.0, 1.2, 1.4, 1.6],
+        num=200,
+        final_num=100,
+        final_seeds=4,
+        batch_size=200,
+        out=str(tmp_path / "sweep"),
+    )
     summary = progress.last(sweep.run(fam, fam.load(base_path), base_path, CfgSampler(), conf))
     records = [json.loads(line) for line in open(tmp_path / "sweep" / sweep.RESULTS)]
 
@@ -85,18 +95,30 @@ def test_the_base_is_scored_at_its_own_cfg_and_compared_range_by_range(tmp_path)
     neon_side = [r for r in finals if r["w"] != 0]
     assert {r["cfg"] for r in base_side} == {line["cfg"]} and {r["cfg"] for r in neon_side} == {chosen["cfg"]}
     by_range = {tuple(r["seeds"]): r["fid"] for r in base_side}
-    differences = [r["fid"] - by_range[tuple(r["seeds"])] for r in sorted(neon_side, key=lambda r: r["seeds"])]
+    differences = [
+        r["fid"] - by_range[tuple(r["seeds"])] for r in sorted(neon_side, key=lambda r: r["seeds"])
+    ]
     mean, sd = np.mean(differences), np.std(differences, ddof=1)
     half = scipy_stats.t.ppf(0.975, 3) * sd / math.sqrt(4)
     pair = summary.final.paired["fid"]
     assert pair.differences == pytest.approx(differences, rel=1e-12)
-    assert (pair.mean, pair.sd, pair.low, pair.high) == pytest.approx((mean, sd, mean - half, mean + half), rel=1e-9)
+    assert (pair.mean, pair.sd, pair.low, pair.high) == pytest.approx(
+        (mean, sd, mean - half, mean + half), rel=1e-9
+    )
     assert pair.improved == sum(d < 0 for d in differences)
     expected = "better" if mean + half < 0 else "worse" if mean - half > 0 else "within the seed spread"
-    assert summary.final.verdict == expected and (summary.final.base_cfg, summary.final.cfg) == (line["cfg"],
-                                                                                              chosen["cfg"])
-    text = report.table({"summary": summary, "compute": report.compute(records, summary, _Model(), CfgSampler(),
-                                                                       [snapshot]), "pictures": {}, "notes": []})
+    assert summary.final.verdict == expected and (summary.final.base_cfg, summary.final.cfg) == (
+        line["cfg"],
+        chosen["cfg"],
+    )
+    text = report.table(
+        {
+            "summary": summary,
+            "compute": report.compute(records, summary, _Model(), CfgSampler(), [snapshot]),
+            "pictures": {},
+            "notes": [],
+        }
+    )
     assert f"the base at its own cfg ({line['cfg']:g})" in text and f"cfg {chosen['cfg']:g})" in text
     pinned = dataclasses.replace(conf, base_cfg=1.0)
     again = progress.last(sweep.run(fam, fam.load(base_path), base_path, CfgSampler(), pinned))

@@ -5,16 +5,24 @@ import pytest
 import torch
 
 from neon import finetune
-from neon.io import checkpoint
 from neon.errors import NeonError
-from neon.toy.family import family
 from neon.family import read_checkpoint
+from neon.io import checkpoint
+from neon.toy.family import family
 from tests.conftest import Crashing
 
 
 def _conf(tmp_path, data, name, **kw):
-    base = dict(data=data, out=str(tmp_path / name), total_images=96 * 4, batch_size=32, lr=1e-3,
-                snapshot_every_images=96, ema_beta=0.9, seed=3)
+    base = dict(
+        data=data,
+        out=str(tmp_path / name),
+        total_images=96 * 4,
+        batch_size=32,
+        lr=1e-3,
+        snapshot_every_images=96,
+        ema_beta=0.9,
+        seed=3,
+    )
     return finetune.FinetuneConfig(**{**base, **kw})
 
 
@@ -73,7 +81,10 @@ def test_lengths_need_not_divide_the_batch(tmp_path, base_ckpt, synthetic_set):
     assert [s["images_seen"] for s in steps] == [32, 64, 96, 128, 160]
     assert [s["images_seen"] for s in steps if s["snapshot"]] == [64, 128, 160]
     assert [os.path.basename(p) for p in finetune.snapshots(conf.out)] == [
-        "snapshot-0000000064.pt", "snapshot-0000000128.pt", "snapshot-0000000160.pt"]
+        "snapshot-0000000064.pt",
+        "snapshot-0000000128.pt",
+        "snapshot-0000000160.pt",
+    ]
 
 
 def test_lr_ramp_is_linear_in_images(tmp_path, base_ckpt, synthetic_set):
@@ -84,8 +95,17 @@ def test_lr_ramp_is_linear_in_images(tmp_path, base_ckpt, synthetic_set):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_runs_on_cpu(tmp_path, base_ckpt, synthetic_set, precision):
-    steps = _drain(family.load(base_ckpt), _conf(tmp_path, synthetic_set, precision, total_images=64,
-                                                 snapshot_every_images=None, precision=precision))
+    steps = _drain(
+        family.load(base_ckpt),
+        _conf(
+            tmp_path,
+            synthetic_set,
+            precision,
+            total_images=64,
+            snapshot_every_images=None,
+            precision=precision,
+        ),
+    )
     assert len(steps) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
 
 

@@ -19,11 +19,14 @@ def test_deterministic_tests_have_the_cublas_workspace_set_before_cuda_starts():
     setting = conftest.index('os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG"')
     assert setting < conftest.index("\nimport torch")
     # Imported alone (as pytest imports it first), conftest sets it and starts no CUDA.
-    code = ("import os, tests.conftest, torch; "
-            "print(os.environ['CUBLAS_WORKSPACE_CONFIG'], torch.cuda.is_initialized())")
+    code = (
+        "import os, tests.conftest, torch; "
+        "print(os.environ['CUBLAS_WORKSPACE_CONFIG'], torch.cuda.is_initialized())"
+    )
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, check=True
+    )
     assert out.stdout.split() == [":4096:8", "False"]
     script = open(os.path.join(REPO, "scripts", "gpu_check.sh")).read()
     assert "export CUBLAS_WORKSPACE_CONFIG=:4096:8" in script

@@ -11,8 +11,8 @@ import pytest
 import safetensors.torch as safetensors_torch
 import torch
 
-from neon.io import checkpoint, safetensors
 from neon.errors import NeonError
+from neon.io import checkpoint, safetensors
 from neon.merge import extrapolate, merge_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,8 +22,10 @@ FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 def test_extrapolate_hand_computed(dtype):
     base = {"x": torch.tensor([1.0, 2.0], dtype=dtype), "y": torch.tensor([[1.0, -3.0, 0.25]], dtype=dtype)}
-    self_trained = {"x": torch.tensor([0.5, 3.0], dtype=dtype),
-                    "y": torch.tensor([[0.5, -1.0, 1.0]], dtype=dtype)}
+    self_trained = {
+        "x": torch.tensor([0.5, 3.0], dtype=dtype),
+        "y": torch.tensor([[0.5, -1.0, 1.0]], dtype=dtype),
+    }
     merged = extrapolate(base, self_trained, 0.5)
     assert merged["x"].dtype == dtype and merged["x"].tolist() == [1.25, 1.5]  # 1.5·a − 0.5·b
     merged = extrapolate(base, self_trained, 2)
@@ -79,8 +81,11 @@ def test_extrapolate_finds_a_single_non_finite_entry_anywhere(dtype, value):
     for n, position in [(1, 0), (1000, 0), (1000, 517), (1000, 999), (4099, 4098)]:
         a = torch.linspace(-1, 1, n, dtype=dtype)
         a[position] = value
-        merged = extrapolate({"x": a, "empty": torch.zeros(0, dtype=dtype)},
-                             {"x": torch.zeros(n, dtype=dtype), "empty": torch.zeros(0, dtype=dtype)}, 0.5)
+        merged = extrapolate(
+            {"x": a, "empty": torch.zeros(0, dtype=dtype)},
+            {"x": torch.zeros(n, dtype=dtype), "empty": torch.zeros(0, dtype=dtype)},
+            0.5,
+        )
         assert merged["x"] is a, (n, position)
         assert merged["empty"].shape == (0,)
 
@@ -99,8 +104,10 @@ def test_extrapolate_names_the_differing_keys():
         extrapolate(base, self_trained, 0.5)
     message = str(info.value)
     assert "\n" not in message
-    assert ("missing from self-trained: layer1.weight, layer2.weight, layer3.weight, layer4.weight, "
-            "layer5.weight and 2 more") in message
+    assert (
+        "missing from self-trained: layer1.weight, layer2.weight, layer3.weight, layer4.weight, "
+        "layer5.weight and 2 more"
+    ) in message
     assert "not in base: extra.bias" in message
     assert "shapes differ: head [3, 4] vs [4, 3]" in message
 
@@ -144,23 +151,26 @@ def _shifted(sd, delta):
 # base and self-trained differ, so the test sees which file they were kept from.
 LAYOUTS = {
     "flat": (lambda sd, tag: dict(sd), ()),
-    "model_arch": (lambda sd, tag: {"model": sd, "arch": {"resolution": 32, "channels": [64], "tag": tag}},
-                   ("model",)),
+    "model_arch": (
+        lambda sd, tag: {"model": sd, "arch": {"resolution": 32, "channels": [64], "tag": tag}},
+        ("model",),
+    ),
     "model_and_ema": (lambda sd, tag: {"model": _shifted(sd, 100.0), "ema": sd, "tag": tag}, ("ema",)),
     "model_ema": (lambda sd, tag: {"model_ema": sd, "optimizer": {"lr": 1e-4, "tag": tag}}, ("model_ema",)),
-    "trainer": (lambda sd, tag: {"trainer": {"var_wo_ddp": sd, "epoch": 3, "tag": tag},
-                                 "args": {"depth": 16}},
-                ("trainer", "var_wo_ddp")),
+    "trainer": (
+        lambda sd, tag: {"trainer": {"var_wo_ddp": sd, "epoch": 3, "tag": tag}, "args": {"depth": 16}},
+        ("trainer", "var_wo_ddp"),
+    ),
 }
-
-
 
 
 class _Layouts:
     """A family whose format knows every layout of these tests: the core names none of them."""
 
     name = "layouts"
-    format = checkpoint.Format(weight_keys=((), ("ema",), ("model_ema",), ("model",), ("trainer", "var_wo_ddp")))
+    format = checkpoint.Format(
+        weight_keys=((), ("ema",), ("model_ema",), ("model",), ("trainer", "var_wo_ddp"))
+    )
 
 
 LAYOUT_FAMILY = _Layouts()
@@ -171,7 +181,9 @@ def test_merge_files_keeps_the_base_layout(tmp_path, layout):
     build, key = LAYOUTS[layout]
     checkpoint.write(build(BASE, "base"), tmp_path / "base.pt")
     checkpoint.write(build(SELF, "self"), tmp_path / "self.pt")
-    merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "out" / "neon.pt", family=LAYOUT_FAMILY)
+    merge_files(
+        tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "out" / "neon.pt", family=LAYOUT_FAMILY
+    )
 
     out = checkpoint.read(tmp_path / "out" / "neon.pt", LAYOUT_FAMILY.format)
     assert out.format == "pt" and out.weights_key == key
@@ -213,14 +225,26 @@ def test_merge_files_mixed_formats(tmp_path):
     # A .pt base may be written as plain safetensors, and a .safetensors base may take a .pt self.
     checkpoint.write({"model": BASE, "arch": {"depth": 2}}, tmp_path / "base.pt")
     checkpoint.write({"model": _shifted(SELF, 7.0), "ema": SELF}, tmp_path / "self.pt")
-    merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "neon.safetensors",
-                format="safetensors", family=LAYOUT_FAMILY)
+    merge_files(
+        tmp_path / "base.pt",
+        tmp_path / "self.pt",
+        0.5,
+        tmp_path / "neon.safetensors",
+        format="safetensors",
+        family=LAYOUT_FAMILY,
+    )
     out = checkpoint.read(tmp_path / "neon.safetensors")
     assert out.weights_key == () and out.metadata == {}
     _assert_merged(out.weights)
 
     safetensors_torch.save_file(BASE, tmp_path / "base.safetensors")
-    merge_files(tmp_path / "base.safetensors", tmp_path / "self.pt", 0.5, tmp_path / "neon2.safetensors", family=LAYOUT_FAMILY)
+    merge_files(
+        tmp_path / "base.safetensors",
+        tmp_path / "self.pt",
+        0.5,
+        tmp_path / "neon2.safetensors",
+        family=LAYOUT_FAMILY,
+    )
     _assert_merged(checkpoint.read(tmp_path / "neon2.safetensors").weights)
 
 
@@ -265,17 +289,24 @@ def _save(sd, path):
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-@pytest.mark.parametrize("case, w, out_name, message", [
-    (_mismatched_key, 0.5, "neon",
-     "self.* does not match .*base.*: missing from self-trained: conv.bias; not in base: conv.extra"),
-    (_mismatched_shape, 0.5, "neon", r"shapes differ: conv.weight \[2, 2\] vs \[2, 3\]"),
-    (None, math.nan, "neon", "w must be finite"),
-    (None, math.inf, "neon", "w must be finite"),
-    (_corrupt_self, 0.5, "neon", "cannot read checkpoint .*self"),
-    (_missing_base, 0.5, "neon", "no such checkpoint: .*base"),
-    (None, 0.5, "neon.npz", "unknown checkpoint format"),
-    (None, 0.5, "base", "must not overwrite an input"),
-])
+@pytest.mark.parametrize(
+    "case, w, out_name, message",
+    [
+        (
+            _mismatched_key,
+            0.5,
+            "neon",
+            "self.* does not match .*base.*: missing from self-trained: conv.bias; not in base: conv.extra",
+        ),
+        (_mismatched_shape, 0.5, "neon", r"shapes differ: conv.weight \[2, 2\] vs \[2, 3\]"),
+        (None, math.nan, "neon", "w must be finite"),
+        (None, math.inf, "neon", "w must be finite"),
+        (_corrupt_self, 0.5, "neon", "cannot read checkpoint .*self"),
+        (_missing_base, 0.5, "neon", "no such checkpoint: .*base"),
+        (None, 0.5, "neon.npz", "unknown checkpoint format"),
+        (None, 0.5, "base", "must not overwrite an input"),
+    ],
+)
 def test_merge_files_refusals_write_nothing(tmp_path, suffix, case, w, out_name, message):
     _save(BASE, tmp_path / f"base{suffix}")
     _save(SELF, tmp_path / f"self{suffix}")
@@ -293,10 +324,17 @@ def test_merge_files_out_suffix_must_match_the_format(tmp_path):
     checkpoint.write(BASE, tmp_path / "base.pt")
     checkpoint.write(SELF, tmp_path / "self.pt")
     with pytest.raises(NeonError, match="must end in .safetensors"):
-        merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "neon.pt",
-                    format="safetensors")
+        merge_files(
+            tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "neon.pt", format="safetensors"
+        )
     with pytest.raises(NeonError, match="must end in .pt"):
-        merge_files(tmp_path / "base.pt", tmp_path / "self.pt", 0.5, tmp_path / "neon.safetensors", family=LAYOUT_FAMILY)
+        merge_files(
+            tmp_path / "base.pt",
+            tmp_path / "self.pt",
+            0.5,
+            tmp_path / "neon.safetensors",
+            family=LAYOUT_FAMILY,
+        )
     assert sorted(os.listdir(tmp_path)) == ["base.pt", "self.pt"]
 
 
@@ -319,9 +357,21 @@ def test_merge_files_streams_two_1gib_checkpoints_in_bounded_memory(tmp_path):
     assert os.path.getsize(tmp_path / "base.safetensors") > 2**30
 
     result = subprocess.run(
-        [sys.executable, "-c", MEASURE, tmp_path / "base.safetensors", tmp_path / "self.safetensors", "0.5",
-         tmp_path / "neon.safetensors"],
-        cwd=REPO, env=os.environ | {"PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            MEASURE,
+            tmp_path / "base.safetensors",
+            tmp_path / "self.safetensors",
+            "0.5",
+            tmp_path / "neon.safetensors",
+        ],
+        cwd=REPO,
+        env=os.environ | {"PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     peak_bytes = int(result.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
     assert peak_bytes < 2.5e9, f"peak RSS {peak_bytes / 2**30:.2f} GiB"
@@ -330,7 +380,13 @@ def test_merge_files_streams_two_1gib_checkpoints_in_bounded_memory(tmp_path):
     header, _ = safetensors.header(tmp_path / "neon.safetensors")
     assert list(header) == [name for name, _, _ in specs]
     for i in (0, 5, 7):
-        (_, t), = safetensors.iterate(tmp_path / "neon.safetensors", [f"block{i}.weight"])
+        ((_, t),) = safetensors.iterate(tmp_path / "neon.safetensors", [f"block{i}.weight"])
         flat = t.view(-1)
         assert [flat[j].item() for j in (0, 1, 1023, 1024, 2047, n - 1)] == [
-            i, 2 + i, 2046 + i, i, 2046 + i, 2046 + i]
+            i,
+            2 + i,
+            2046 + i,
+            i,
+            2046 + i,
+            2046 + i,
+        ]

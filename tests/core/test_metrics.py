@@ -18,8 +18,8 @@ import yaml
 from PIL import Image
 
 from neon import cli, distributed, family, synthetic
-from neon.io import files
 from neon.errors import NeonError
+from neon.io import files
 from neon.metrics import fid, images, inception, score, stats
 from tests.conftest import inception_weights, noise, smooth
 
@@ -46,15 +46,31 @@ def sets(tmp_path_factory):
     """A: 12 smooth images (PNG folder and .npz); B: 3 smooth + 3 noise images (folder and .npz)."""
     root = tmp_path_factory.mktemp("sets")
     a, b = smooth(12, 1), torch.cat([smooth(3, 2), noise(3, 3)])
-    return {"a": write_folder(root / "a", a), "a_npz": write_npz(root / "a.npz", a),
-            "b": write_folder(root / "b", b), "b_npz": write_npz(root / "b.npz", b, key="samples")}
+    return {
+        "a": write_folder(root / "a", a),
+        "a_npz": write_npz(root / "a.npz", a),
+        "b": write_folder(root / "b", b),
+        "b_npz": write_npz(root / "b.npz", b, key="samples"),
+    }
 
 
 @pytest.fixture(scope="module")
 def reference_b(weights, sets, tmp_path_factory):
     """`neon fid-stats` of set B (the PNG folder)."""
     out = str(tmp_path_factory.mktemp("ref") / "b_stats.npz")
-    cli.main(["fid-stats", "--images", sets["b"], "--out", out, "--inception-weights", weights, "--batch-size", "4"])
+    cli.main(
+        [
+            "fid-stats",
+            "--images",
+            sets["b"],
+            "--out",
+            out,
+            "--inception-weights",
+            weights,
+            "--batch-size",
+            "4",
+        ]
+    )
     return out
 
 
@@ -69,15 +85,42 @@ def _fid_json(capsys, *argv) -> dict:
 def test_metrics_equal_torch_fidelity_on_the_same_files(weights, sets, reference_b, capsys):
     import torch_fidelity
 
-    ours = _fid_json(capsys, "--images", sets["a_npz"], "--ref", reference_b, "--is", "--pr", sets["b"],
-                     "--inception-weights", weights, "--batch-size", "8")
+    ours = _fid_json(
+        capsys,
+        "--images",
+        sets["a_npz"],
+        "--ref",
+        reference_b,
+        "--is",
+        "--pr",
+        sets["b"],
+        "--inception-weights",
+        weights,
+        "--batch-size",
+        "8",
+    )
     theirs = torch_fidelity.calculate_metrics(
-        input1=sets["a"], input2=sets["b"], cuda=False, isc=True, fid=True, prc=True,
-        feature_extractor="inception-v3-compat", feature_extractor_weights_path=weights, prc_neighborhood=5,
-        cache=False, verbose=False, save_cpu_ram=True)
+        input1=sets["a"],
+        input2=sets["b"],
+        cuda=False,
+        isc=True,
+        fid=True,
+        prc=True,
+        feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=weights,
+        prc_neighborhood=5,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+    )
     assert ours["num"] == 12 and ours["num_real"] == 6
-    pairs = {"fid": "frechet_inception_distance", "is": "inception_score_mean", "is_std": "inception_score_std",
-             "precision": "precision", "recall": "recall"}
+    pairs = {
+        "fid": "frechet_inception_distance",
+        "is": "inception_score_mean",
+        "is_std": "inception_score_std",
+        "precision": "precision",
+        "recall": "recall",
+    }
     for key, their_key in pairs.items():
         assert ours[key] == pytest.approx(theirs[their_key], rel=1e-4, abs=1e-12), key
     # the weights are informative: the sets are far apart and the scores are not degenerate
@@ -86,7 +129,9 @@ def test_metrics_equal_torch_fidelity_on_the_same_files(weights, sets, reference
 
 def test_fid_of_a_set_against_its_own_statistics_is_zero(weights, sets, reference_b, capsys):
     # the .npz and the folder hold the same images; the statistics came from the folder
-    result = _fid_json(capsys, "--images", sets["b_npz"], "--ref", reference_b, "--inception-weights", weights)
+    result = _fid_json(
+        capsys, "--images", sets["b_npz"], "--ref", reference_b, "--inception-weights", weights
+    )
     assert abs(result["fid"]) < 1e-6 and result["num"] == 6
 
 
@@ -130,10 +175,14 @@ def test_frechet_distance_is_torch_fidelitys_and_exact_on_singular_covariances()
 
     def theirs(a, b):
         return fid_statistics_to_metric({"mu": a[0], "sigma": a[1]}, {"mu": b[0], "sigma": b[1]}, False)[
-            "frechet_inception_distance"]
+            "frechet_inception_distance"
+        ]
 
     g = np.random.default_rng(0)
-    full_a, full_b = fid.statistics(g.normal(size=(400, 64)) * 2 + 1), fid.statistics(g.normal(size=(400, 64)))
+    full_a, full_b = (
+        fid.statistics(g.normal(size=(400, 64)) * 2 + 1),
+        fid.statistics(g.normal(size=(400, 64))),
+    )
     assert fid.frechet_distance(full_a, full_b) == theirs(full_a, full_b)  # full rank: handed over as it is
     few_a, few_b = fid.statistics(g.normal(size=(8, 64)) * 2 + 1), fid.statistics(g.normal(size=(8, 64)))
     assert fid.frechet_distance(few_a, few_b) == pytest.approx(theirs(few_a, few_b), rel=1e-6)
@@ -149,11 +198,21 @@ def test_reference_files_adm_and_edm_layouts_load_and_wrong_keys_are_named(tmp_p
     mu, sigma = np.arange(3.0), np.eye(3) * 2
     stats.save(str(tmp_path / "ours.npz"), mu, sigma)
     np.savez(tmp_path / "edm.npz", mu=mu, sigma=sigma)  # EDM's fid.py ref: mu, sigma
-    np.savez(tmp_path / "adm.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8), mu=mu.astype(np.float32),
-             sigma=sigma, mu_s=mu, sigma_s=sigma)  # ADM's reference batch: images + pool + spatial stats
+    np.savez(
+        tmp_path / "adm.npz",
+        arr_0=np.zeros((2, 4, 4, 3), np.uint8),
+        mu=mu.astype(np.float32),
+        sigma=sigma,
+        mu_s=mu,
+        sigma_s=sigma,
+    )  # ADM's reference batch: images + pool + spatial stats
     for name in ("ours", "edm", "adm"):
         loaded = stats.load(str(tmp_path / f"{name}.npz"))
-        assert loaded[0].dtype == np.float64 and np.array_equal(loaded[0], mu) and np.array_equal(loaded[1], sigma)
+        assert (
+            loaded[0].dtype == np.float64
+            and np.array_equal(loaded[0], mu)
+            and np.array_equal(loaded[1], sigma)
+        )
     np.savez(tmp_path / "bad.npz", mu=mu, cov=sigma)
     with pytest.raises(NeonError, match=r"lacks sigma \(it has: mu, cov\)"):
         stats.load(str(tmp_path / "bad.npz"))
@@ -172,17 +231,23 @@ class ImageStub:
 
 def test_image_sources_read_the_same_images(tmp_path):
     batch = torch.cat([smooth(5, 7), noise(2, 8)])
-    conf = synthetic.SyntheticConfig(out=str(tmp_path / "S"), num=7, batch_size=2, shard_size=3, labels="none")
+    conf = synthetic.SyntheticConfig(
+        out=str(tmp_path / "S"), num=7, batch_size=2, shard_size=3, labels="none"
+    )
     for _ in synthetic.write(ImageStub(), family.Model(net=torch.nn.Identity()), {}, conf, "sha"):
         pass
     data = synthetic.read(conf.out)
     made = data.read(range(len(data)))
-    sources = [images.source(write_folder(tmp_path / "png", batch)),
-               images.source(write_npz(tmp_path / "stored.npz", batch)),
-               images.source(write_npz(tmp_path / "packed.npz", batch, "samples", compressed=True))]
+    sources = [
+        images.source(write_folder(tmp_path / "png", batch)),
+        images.source(write_npz(tmp_path / "stored.npz", batch)),
+        images.source(write_npz(tmp_path / "packed.npz", batch, "samples", compressed=True)),
+    ]
     for source in sources:
         assert len(source) == 7 and source.shape == (3, 32, 32)
-        assert torch.equal(source.read(range(0, 7)), batch) and torch.equal(source.read(range(2, 6)), batch[2:6])
+        assert torch.equal(source.read(range(0, 7)), batch) and torch.equal(
+            source.read(range(2, 6)), batch[2:6]
+        )
     from_set = images.source(conf.out)  # three shards: reads cross their boundaries
     assert len(from_set) == 7 and torch.equal(from_set.read(range(1, 7)), made[1:7])
     gray = tmp_path / "gray"
@@ -241,36 +306,93 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, good_ref, weights, b
     stats.save(str(tmp_path / "toy.npz"), np.zeros(2), np.eye(2))
     w = ["--inception-weights", weights]
     cases = [
-        (["fid", "--images", four, "--ref", str(tmp_path / "keys.npz"), *w], "lacks mu and sigma (it has: mean, cov)"),
+        (
+            ["fid", "--images", four, "--ref", str(tmp_path / "keys.npz"), *w],
+            "lacks mu and sigma (it has: mean, cov)",
+        ),
         (["fid", "--images", four, "--ref", str(tmp_path / "toy.npz"), *w], "holds 2-d statistics"),
         (["fid", "--images", str(tmp_path / "float.npz"), "--ref", good_ref, *w], "holds float32 images"),
         (["fid", "--images", str(tmp_path / "rgba.npz"), "--ref", good_ref, *w], "has shape [4, 8, 8, 4]"),
-        (["fid-stats", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o.npz"), *w], "holds no images"),
+        (
+            ["fid-stats", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o.npz"), *w],
+            "holds no images",
+        ),
         (["fid", "--images", four, "--ref", good_ref, "--is", *w], "needs at least 10 images"),
         (["fid", "--images", four, "--ref", good_ref, "--pr", four, *w], "needs more than 5 images"),
-        (["fid", "--images", four, "--ref", good_ref, "--inception-weights", "nope.pth"], "no such Inception weights"),
-        (["fid-stats", "--images", four, "--out", str(tmp_path / "o.npz"), "--inception-weights", base_ckpt],
-         "is not a torch-fidelity InceptionV3 state dict"),
-        (["fid", "--images", four, "--ref", good_ref, "--sweep.num", "3"], "takes only --fid.* recipe overrides"),
+        (
+            ["fid", "--images", four, "--ref", good_ref, "--inception-weights", "nope.pth"],
+            "no such Inception weights",
+        ),
+        (
+            [
+                "fid-stats",
+                "--images",
+                four,
+                "--out",
+                str(tmp_path / "o.npz"),
+                "--inception-weights",
+                base_ckpt,
+            ],
+            "is not a torch-fidelity InceptionV3 state dict",
+        ),
+        (
+            ["fid", "--images", four, "--ref", good_ref, "--sweep.num", "3"],
+            "takes only --fid.* recipe overrides",
+        ),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
         err = capsys.readouterr().err.strip()
-        assert exit_info.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
+        assert (
+            exit_info.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+        ), err
     assert not os.path.exists(tmp_path / "o.npz")
 
 
 def test_fid_section_from_recipe_flags_and_overrides(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("family: toy\nfid:\n  inception_weights: from-recipe.pth\n  batch_size: 16\n")
-    cli.main(["fid", "--config", str(recipe), "--images", "x", "--ref", "r.npz", "--fid.batch_size", "8", "--dry-run"])
-    assert yaml.safe_load(capsys.readouterr().out)["fid"] == {"inception_weights": "from-recipe.pth", "batch_size": 8}
-    cli.main(["sweep", "--config", str(recipe), "--base", "b.pt", "--self", "r", "--inception-weights", "w.pth",
-              "--dry-run"])
+    cli.main(
+        [
+            "fid",
+            "--config",
+            str(recipe),
+            "--images",
+            "x",
+            "--ref",
+            "r.npz",
+            "--fid.batch_size",
+            "8",
+            "--dry-run",
+        ]
+    )
+    assert yaml.safe_load(capsys.readouterr().out)["fid"] == {
+        "inception_weights": "from-recipe.pth",
+        "batch_size": 8,
+    }
+    cli.main(
+        [
+            "sweep",
+            "--config",
+            str(recipe),
+            "--base",
+            "b.pt",
+            "--self",
+            "r",
+            "--inception-weights",
+            "w.pth",
+            "--dry-run",
+        ]
+    )
     assert "inception_weights: w.pth" in capsys.readouterr().out
-    assert inception.DEFAULT_WEIGHTS.endswith(os.path.basename(
-        __import__("torch_fidelity.feature_extractor_inceptionv3").feature_extractor_inceptionv3.URL_INCEPTION_V3))
+    assert inception.DEFAULT_WEIGHTS.endswith(
+        os.path.basename(
+            __import__(
+                "torch_fidelity.feature_extractor_inceptionv3"
+            ).feature_extractor_inceptionv3.URL_INCEPTION_V3
+        )
+    )
 
 
 def test_generate_and_score_an_image_family_with_inception_features(weights):
@@ -278,7 +400,9 @@ def test_generate_and_score_an_image_family_with_inception_features(weights):
     # against zero statistics the FID is ‖mu‖² + Tr(Σ): a closed form to check the scoring path's number by
     reference = (np.zeros(2048), np.zeros((2048, 2048)))
     conf = inception.FidConfig(inception_weights=weights, batch_size=1)
-    value = score.generate_and_score(stub, model, {}, (40, 2), 1, conf, reference)["fid"]  # seeds 40, 41: one per batch
+    value = score.generate_and_score(stub, model, {}, (40, 2), 1, conf, reference)[
+        "fid"
+    ]  # seeds 40, 41: one per batch
     extractor = inception.shared(inception.FidConfig(inception_weights=weights))
     mu, sigma = fid.statistics(inception.forward(extractor, torch.cat([smooth(1, 40), smooth(1, 41)]))[0])
     assert value == pytest.approx(mu @ mu + np.trace(sigma), rel=1e-6)

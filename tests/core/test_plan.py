@@ -28,13 +28,21 @@ def test_fake_fine_tune_memory_matches_a_real_step(family_name, precision):
     """The plan's peak (fake tensors, AdamW's allocations replayed) within 15% of the same step run on
     real CPU tensors with torch's AdamW, under the same live-bytes tracker."""
     fam = registry.get(family_name)
-    recipe = _recipe("VAR/d16_in256.yaml" if family_name == "var" else "edm/cifar10_cond.yaml",
-                     **{"finetune.batch_size": 8, "finetune.precision": precision, "synthetic.batch_size": 4,
-                        "sweep.batch_size": 4, **({} if family_name == "var" else {"sampler.num_steps": 2})})
+    recipe = _recipe(
+        "VAR/d16_in256.yaml" if family_name == "var" else "edm/cifar10_cond.yaml",
+        **{
+            "finetune.batch_size": 8,
+            "finetune.precision": precision,
+            "synthetic.batch_size": 4,
+            "sweep.batch_size": 4,
+            **({} if family_name == "var" else {"sampler.num_steps": 2}),
+        },
+    )
     result = plan.plan(recipe, gpus=1, model=fam.tiny(0))
     torch.manual_seed(0)
-    real = plan.measure_finetune(fam, fam.tiny(0), 8, precision, recipe.finetune.has_ema, torch.device("cpu"),
-                                 real_optimizer=True)
+    real = plan.measure_finetune(
+        fam, fam.tiny(0), 8, precision, recipe.finetune.has_ema, torch.device("cpu"), real_optimizer=True
+    )
     assert result["finetune_peak_gib"] * GIB == pytest.approx(real.peak, rel=0.15)
     assert result["finetune_fits"] is True and "advice" not in result
 
@@ -42,9 +50,19 @@ def test_fake_fine_tune_memory_matches_a_real_step(family_name, precision):
 def test_images_and_disk_against_hand_computed_values():
     fam = registry.get("var")
     tiny = fam.tiny(0)
-    result = plan.plan(_recipe("VAR/d16_in256.yaml", **{"synthetic.batch_size": 4, "sweep.batch_size": 4,
-                                                         "sweep.search": "grid", "sweep.refine": None}),
-                       gpus=8, model=tiny)
+    result = plan.plan(
+        _recipe(
+            "VAR/d16_in256.yaml",
+            **{
+                "synthetic.batch_size": 4,
+                "sweep.batch_size": 4,
+                "sweep.search": "grid",
+                "sweep.refine": None,
+            },
+        ),
+        gpus=8,
+        model=tiny,
+    )
     size = tiny.image_size
     params = sum(p.numel() for p in tiny.net.parameters())
     theta = sum(t.numel() * t.element_size() for t in tiny.net.state_dict().values())
@@ -67,8 +85,15 @@ def test_images_and_disk_against_hand_computed_values():
 
 def test_a_fine_tune_that_does_not_fit_names_what_would():
     fam = registry.get("edm")
-    recipe = _recipe("edm/cifar10_cond.yaml", **{"finetune.batch_size": 8, "synthetic.batch_size": 4,
-                                                 "sweep.batch_size": 4, "sampler.num_steps": 2})
+    recipe = _recipe(
+        "edm/cifar10_cond.yaml",
+        **{
+            "finetune.batch_size": 8,
+            "synthetic.batch_size": 4,
+            "sweep.batch_size": 4,
+            "sampler.num_steps": 2,
+        },
+    )
     fits = plan.plan(recipe, gpus=1, model=fam.tiny(0))
     static, peak = fits["finetune_static_gib"], fits["finetune_peak_gib"]
     tight = static + 0.6 * (peak - static)  # half the batch fits, the whole one does not
@@ -82,8 +107,15 @@ def test_a_fine_tune_that_does_not_fit_names_what_would():
 def test_json_holds_the_keys_other_checks_read(capsys):
     cli.main(["plan", os.path.join(CONFIGS, "toy", "diffusion_zeta1.1.yaml"), "--gpus", "2", "--json"])
     result = json.loads(capsys.readouterr().out)
-    for key in ("finetune_peak_gib", "sample_peak_gib", "synthetic_disk_gb", "snapshots_disk_gb",
-                "selection_images", "finetune_images", "gpu_hours"):
+    for key in (
+        "finetune_peak_gib",
+        "sample_peak_gib",
+        "synthetic_disk_gb",
+        "snapshots_disk_gb",
+        "selection_images",
+        "finetune_images",
+        "gpu_hours",
+    ):
         assert isinstance(result[key], (int, float)), key
     assert result["selection_images"] == (1 + 5 * 16) * 50_000  # 5 snapshots × 16 w (0 is the base)
     assert result["synthetic_disk_gb"] == pytest.approx(1000 * (2 * 4 + 16) / 1e9)

@@ -24,9 +24,14 @@ def _restore():
     _set(*saved)
 
 
-@pytest.mark.parametrize("phase, expected", [("finetune", (False, False, False)),
-                                             ("sample", (False, True, False)),
-                                             ("features", (False, False, False))])
+@pytest.mark.parametrize(
+    "phase, expected",
+    [
+        ("finetune", (False, False, False)),
+        ("sample", (False, True, False)),
+        ("features", (False, False, False)),
+    ],
+)
 def test_each_phase_sets_its_flags_whatever_came_before(phase, expected):
     for before in (True, False):
         _set(before, before, before)

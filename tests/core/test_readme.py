@@ -41,7 +41,7 @@ def neon_argv(command: list[str]) -> list[str] | None:
     if command[0] == "neon":
         return command[1:]
     if command[0] == "torchrun" and "neon.cli" in command:
-        return command[command.index("neon.cli") + 1:]
+        return command[command.index("neon.cli") + 1 :]
     return None
 
 
@@ -50,12 +50,16 @@ def test_the_readme_has_commands():
     assert sum(a is not None for a in argvs) >= 12
 
 
-@pytest.mark.parametrize("argv", [a for a in map(neon_argv, readme_commands()) if a is not None],
-                         ids=lambda a: " ".join(a)[:60])
+@pytest.mark.parametrize(
+    "argv", [a for a in map(neon_argv, readme_commands()) if a is not None], ids=lambda a: " ".join(a)[:60]
+)
 def test_every_neon_command_of_the_readme_parses(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if "--config" in argv:  # a placeholder recipe name: parse it with a real one
-        argv = [a if a != "RECIPE.yaml" else os.path.join(REPO, "configs/toy/diffusion_zeta1.1.yaml") for a in argv]
+        argv = [
+            a if a != "RECIPE.yaml" else os.path.join(REPO, "configs/toy/diffusion_zeta1.1.yaml")
+            for a in argv
+        ]
     cli.main(argv + ["--dry-run"])
     assert capsys.readouterr().out.strip()
 
@@ -64,7 +68,10 @@ def test_the_toy_walk_through_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     save_base(tmp_path / "outputs" / "demo" / "diffusion-base.pt")  # what `make demo` writes first
     text = readme_text()
-    steps = [neon_argv(c) for c in readme_commands(text[text.index("## The `neon` command"):text.index("More options:")])]
+    steps = [
+        neon_argv(c)
+        for c in readme_commands(text[text.index("## The `neon` command") : text.index("More options:")])
+    ]
     assert [s[0] for s in steps] == ["sample", "finetune", "sweep", "merge"]
     for argv in steps:
         cli.main(argv)

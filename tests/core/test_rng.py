@@ -12,12 +12,16 @@ pytestmark = pytest.mark.numerics
 
 
 def test_rows_depend_on_their_seed_and_stream_alone():
-    seeds = torch.tensor([5, 2 ** 40 + 3, 5, 7])
+    seeds = torch.tensor([5, 2**40 + 3, 5, 7])
     for shape in ((2,), (3, 5), (7,)):
         batch = rng.normal(seeds, shape, stream=4)
         alone = rng.normal(seeds[1:2], shape, stream=4)
-        assert batch.shape == (4, *shape) and torch.equal(batch[1:2], alone) and torch.equal(batch[0], batch[2])
-        assert not torch.equal(batch[0], batch[3]) and not torch.equal(alone, rng.normal(seeds[1:2], shape, stream=5))
+        assert (
+            batch.shape == (4, *shape) and torch.equal(batch[1:2], alone) and torch.equal(batch[0], batch[2])
+        )
+        assert not torch.equal(batch[0], batch[3]) and not torch.equal(
+            alone, rng.normal(seeds[1:2], shape, stream=5)
+        )
     u = rng.uniform(seeds, 1000)
     assert torch.equal(u[3:], rng.uniform(seeds[3:], 1000)) and 0 < u.min() and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.02

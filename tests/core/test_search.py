@@ -31,6 +31,7 @@ def _bowl(w_star, offsets=None):
     def f(snapshot, w, cfg, n):
         shift = offsets.get(snapshot, 0.0) if w != 0 else 0.0
         return 1.0 + (w - w_star) ** 2 + 0.1 * abs(w - w_star) ** 3 + shift + 5.0 / n
+
     return f
 
 
@@ -50,9 +51,12 @@ def test_coordinate_and_grid_choose_the_same_point_on_a_convex_surface_with_a_di
     def f(snapshot, w, cfg, n):
         u, v = w - 0.9, cfg - 2.3
         return 2.0 + u * u + 3.0 * (v - 0.8 * u) ** 2
+
     grid, grid_calls = _run("grid", f, cfgs=CFGS, start=1.4)
     coordinate, calls = _run("coordinate", f, cfgs=CFGS, start=1.4)
-    assert (coordinate["w"], coordinate["cfg"]) == (grid["w"], grid["cfg"]) and coordinate["fid"] == grid["fid"]
+    assert (coordinate["w"], coordinate["cfg"]) == (grid["w"], grid["cfg"]) and coordinate["fid"] == grid[
+        "fid"
+    ]
     assert len(grid_calls) == 17 * 14 and len(calls) <= 17 * 14 / 5
 
 
@@ -61,6 +65,7 @@ def test_successive_halving_rescores_the_best_fraction_and_chooses_at_the_full_n
     def f(snapshot, w, cfg, n):
         noisy = {1.0: -0.05} if n < 1000 else {}
         return (w - 0.8) ** 2 + noisy.get(w, 0.0)
+
     grid, grid_calls = _run("grid", f, screen=250, keep=0.25)
     screened = [c for c in grid_calls if c[3] == 250]
     full = [c for c in grid_calls if c[3] == 1000]
@@ -101,15 +106,19 @@ def test_a_search_replays_its_cache_and_resumes_where_it_stopped():
 def test_unscored_points_count_as_infinite_and_single_values_need_one_evaluation():
     def f(snapshot, w, cfg, n):
         return None if w == 0.25 else float("nan") if w == 0.5 else (w - 0.4) ** 2
+
     choice, calls = _run("brent", f)
-    assert choice["w"] == 0.75 and choice["fid"] == pytest.approx(0.35 ** 2)
+    assert choice["w"] == 0.75 and choice["fid"] == pytest.approx(0.35**2)
     one, calls = _run("coordinate", lambda s, w, c, n: 1.0, ws=[0.0], cfgs=[2.0])
     assert calls == [("base", 0.0, 2.0, 1000)] and one["snapshot"] == "base"
 
 
 def test_the_grid_order_and_the_base_point():
-    assert search.grid_points(["a", "b"], [0.0, 1.0], [None]) == [("base", 0.0, None), ("a", 1.0, None),
-                                                                  ("b", 1.0, None)]
+    assert search.grid_points(["a", "b"], [0.0, 1.0], [None]) == [
+        ("base", 0.0, None),
+        ("a", 1.0, None),
+        ("b", 1.0, None),
+    ]
     assert search.point("a", 0.0, 1.5) == ("base", 0.0, 1.5)
     with pytest.raises(ValueError, match="unknown search strategy"):
         next(search.search("random", ["a"], [1.0], [None], 10, 10, 0.5))
@@ -118,6 +127,7 @@ def test_the_grid_order_and_the_base_point():
 def test_refinement_without_cfg_when_the_base_was_not_rescored():
     """w alone, halving keeps two points that are not the base: the refinement looks around the best w and
     leaves the base's cfg alone (it has none)."""
+
     def f(snapshot, w, cfg, n):
         return (w - 0.83) ** 2
 

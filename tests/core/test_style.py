@@ -38,11 +38,26 @@ IO_PACKAGE = os.path.join("neon", "io") + os.sep
 
 
 def test_only_the_io_package_does_file_io():
-    offenders = [(path, name) for path, tree in _modules(*CODE_DIRS) if not path.startswith(IO_PACKAGE)
-                 for name in _calls_and_imports(tree) if name in FORBIDDEN_IO]
+    offenders = [
+        (path, name)
+        for path, tree in _modules(*CODE_DIRS)
+        if not path.startswith(IO_PACKAGE)
+        for name in _calls_and_imports(tree)
+        if name in FORBIDDEN_IO
+    ]
     assert offenders == []
-    inside = {name for path, tree in _modules("neon") if path.startswith(IO_PACKAGE) for name in _calls_and_imports(tree)}
-    assert {"torch.load", "torch.save", "os.replace", "pickle"} <= inside  # the check looks where the calls are
+    inside = {
+        name
+        for path, tree in _modules("neon")
+        if path.startswith(IO_PACKAGE)
+        for name in _calls_and_imports(tree)
+    }
+    assert {
+        "torch.load",
+        "torch.save",
+        "os.replace",
+        "pickle",
+    } <= inside  # the check looks where the calls are
 
 
 MAX_LINES = 400  # a core module holds one job (STYLE.md): about 400 lines at most
@@ -54,25 +69,39 @@ def test_no_core_module_is_over_the_size_limit():
 
 
 def test_family_modules_do_not_import_torch_distributed():
-    family_files = [(p, t) for p, t in _modules(*CODE_DIRS)
-                    if p.startswith(FAMILY_PACKAGES) or p.startswith(os.path.join("neon", "toy"))]
+    family_files = [
+        (p, t)
+        for p, t in _modules(*CODE_DIRS)
+        if p.startswith(FAMILY_PACKAGES) or p.startswith(os.path.join("neon", "toy"))
+    ]
     assert family_files
-    offenders = [(p, n) for p, t in family_files for n in _calls_and_imports(t) if n.startswith("torch.distributed")]
+    offenders = [
+        (p, n) for p, t in family_files for n in _calls_and_imports(t) if n.startswith("torch.distributed")
+    ]
     assert offenders == []
 
 
 # `neon demo` is the toy's own verb, so the verb bodies may import the demo module (only that).
-ALLOWED = {(os.path.join("neon", "verbs.py"), "neon.toy"), (os.path.join("neon", "verbs.py"), "neon.toy.demo")}
+ALLOWED = {
+    (os.path.join("neon", "verbs.py"), "neon.toy"),
+    (os.path.join("neon", "verbs.py"), "neon.toy.demo"),
+}
 
 
 def test_core_never_imports_a_family_package():
     core = [(p, t) for p, t in _modules("neon") if not p.startswith(os.path.join("neon", "toy"))]
-    offenders = [(p, n) for p, t in core for n in _calls_and_imports(t) if n.split(".")[0] in FAMILY_PACKAGES
-                 or n.startswith("neon.toy")]
+    offenders = [
+        (p, n)
+        for p, t in core
+        for n in _calls_and_imports(t)
+        if n.split(".")[0] in FAMILY_PACKAGES or n.startswith("neon.toy")
+    ]
     assert set(offenders) <= ALLOWED and len(core) > 10
 
 
-@pytest.mark.parametrize("bad", ["import pickle", "torch.save(x, p)", "from torch.distributed import barrier"])
+@pytest.mark.parametrize(
+    "bad", ["import pickle", "torch.save(x, p)", "from torch.distributed import barrier"]
+)
 def test_the_checks_catch_violations(bad):
     names = set(_calls_and_imports(ast.parse(bad)))
     assert names & (FORBIDDEN_IO | {"torch.distributed", "torch.distributed.barrier"})

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from neon import finetune, merge, search, sweep
-from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import Model, read_checkpoint, write_checkpoint
+from neon.io import checkpoint
 from neon.metrics import fid, score
 from neon.toy.family import ToySampler, family
 
@@ -17,7 +17,9 @@ from neon.toy.family import ToySampler, family
 def test_grid_parsing():
     assert search.grid("0:2:0.5") == [0.0, 0.5, 1.0, 1.5, 2.0]
     assert search.grid("-1:1:0.125")[:3] == [-1.0, -0.875, -0.75] and len(search.grid("-1:1:0.125")) == 17
-    assert search.grid("0,0.3") == [0.0, 0.3] and search.grid([1, 2]) == [1.0, 2.0] and search.grid(0.5) == [0.5]
+    assert (
+        search.grid("0,0.3") == [0.0, 0.3] and search.grid([1, 2]) == [1.0, 2.0] and search.grid(0.5) == [0.5]
+    )
     for bad in ("0:2", "2:0:1", "a,b", "0:1:0", [float("nan")]):
         with pytest.raises(NeonError, match="bad w grid"):
             search.grid(bad)
@@ -35,18 +37,39 @@ def test_frechet_distance_matches_the_closed_form():
 
 @pytest.fixture
 def run_dir(tmp_path, base_ckpt, synthetic_set):
-    conf = finetune.FinetuneConfig(data=synthetic_set, out=str(tmp_path / "run"), total_images=192, batch_size=32,
-                                   lr=1e-3, snapshot_every_images=96)
+    conf = finetune.FinetuneConfig(
+        data=synthetic_set,
+        out=str(tmp_path / "run"),
+        total_images=192,
+        batch_size=32,
+        lr=1e-3,
+        snapshot_every_images=96,
+    )
     for _ in finetune.run(family, family.load(base_ckpt), conf):
         pass
     return conf.out
 
 
 def _sweep(base_ckpt, run_dir, tmp_path, **kw):
-    conf = sweep.SweepConfig(**{**dict(self_trained=run_dir, w="-1:1:1", num=64, batch_size=16, final_num=32,
-                                       out=str(tmp_path / "sweep"), sampler={"zeta": 1.0}), **kw})
-    return conf, [r.info for r in sweep.run(family, family.load(base_ckpt), base_ckpt, ToySampler(zeta=1.1), conf)
-                  if r.info is not None]
+    conf = sweep.SweepConfig(
+        **{
+            **dict(
+                self_trained=run_dir,
+                w="-1:1:1",
+                num=64,
+                batch_size=16,
+                final_num=32,
+                out=str(tmp_path / "sweep"),
+                sampler={"zeta": 1.0},
+            ),
+            **kw,
+        }
+    )
+    return conf, [
+        r.info
+        for r in sweep.run(family, family.load(base_ckpt), base_ckpt, ToySampler(zeta=1.1), conf)
+        if r.info is not None
+    ]
 
 
 def test_sweep_records_every_point_and_matches_a_direct_evaluation(tmp_path, base_ckpt, run_dir):
@@ -61,10 +84,14 @@ def test_sweep_records_every_point_and_matches_a_direct_evaluation(tmp_path, bas
     # one point by hand: merge, sample the selection seeds with the plain sampler, FD to the truth
     point = next(r for r in records if r["snapshot"] == snapshots[-1] and r["w"] == 1.0)
     model = family.load(base_ckpt)
-    merged = merge.extrapolate(checkpoint.read(base_ckpt).weights, checkpoint.read(snapshots[-1]).weights, 1.0)
+    merged = merge.extrapolate(
+        checkpoint.read(base_ckpt).weights, checkpoint.read(snapshots[-1]).weights, 1.0
+    )
     model.net.load_state_dict(merged)
     x = family.sample(model, torch.full((64,), -1), torch.arange(64) + conf.seed_base, ToySampler(zeta=1.0))
-    assert point["fid"] == pytest.approx(fid.frechet_distance(fid.statistics(x), family.reference()), rel=1e-12)
+    assert point["fid"] == pytest.approx(
+        fid.frechet_distance(fid.statistics(x), family.reference()), rel=1e-12
+    )
     lines = open(os.path.join(conf.out, sweep.RESULTS)).read().splitlines()
     assert [json.loads(line) for line in lines] == records
 
@@ -90,9 +117,14 @@ def test_sweep_errors(tmp_path, base_ckpt, run_dir):
 
 
 def test_grid_refuses_huge_grids_before_making_them_and_weights_that_overflow():
-    for spec, message in (("0:1:1e-12", "1e\\+12 points, more than 10000"), ("0:2e6:1", "at most 1e\\+06"),
-                          ([3e6], "at most 1e\\+06"), (list(range(10_001)), "10001 points"),
-                          ("0:1e308:1e-308", "at most 1e\\+06"), ("0:1:inf", "use start:stop:step")):
+    for spec, message in (
+        ("0:1:1e-12", "1e\\+12 points, more than 10000"),
+        ("0:2e6:1", "at most 1e\\+06"),
+        ([3e6], "at most 1e\\+06"),
+        (list(range(10_001)), "10001 points"),
+        ("0:1e308:1e-308", "at most 1e\\+06"),
+        ("0:1:inf", "use start:stop:step"),
+    ):
         with pytest.raises(NeonError, match="bad w grid .*" + message):
             search.grid(spec)
     assert len(search.grid("0:9999:1")) == 10_000
@@ -167,7 +199,9 @@ def _shift_sweep(shift, out, fam=None, **kw):
     """(conf, new records, summary) of a sweep of the shift family."""
     family_, base, snapshot = shift
     fam = fam or family_
-    conf = sweep.SweepConfig(**{**dict(self_trained=snapshot, w=W_GRID, num=256, batch_size=64, out=str(out)), **kw})
+    conf = sweep.SweepConfig(
+        **{**dict(self_trained=snapshot, w=W_GRID, num=256, batch_size=64, out=str(out)), **kw}
+    )
     records, summary = [], None
     for record in sweep.run(fam, fam.load(base), base, ShiftSampler(), conf):
         if record.info is not None:
@@ -181,8 +215,11 @@ def test_search_and_grid_choose_the_same_point_through_the_sweep(tmp_path, shift
     assert (grid.w, grid.cfg) == (2.0, 1.6) and len(grid_records) == 17 * 6
     assert grid.selection_images == 17 * 6 * 256 and grid.evidence[0]["points"] == 17 * 6
     _, found, coordinate = _shift_sweep(shift, tmp_path / "coordinate", cfg=CFG_GRID, search="coordinate")
-    assert (coordinate.snapshot, coordinate.w, coordinate.cfg) == \
-        (grid.snapshot, 2.0, 1.6) and coordinate.fid == pytest.approx(grid.fid, rel=1e-9)
+    assert (coordinate.snapshot, coordinate.w, coordinate.cfg) == (
+        grid.snapshot,
+        2.0,
+        1.6,
+    ) and coordinate.fid == pytest.approx(grid.fid, rel=1e-9)
     assert coordinate.selection_images == sum(r["num"] for r in found) <= grid.selection_images / 5
     assert [e["n"] for e in coordinate.evidence] == [64, 256] and coordinate.search == "coordinate"
     # w alone: brent at the sampler's cfg (1.0) agrees with the grid's row at cfg 1.0
@@ -193,14 +230,18 @@ def test_search_and_grid_choose_the_same_point_through_the_sweep(tmp_path, shift
     # a grid in the search's folder reuses every point the search scored at the full n
     _, more, _ = _shift_sweep(shift, tmp_path / "coordinate", cfg=CFG_GRID)
     full = [r for r in found if r["num"] == 256]
-    assert len(more) == 17 * 6 - len(full) and not {sweep.record_key(r) for r in more} & {sweep.record_key(r) for r in full}
+    assert len(more) == 17 * 6 - len(full) and not {sweep.record_key(r) for r in more} & {
+        sweep.record_key(r) for r in full
+    }
 
 
 def test_a_search_resumes_mid_search(tmp_path, shift):
     kw = dict(cfg=CFG_GRID, search="coordinate", final_num=64, final_seeds=2)
     _, whole, summary = _shift_sweep(shift, tmp_path / "whole", **kw)
     with pytest.raises(KeyboardInterrupt):
-        _shift_sweep(shift, tmp_path / "resumed", fam=ShiftFamily(crash_at=12), **kw)  # one batch a point: the 12th
+        _shift_sweep(
+            shift, tmp_path / "resumed", fam=ShiftFamily(crash_at=12), **kw
+        )  # one batch a point: the 12th
     assert len(sweep.load_results(str(tmp_path / "resumed"))) == 11 < len(whole) - 6
     _, rest, resumed = _shift_sweep(shift, tmp_path / "resumed", **kw)
     assert [sweep.record_key(r) for r in rest] == [sweep.record_key(r) for r in whole[11:]]
@@ -241,15 +282,20 @@ def test_the_final_report_gives_mean_sd_and_min_over_disjoint_seed_ranges(tmp_pa
     gain, spread = np.mean(base) - np.mean(best), max(np.std(base, ddof=1), np.std(best, ddof=1))
     assert summary.final.gain == pytest.approx(gain) and summary.final.spread == pytest.approx(spread)
     assert summary.final.gain_exceeds_spread is bool(gain > spread) and gain > 0.5 > spread
-    for bad, message in ((dict(final_seeds=0), "final_seeds must be >= 1"),
-                         # the third range overlaps
-                         (dict(seed_base=0, num=100, final_seed_base=-25, final_num=10), "\\[-25, 5\\) overlap"),
-                         (dict(search="random"), "sweep.search must be one of grid, brent, coordinate"),
-                         (dict(screen_num=2000), "screen_num must be in \\[2, sweep.num = 1000\\]"),
-                         (dict(screen_keep=0.0), "sweep.screen_keep must be in")):
+    for bad, message in (
+        (dict(final_seeds=0), "final_seeds must be >= 1"),
+        # the third range overlaps
+        (dict(seed_base=0, num=100, final_seed_base=-25, final_num=10), "\\[-25, 5\\) overlap"),
+        (dict(search="random"), "sweep.search must be one of grid, brent, coordinate"),
+        (dict(screen_num=2000), "screen_num must be in \\[2, sweep.num = 1000\\]"),
+        (dict(screen_keep=0.0), "sweep.screen_keep must be in"),
+    ):
         with pytest.raises(NeonError, match=message):
             sweep.SweepConfig(**bad)
-    assert sweep.SweepConfig(search="brent", num=1000).screen() == 250 and sweep.SweepConfig(num=1000).screen() == 1000
+    assert (
+        sweep.SweepConfig(search="brent", num=1000).screen() == 250
+        and sweep.SweepConfig(num=1000).screen() == 1000
+    )
 
 
 def test_a_point_that_cannot_be_scored_is_written_as_null(tmp_path, shift, monkeypatch):
@@ -258,6 +304,7 @@ def test_a_point_that_cannot_be_scored_is_written_as_null(tmp_path, shift, monke
     def nan_at_w1(family, model, *args, **kwargs):
         result = real(family, model, *args, **kwargs)
         return {**result, "fid": float("nan")} if float(model.net.b[0].detach()) > 0.4 else result
+
     monkeypatch.setattr(score, "generate_and_score", nan_at_w1)
     _, records, summary = _shift_sweep(shift, tmp_path / "sweep", w="0,0.5,1", search="brent", screen_num=256)
     text = (tmp_path / "sweep" / sweep.RESULTS).read_text()

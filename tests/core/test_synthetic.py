@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from neon import synthetic
-from neon.io import rows
 from neon.errors import NeonError
+from neon.io import rows
 from neon.toy.family import ToySampler, family
 from tests.conftest import Crashing
 
@@ -15,8 +15,11 @@ pytestmark = pytest.mark.numerics
 
 
 def _files(directory):
-    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))
-            if name.startswith("shard-")}
+    return {
+        name: open(os.path.join(directory, name), "rb").read()
+        for name in sorted(os.listdir(directory))
+        if name.startswith("shard-")
+    }
 
 
 def test_balanced_labels_counts_and_determinism():
@@ -45,7 +48,9 @@ def test_set_layout_manifest_and_contents(synthetic_set, base_ckpt):
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, base_ckpt, synthetic_set):
-    conf = synthetic.SyntheticConfig(out=str(tmp_path / "resumed"), num=96, batch_size=16, shard_size=24, labels="none")
+    conf = synthetic.SyntheticConfig(
+        out=str(tmp_path / "resumed"), num=96, batch_size=16, shard_size=24, labels="none"
+    )
     model = family.load(base_ckpt)
     with pytest.raises(KeyboardInterrupt):
         for _ in synthetic.write(Crashing("sample", 6), model, ToySampler(zeta=1.1), conf, "sha"):

@@ -11,19 +11,30 @@ import os
 import pytest
 import torch
 
+from edm.digits import classifier, data, demo
+from edm.digits.family import TINY, DigitsFamily
+from edm.family import family as edm
 from neon import config, evaluate, synthetic
 from neon.io import checkpoint
 from neon.metrics import fid, inception, score
 from neon.threads import one_thread
 
-from edm.digits import classifier, data, demo
-from edm.digits.family import TINY, DigitsFamily
-from edm.family import family as edm
-
 # The reduced run: the tiny network, a shorter classifier, a few hundred images, 5 report ranges of 30.
-SMALL = {"base.arch": TINY, "classifier.epochs": 15, "base.train.total_images": 320, "synthetic.num": 60,
-         "synthetic.batch_size": 60, "self_train.total_images": 96, "diagnose.batches": 2, "sampler.num_steps": 3,
-         "sweep.w": [0.0, 1.0], "sweep.num": 30, "sweep.screen_num": 30, "report.num": 30, "samples.num": 10}
+SMALL = {
+    "base.arch": TINY,
+    "classifier.epochs": 15,
+    "base.train.total_images": 320,
+    "synthetic.num": 60,
+    "synthetic.batch_size": 60,
+    "self_train.total_images": 96,
+    "diagnose.batches": 2,
+    "sampler.num_steps": 3,
+    "sweep.w": [0.0, 1.0],
+    "sweep.num": 30,
+    "sweep.screen_num": 30,
+    "report.num": 30,
+    "samples.num": 10,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +53,12 @@ def trained(split):
 
 
 def test_split_is_fixed_disjoint_and_grey(split):
-    assert {role: len(split[role][0]) for role in data.ROLES} == \
-        {"generator": 1000, "features": 300, "reference": 297, "real": 200}
+    assert {role: len(split[role][0]) for role in data.ROLES} == {
+        "generator": 1000,
+        "features": 300,
+        "reference": 297,
+        "real": 200,
+    }
     indices = torch.cat([split[role][2] for role in data.ROLES])
     assert sorted(indices.tolist()) == list(range(1797))  # every image in exactly one role
     images, labels = data.load()
@@ -59,8 +74,10 @@ def test_split_is_fixed_disjoint_and_grey(split):
 
 
 def test_the_recipe_s_classifier_is_the_one_the_family_trains():
-    assert config.build(classifier.ClassifierConfig, demo.SETTINGS["classifier"], "classifier") == \
-        classifier.ClassifierConfig()
+    assert (
+        config.build(classifier.ClassifierConfig, demo.SETTINGS["classifier"], "classifier")
+        == classifier.ClassifierConfig()
+    )
 
 
 @pytest.mark.numerics
@@ -83,11 +100,16 @@ def test_digits_family_is_edm_plus_features_and_reference(trained, split, one_th
     mu, sigma = fam.reference()
     assert mu.shape == (classifier.FEATURES,) and sigma.shape == (classifier.FEATURES,) * 2
     # The core's scoring path uses the family's features and reference: no --ref, no Inception.
-    result = score.generate_and_score(fam, model, sampler, (0, 20), 10, inception.FidConfig(), fam.reference())
+    result = score.generate_and_score(
+        fam, model, sampler, (0, 20), 10, inception.FidConfig(), fam.reference()
+    )
     assert result["fid"] > 0
     real = fam.features(split["generator"][0][:500])
     floor = fid.frechet_distance(fid.statistics(real), (mu, sigma))
-    assert floor < 0.5 * result["fid"], (floor, result["fid"])  # real digits score far better than a random net
+    assert floor < 0.5 * result["fid"], (
+        floor,
+        result["fid"],
+    )  # real digits score far better than a random net
 
 
 @pytest.mark.numerics
@@ -99,7 +121,8 @@ def test_reduced_run_writes_its_results_and_resumes(tmp_path):
     s = saved["settings"]
     assert s["base"]["arch"] == TINY and "quick" not in s
 
-    # no image plays two roles; the classifier trained on its 300 only (shorter here: the recipe's reaches 0.95)
+    # no image plays two roles; the classifier trained on its 300 only (shorter here: the recipe's
+    # reaches 0.95)
     roles = saved["split"]
     assert sorted(i for role in data.ROLES for i in roles[role]) == list(range(1797))
     assert saved["classifier"]["heldout_accuracy"] >= 0.8
@@ -107,7 +130,9 @@ def test_reduced_run_writes_its_results_and_resumes(tmp_path):
     # S, selection and k >= 5 report ranges of the same n: disjoint seeds
     selection, ranges = saved["selection"]["seeds"], saved["report"]["seeds"]
     assert ranges == [[s["report"]["seed_base"] + i * 30, 30] for i in range(5)]
-    spans = sorted([(a, a + n) for a, n in [selection, *ranges, [s["synthetic"]["seed_base"], s["synthetic"]["num"]]]])
+    spans = sorted(
+        [(a, a + n) for a, n in [selection, *ranges, [s["synthetic"]["seed_base"], s["synthetic"]["num"]]]]
+    )
     assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:])), spans
 
     # the chosen w is the selection's minimum at n = num; the report holds k values per metric and model
@@ -119,7 +144,9 @@ def test_reduced_run_writes_its_results_and_resumes(tmp_path):
         for metric in demo.METRICS:
             assert len(row[metric]["values"]) == len(ranges)
             assert row[metric]["mean"] == pytest.approx(sum(row[metric]["values"]) / len(ranges))
-        assert all(v > 0 for v in row["fid"]["values"]) and all(0 <= v <= 1 for v in row["label_accuracy"]["values"])
+        assert all(v > 0 for v in row["fid"]["values"]) and all(
+            0 <= v <= 1 for v in row["label_accuracy"]["values"]
+        )
     assert saved["report"]["neon"]["w"] == saved["best_w"] and saved["report"]["base"]["w"] == 0.0
 
     # the real row: n real images no network saw, scored like a model: the floor (a tiny base is far above)
@@ -135,14 +162,17 @@ def test_reduced_run_writes_its_results_and_resumes(tmp_path):
         report = saved["report"]
         expected = evaluate.paired(report["neon"]["fid"]["values"], report[other]["fid"]["values"])
         assert c["fid"]["differences"] == pytest.approx(expected.differences)
-        assert [c["fid"][key] for key in ("mean", "low", "high")] == \
-            pytest.approx([expected.mean, expected.low, expected.high])
+        assert [c["fid"][key] for key in ("mean", "low", "high")] == pytest.approx(
+            [expected.mean, expected.low, expected.high]
+        )
         assert c["verdict"] == evaluate.verdict(expected)
 
     # the controls saw as many images as θ_s, on the generator images; one of them kept an EMA
     snapshot = "snapshot-0000000096.pt"
-    seen = [checkpoint.read(os.path.join(out, d, snapshot)).data["images_seen"]
-            for d in ("self-train", "control", "control-ema")]
+    seen = [
+        checkpoint.read(os.path.join(out, d, snapshot)).data["images_seen"]
+        for d in ("self-train", "control", "control-ema")
+    ]
     assert seen == [SMALL["self_train.total_images"]] * 3
     assert synthetic.read(os.path.join(out, "real")).manifest["num"] == 1000
     assert len(synthetic.read(os.path.join(out, "synthetic"))) == SMALL["synthetic.num"]
@@ -150,8 +180,16 @@ def test_reduced_run_writes_its_results_and_resumes(tmp_path):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
 
     table = demo.table(saved).splitlines()
-    assert [line.split()[0] for line in table[1:9]] == ["base", "neon", "control", "control_ema", "real",
-                                                        "Neon", "Neon", "Neon"]
+    assert [line.split()[0] for line in table[1:9]] == [
+        "base",
+        "neon",
+        "control",
+        "control_ema",
+        "real",
+        "Neon",
+        "Neon",
+        "Neon",
+    ]
     assert "±" in table[1] and "[" in table[6]
 
     # a rerun computes nothing again: the same evaluation lines, the same base
@@ -161,4 +199,6 @@ def test_reduced_run_writes_its_results_and_resumes(tmp_path):
     again = demo.run(out, quick=True, overrides=SMALL)
     assert [open(p).read() for p in logs] == before
     assert os.stat(os.path.join(out, "base.pt")).st_mtime_ns == base_mtime
-    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
+    assert {k: v for k, v in again.items() if k != "seconds"} == {
+        k: v for k, v in result.items() if k != "seconds"
+    }

@@ -15,8 +15,8 @@ import dataclasses
 
 import torch
 
-from neon.io import checkpoint
 from neon.family import Model, read_checkpoint
+from neon.io import checkpoint
 
 SIDE, LATENT = 8, 16
 

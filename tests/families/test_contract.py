@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from neon.io import checkpoint
 from neon import family as registry
+from neon.io import checkpoint
 from neon.metrics import inception, score
 
 pytestmark = pytest.mark.numerics
@@ -38,7 +38,9 @@ ACROSS_BATCHES = {"toy": 1e-5, "var": None}
 def test_sample_is_bitwise_reproducible_and_follows_its_seed_across_batches(fam):
     model = fam.tiny(0)
     sampler = fam.Sampler()
-    labels = torch.zeros(4, dtype=torch.int64) if model.num_classes else torch.full((4,), -1)  # same label: seeds decide
+    labels = (
+        torch.zeros(4, dtype=torch.int64) if model.num_classes else torch.full((4,), -1)
+    )  # same label: seeds decide
     seeds = torch.tensor([3, 1, 4, 1])
     batch = fam.sample(model, labels, seeds, sampler)
     # bitwise: the same seeds in the same batch, on the same device and threads

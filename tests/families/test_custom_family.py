@@ -21,17 +21,72 @@ def test_a_family_from_tests_runs_sample_finetune_merge_sweep(tmp_path, capsys, 
     tiny = family.tiny(0)
     base, S, run = str(tmp_path / "base.pt"), str(tmp_path / "S"), str(tmp_path / "run")
     write_checkpoint(family, tiny.net.state_dict(), base, like=tiny)
-    cli.main(["sample", "--family", SPEC, "--ckpt", base, "--out", S, "--num", "16", "--batch-size", "8",
-              "--shard-size", "8", "--synthetic.labels", "none"])
-    cli.main(["finetune", "--family", SPEC, "--ckpt", base, "--data", S, "--out", run, "--images", "32",
-              "--batch-size", "8", "--lr", "1e-2"])
+    cli.main(
+        [
+            "sample",
+            "--family",
+            SPEC,
+            "--ckpt",
+            base,
+            "--out",
+            S,
+            "--num",
+            "16",
+            "--batch-size",
+            "8",
+            "--shard-size",
+            "8",
+            "--synthetic.labels",
+            "none",
+        ]
+    )
+    cli.main(
+        [
+            "finetune",
+            "--family",
+            SPEC,
+            "--ckpt",
+            base,
+            "--data",
+            S,
+            "--out",
+            run,
+            "--images",
+            "32",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+        ]
+    )
     snapshot = f"{run}/snapshot-0000000032.pt"
     ref = str(tmp_path / "ref.npz")
     cli.main(["fid-stats", "--images", S, "--out", ref, "--inception-weights", inception_file])
     merged = str(tmp_path / "neon.pt")
     cli.main(["merge", "--family", SPEC, "--base", base, "--self", snapshot, "--w", "0.5", "--out", merged])
-    cli.main(["sweep", "--family", SPEC, "--base", base, "--self", snapshot, "--w", "0.5", "--num", "8",
-              "--batch-size", "8", "--ref", ref, "--inception-weights", inception_file, "--out", str(tmp_path / "sw")])
+    cli.main(
+        [
+            "sweep",
+            "--family",
+            SPEC,
+            "--base",
+            base,
+            "--self",
+            snapshot,
+            "--w",
+            "0.5",
+            "--num",
+            "8",
+            "--batch-size",
+            "8",
+            "--ref",
+            ref,
+            "--inception-weights",
+            inception_file,
+            "--out",
+            str(tmp_path / "sw"),
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     records = [json.loads(line) for line in open(tmp_path / "sw" / "results.jsonl")]
     assert [r["w"] for r in records] == [0.0, 0.5] and summary["w"] in (0.0, 0.5)
@@ -45,8 +100,9 @@ def test_a_family_from_tests_runs_sample_finetune_merge_sweep(tmp_path, capsys, 
     # ... and the sweep scored those very tensors: the merged file's samples on the sweep's seeds
     # (same batches, same threads: bitwise) give the FID it recorded for w = 0.5.
     fid_conf = inception.FidConfig(inception_weights=inception_file)
-    again = score.generate_and_score(family, family.load(merged), family.Sampler(), (1_000_000, 8), 8, fid_conf,
-                                     stats.load(ref))
+    again = score.generate_and_score(
+        family, family.load(merged), family.Sampler(), (1_000_000, 8), 8, fid_conf, stats.load(ref)
+    )
     assert again["fid"] == records[1]["fid"]
 
 

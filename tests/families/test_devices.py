@@ -17,8 +17,8 @@ import contextlib
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from neon import diagnose
 from neon import family as registry
@@ -33,8 +33,14 @@ class Elsewhere(torch.Tensor):
     @staticmethod
     def __new__(cls, inner):
         return torch.Tensor._make_wrapper_subclass(
-            cls, inner.shape, strides=inner.stride(), dtype=inner.dtype, device=OTHER,
-            storage_offset=inner.storage_offset(), requires_grad=inner.requires_grad)
+            cls,
+            inner.shape,
+            strides=inner.stride(),
+            dtype=inner.dtype,
+            device=OTHER,
+            storage_offset=inner.storage_offset(),
+            requires_grad=inner.requires_grad,
+        )
 
     def __init__(self, inner):
         self.inner = inner
@@ -87,6 +93,7 @@ class _Emulated(TorchDispatchMode):
             # autograd sets a view's version counter, which an inference tensor has not
             with torch.inference_mode(False):
                 return Elsewhere(x)
+
         return tree_map(wrap, out)
 
 
@@ -148,8 +155,10 @@ class _Autocast(torch.autocast):
 
 def _on_cpu_autocast(query):
     """An autocast query (is_autocast_enabled, get_autocast_dtype) answering the CPU's for OTHER."""
+
     def asked(*args):
         return query(*("cpu" if a == OTHER.type else a for a in args))
+
     return asked
 
 

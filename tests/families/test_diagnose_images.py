@@ -14,8 +14,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _diagnose(name, base, codec, real, S, capsys):
     capsys.readouterr()
-    cli.main(["diagnose", "--family", name, *codec, "--ckpt", base, "--real", real, "--synthetic", S,
-              "--batches", "4"])
+    cli.main(
+        [
+            "diagnose",
+            "--family",
+            name,
+            *codec,
+            "--ckpt",
+            base,
+            "--real",
+            real,
+            "--synthetic",
+            S,
+            "--batches",
+            "4",
+        ]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     return lines, json.loads(lines[-1])
 
@@ -24,8 +38,25 @@ def _diagnose(name, base, codec, real, S, capsys):
 def test_diagnose_image_family_with_labelled_real_images(name, tmp_path, capsys):
     base, codec = _tiny_files(name, tmp_path)
     S = str(tmp_path / "S")
-    cli.main(["sample", "--family", name, *codec, "--ckpt", base, "--out", S, "--num", "16", "--batch-size", "16",
-              "--shard-size", "16", *SAMPLERS[name]])
+    cli.main(
+        [
+            "sample",
+            "--family",
+            name,
+            *codec,
+            "--ckpt",
+            base,
+            "--out",
+            S,
+            "--num",
+            "16",
+            "--batch-size",
+            "16",
+            "--shard-size",
+            "16",
+            *SAMPLERS[name],
+        ]
+    )
     data = synthetic.read(S)
     assert len(set(data.labels.tolist())) > 1  # both tiny models are class-conditional
     images = data.read(range(len(data))).permute(0, 2, 3, 1).numpy()
@@ -47,7 +78,10 @@ def test_diagnose_image_family_with_labelled_real_images(name, tmp_path, capsys)
             _diagnose(name, base, codec, unlabelled, S, capsys)
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and "\n" not in err
-        assert err == "error: class labels must be in [0, 10) for this conditional model (unlabelled images carry -1)"
+        assert (
+            err == "error: class labels must be in [0, 10) for this conditional model "
+            "(unlabelled images carry -1)"
+        )
     bad = str(tmp_path / "bad.npz")
     np.savez(bad, arr_0=images, labels=data.labels.numpy()[:3])
     with pytest.raises(SystemExit) as exit_info:

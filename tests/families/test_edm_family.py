@@ -12,9 +12,9 @@ import torch
 from edm import networks
 from edm.family import DEFAULT_AUGMENT, TINY, family
 from neon import merge, synthetic
-from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import write_checkpoint
+from neon.io import checkpoint
 
 pytestmark = pytest.mark.numerics
 
@@ -43,16 +43,22 @@ def _write_edm_pickle(path, model, monkeypatch, marker_dir):
                 state = dict(obj.__dict__)
                 state["_init_kwargs"] = dict(obj._test_kwargs) if hasattr(obj, "_test_kwargs") else {}
                 state.pop("_test_kwargs", None)
-                meta = {"type": "class", "version": 6, "module_src": source, "class_name": type(obj).__name__,
-                        "state": state}
+                meta = {
+                    "type": "class",
+                    "version": 6,
+                    "module_src": source,
+                    "class_name": type(obj).__name__,
+                    "state": state,
+                }
                 return _reconstruct_persistent_obj, (meta,)
             return NotImplemented
 
     kwargs = {k: v for k, v in model.arch.items() if k != "class_name"}
     model.net._test_kwargs = kwargs
     with open(path, "wb") as f:
-        Pickler(f, protocol=4).dump({"ema": model.net, "loss_fn": None,
-                                     "augment_pipe": None, "dataset_kwargs": {"use_labels": True}})
+        Pickler(f, protocol=4).dump(
+            {"ema": model.net, "loss_fn": None, "augment_pipe": None, "dataset_kwargs": {"use_labels": True}}
+        )
     del model.net._test_kwargs
 
 
@@ -70,7 +76,9 @@ def test_network_pickle_loads_without_running_its_code(tmp_path, monkeypatch):
     assert all(torch.equal(container.weights[k], v) for k, v in expected.items())
     loaded = family.load(str(path))
     images = family.sample(loaded, torch.tensor([3, 7]), torch.tensor([0, 1]), family.Sampler(num_steps=2))
-    assert torch.equal(images, family.sample(model, torch.tensor([3, 7]), torch.tensor([0, 1]), family.Sampler(num_steps=2)))
+    assert torch.equal(
+        images, family.sample(model, torch.tensor([3, 7]), torch.tensor([0, 1]), family.Sampler(num_steps=2))
+    )
     assert not (tmp_path / MARKER).exists()
 
 
@@ -97,7 +105,11 @@ def test_merging_a_pickled_base_writes_plain_data_every_loader_reads(tmp_path, m
     write_checkpoint(family, other.net.state_dict(), str(tmp_path / "self.pt"), like=other)
     merge.merge_files(str(base), str(tmp_path / "self.pt"), 0.5, str(tmp_path / "neon.pt"))
     merged = checkpoint.read(str(tmp_path / "neon.pt"), family.format)
-    assert merged.format == "pt" and merged.weights_key == ("ema",) and merged.data["arch"]["class_name"] == "EDMPrecond"
+    assert (
+        merged.format == "pt"
+        and merged.weights_key == ("ema",)
+        and merged.data["arch"]["class_name"] == "EDMPrecond"
+    )
     k = "model.enc.8x8_conv.weight"
     assert torch.equal(merged.weights[k], 1.5 * model.net.state_dict()[k] - 0.5 * other.net.state_dict()[k])
     assert family.load(str(tmp_path / "neon.pt")).num_classes == 10
@@ -132,7 +144,9 @@ def test_sample_matches_upstream_generate_stream(tmp_path):
         return torch.randn(x.shape[1:], generator=g, dtype=x.dtype)[None]
 
     with torch.no_grad():
-        x = edm_sampler(model.net, latents, torch.eye(10)[[4]], randn_like=randn_like, num_steps=3, S_churn=10, S_max=100)
+        x = edm_sampler(
+            model.net, latents, torch.eye(10)[[4]], randn_like=randn_like, num_steps=3, S_churn=10, S_max=100
+        )
     assert torch.equal(ours, (x * 127.5 + 128).clip(0, 255).to(torch.uint8))
 
 
@@ -157,7 +171,9 @@ def test_the_augment_pipe_of_the_base_survives_finetune_and_merge(tmp_path):
     conf = synthetic.SyntheticConfig(out=str(tmp_path / "S"), num=8, batch_size=8, shard_size=8)
     for _ in synthetic.write(family, family.load(base), family.Sampler(num_steps=2), conf, "sha"):
         pass
-    run = finetune.FinetuneConfig(data=conf.out, out=str(tmp_path / "run"), total_images=8, batch_size=8, lr=1e-4)
+    run = finetune.FinetuneConfig(
+        data=conf.out, out=str(tmp_path / "run"), total_images=8, batch_size=8, lr=1e-4
+    )
     for _ in finetune.run(family, family.load(base), run):
         pass
     snapshot = read_checkpoint(family, str(tmp_path / "run" / "snapshot-0000000008.pt"))
@@ -174,8 +190,11 @@ def test_a_base_that_stores_no_augment_pipe_fine_tunes_without_one(tmp_path, mon
     pickled = tmp_path / "noaug.pkl"
     _write_edm_pickle(pickled, model, monkeypatch, tmp_path)
     assert family.load(str(pickled)).extras["augment_pipe"] is None
-    cases = {"none.pt": {"augment_pipe": None}, "own.pt": {"augment_pipe": {**DEFAULT_AUGMENT, "p": 0.5}},
-             "absent.pt": {}}
+    cases = {
+        "none.pt": {"augment_pipe": None},
+        "own.pt": {"augment_pipe": {**DEFAULT_AUGMENT, "p": 0.5}},
+        "absent.pt": {},
+    }
     for name, extra in cases.items():
         checkpoint.write({"ema": model.net.state_dict(), "arch": model.arch, **extra}, str(tmp_path / name))
     assert family.load(str(tmp_path / "none.pt")).extras["augment_pipe"] is None
@@ -186,6 +205,8 @@ def test_a_base_that_stores_no_augment_pipe_fine_tunes_without_one(tmp_path, mon
     net = networks.EDMPrecond(**{k: v for k, v in plain.items() if k != "class_name"})
     checkpoint.write({"ema": net.state_dict(), "arch": plain}, str(tmp_path / "absent0.pt"))
     assert family.load(str(tmp_path / "absent0.pt")).extras["augment_pipe"] is None
-    checkpoint.write({"ema": model.net.state_dict(), "arch": model.arch, "augment_pipe": 0.12}, str(tmp_path / "bad.pt"))
+    checkpoint.write(
+        {"ema": model.net.state_dict(), "arch": model.arch, "augment_pipe": 0.12}, str(tmp_path / "bad.pt")
+    )
     with pytest.raises(NeonError, match="augment_pipe must be AugmentPipe's arguments or None, got float"):
         family.load(str(tmp_path / "bad.pt"))

@@ -19,10 +19,10 @@ from imm.family import LOSS, TINY, _TargetInFloat32, family
 from imm.loss import IMMLoss
 from imm.sampler import generators, initial_latents, pushforward_generator_fn
 from neon import cli
-from neon.io import safetensors
 from neon import family as registry
 from neon.errors import NeonError
 from neon.family import write_checkpoint
+from neon.io import safetensors
 from tests.dist.test_world_size import TORCHRUN, _shards, _torchrun
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
@@ -46,8 +46,24 @@ def test_neon_loop_through_the_cli(tmp_path, capsys, inception_file):
     common = ["--family", "imm", *codec]
     S, run = str(tmp_path / "S"), str(tmp_path / "run")
     cli.main(["sample", *common, "--ckpt", base, "--out", S, "--num", "8", "--batch-size", "8"])
-    cli.main(["finetune", *common, "--ckpt", base, "--data", S, "--out", run, "--images", "8", "--batch-size", "8",
-              "--lr", "1e-3"])
+    cli.main(
+        [
+            "finetune",
+            *common,
+            "--ckpt",
+            base,
+            "--data",
+            S,
+            "--out",
+            run,
+            "--images",
+            "8",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+        ]
+    )
     snapshot = os.path.join(run, "snapshot-0000000008.pt")
     merged = str(tmp_path / "neon.pt")
     cli.main(["merge", "--base", base, "--self", snapshot, "--w", "0.5", "--out", merged])
@@ -60,8 +76,27 @@ def test_neon_loop_through_the_cli(tmp_path, capsys, inception_file):
     cli.main(["fid-stats", "--images", S, "--out", ref, *fid_flags])
     sweep_dir = str(tmp_path / "sweep")
     # one guidance scale only: each point costs a 2048-d Fréchet distance (seconds on one thread)
-    cli.main(["sweep", *common, "--base", base, "--self", run, "--w", "1", "--sweep.cfg", "[3]", "--num", "2",
-              "--ref", ref, "--out", sweep_dir, *fid_flags])
+    cli.main(
+        [
+            "sweep",
+            *common,
+            "--base",
+            base,
+            "--self",
+            run,
+            "--w",
+            "1",
+            "--sweep.cfg",
+            "[3]",
+            "--num",
+            "2",
+            "--ref",
+            ref,
+            "--out",
+            sweep_dir,
+            *fid_flags,
+        ]
+    )
     records = [json.loads(line) for line in open(os.path.join(sweep_dir, "results.jsonl"))]
     assert {(r["snapshot"], r["w"], r["cfg"]) for r in records} == {("base", 0.0, 3.0), (snapshot, 1.0, 3.0)}
     assert all(r["fid"] > 0 for r in records)
@@ -70,8 +105,22 @@ def test_neon_loop_through_the_cli(tmp_path, capsys, inception_file):
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
 def test_two_processes_write_the_same_synthetic_set(tmp_path):
     _, base, codec = _tiny_files(tmp_path)
-    args = ["sample", "--family", "imm", *codec, "--ckpt", base, "--synthetic.num", "12", "--batch-size", "3",
-            "--shard-size", "3", "--sampler.num_steps", "2"]
+    args = [
+        "sample",
+        "--family",
+        "imm",
+        *codec,
+        "--ckpt",
+        base,
+        "--synthetic.num",
+        "12",
+        "--batch-size",
+        "3",
+        "--shard-size",
+        "3",
+        "--sampler.num_steps",
+        "2",
+    ]
     cli.main(args + ["--out", str(tmp_path / "one")])
     _torchrun(*args, "--out", tmp_path / "two")
     assert _shards(tmp_path / "one") == _shards(tmp_path / "two") and len(_shards(tmp_path / "one")) == 4
@@ -79,13 +128,17 @@ def test_two_processes_write_the_same_synthetic_set(tmp_path):
 
 # --- IMM network pickles -----------------------------------------------------------------------
 
-_TIMM = {"PatchEmbed": "timm.layers.patch_embed", "Attention": "timm.models.vision_transformer",
-         "Mlp": "timm.layers.mlp"}
+_TIMM = {
+    "PatchEmbed": "timm.layers.patch_embed",
+    "Attention": "timm.models.vision_transformer",
+    "Mlp": "timm.layers.mlp",
+}
 
 
 def _stub_modules(monkeypatch):
     """Importable stand-ins for torch_utils.persistence and the timm modules an IMM pickle names (so
     that pickle can write their globals); returns (_reconstruct_persistent_obj, timm classes, Format)."""
+
     def module(name):
         mod = types.ModuleType(name)
         monkeypatch.setitem(sys.modules, name, mod)
@@ -105,8 +158,9 @@ def _stub_modules(monkeypatch):
     for name, where in _TIMM.items():
         classes[name] = type(name, (), {"__module__": where})
         setattr(module(where), name, classes[name])
-    fmt = enum.Enum("Format", {"NCHW": "NCHW", "NHWC": "NHWC"}, type=str, module="timm.layers.format",
-                    qualname="Format")
+    fmt = enum.Enum(
+        "Format", {"NCHW": "NCHW", "NHWC": "NHWC"}, type=str, module="timm.layers.format", qualname="Format"
+    )
     module("timm.layers.format").Format = fmt
     return _reconstruct_persistent_obj, classes, fmt
 
@@ -130,9 +184,14 @@ def _upstream_layout(net, classes, fmt):
                 children = {k: children.get(k, torch.nn.Dropout(0.0)) for k in order}
                 state["fused_attn"] = True
             else:
-                children = {"fc1": children["fc1"], "act": torch.nn.GELU(approximate="tanh"),
-                            "drop1": torch.nn.Dropout(0.0), "norm": torch.nn.Identity(), "fc2": children["fc2"],
-                            "drop2": torch.nn.Dropout(0.0)}
+                children = {
+                    "fc1": children["fc1"],
+                    "act": torch.nn.GELU(approximate="tanh"),
+                    "drop1": torch.nn.Dropout(0.0),
+                    "norm": torch.nn.Identity(),
+                    "fc2": children["fc2"],
+                    "drop2": torch.nn.Dropout(0.0),
+                }
             state["_modules"] = children
             stand_in = object.__new__(classes[kind])
             stand_in.__dict__.update(state)
@@ -153,8 +212,13 @@ def _write_imm_pickle(path, model, monkeypatch, marker_dir, init_kwargs=None):
         def reducer_override(self, obj):
             if isinstance(obj, torch.nn.Module) and type(obj).__module__ == networks.__name__:
                 state = {**obj.__dict__, "_init_args": (), "_init_kwargs": dict(kwargs) if obj is top else {}}
-                meta = {"type": "class", "version": 6, "module_src": source, "class_name": type(obj).__name__,
-                        "state": state}
+                meta = {
+                    "type": "class",
+                    "version": 6,
+                    "module_src": source,
+                    "class_name": type(obj).__name__,
+                    "state": state,
+                }
                 return reconstruct, (meta,)
             return NotImplemented
 
@@ -168,7 +232,10 @@ def _write_imm_pickle(path, model, monkeypatch, marker_dir, init_kwargs=None):
 def test_imm_pickle_loads_as_data_without_running_its_code(tmp_path, monkeypatch):
     model, _, codec = _tiny_files(tmp_path)
     path = tmp_path / "imm-tiny.pkl"
-    recorded = {**{k: v for k, v in TINY.items() if k != "class_name"}, "mixed_precision": "fp16"}  # as in im256.yaml
+    recorded = {
+        **{k: v for k, v in TINY.items() if k != "class_name"},
+        "mixed_precision": "fp16",
+    }  # as in im256.yaml
     _write_imm_pickle(path, model, monkeypatch, tmp_path, recorded)
     container = registry.read_checkpoint(family, str(path))
     assert container.weights_key == ("ema",) and container.data["dataset_kwargs"]["use_labels"] is True
@@ -179,8 +246,10 @@ def test_imm_pickle_loads_as_data_without_running_its_code(tmp_path, monkeypatch
     loaded = family.load(str(path), None, "cpu", codec=codec[1])
     assert loaded.arch == TINY  # built in float32 whatever the file records
     labels, seeds = torch.tensor([3, -1, 7, 3]), torch.tensor([0, 1, 2, 3])
-    assert torch.equal(family.sample(loaded, labels, seeds, family.Sampler(num_steps=2)),
-                       family.sample(model, labels, seeds, family.Sampler(num_steps=2)))
+    assert torch.equal(
+        family.sample(loaded, labels, seeds, family.Sampler(num_steps=2)),
+        family.sample(model, labels, seeds, family.Sampler(num_steps=2)),
+    )
     assert registry.detect(str(path)) is family  # EDM's allowlist refuses the timm layers
     assert not (tmp_path / MARKER).exists()
 
@@ -208,10 +277,14 @@ def test_malicious_imm_pickles_are_refused_and_nothing_runs(kind, tmp_path, monk
     payload, message = {
         "os.system": ({"ema": _Call(os.system, f"touch {MARKER}")}, "refused posix.system"),
         "unknown global": ({"ema": _Call(eval, source)}, "refused builtins.eval"),
-        "source meant to run": ({"ema": _persistent(reconstruct, record), "x": _Call(exec, source)},
-                                "refused builtins.exec"),
-        "not a class record": ({"ema": _persistent(reconstruct, {**record, "type": "function"})},
-                               "malformed persistent object record"),
+        "source meant to run": (
+            {"ema": _persistent(reconstruct, record), "x": _Call(exec, source)},
+            "refused builtins.exec",
+        ),
+        "not a class record": (
+            {"ema": _persistent(reconstruct, {**record, "type": "function"})},
+            "malformed persistent object record",
+        ),
     }[kind]
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(payload, protocol=4))
@@ -226,7 +299,9 @@ def test_malicious_imm_pickles_are_refused_and_nothing_runs(kind, tmp_path, monk
 
 def test_loss_encodes_then_draws_from_the_generator_and_wants_groups_of_four():
     model = family.tiny(0)
-    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images = torch.randint(
+        0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     labels = torch.tensor([0, 1, 2, 3, -1, 5, 6, 7])
     model.net.train()
     loss = family.loss(model, images, labels, torch.Generator().manual_seed(4))
@@ -277,8 +352,11 @@ def test_pth_spelling_and_a_codec_weights_file_load(tmp_path):
     path = str(tmp_path / "imm.pth")
     write_checkpoint(family, model.net.state_dict(), path, like=model)
     codec = str(tmp_path / "vae.safetensors")
-    safetensors.write(codec, [(k, v.dtype, v.shape) for k, v in model.codec.state_dict().items()],
-                                 model.codec.state_dict().values())
+    safetensors.write(
+        codec,
+        [(k, v.dtype, v.shape) for k, v in model.codec.state_dict().items()],
+        model.codec.state_dict().values(),
+    )
     loaded = family.load(path, None, "cpu", codec=codec)
     assert loaded.extras == model.extras and loaded.image_size == 16
     with pytest.raises(NeonError, match="no VAE at"):
@@ -291,13 +369,51 @@ def test_pth_spelling_and_a_codec_weights_file_load(tmp_path):
 def test_imm_calculate_fid(tmp_path, capsys, inception_file):
     _, base, codec = _tiny_files(tmp_path)
     S = str(tmp_path / "S")
-    cli.main(["sample", "--family", "imm", *codec, "--ckpt", base, "--out", S, "--num", "4", "--batch-size", "4",
-              "--sampler.num_steps", "4", "--sampler.cfg", "1.8"])
+    cli.main(
+        [
+            "sample",
+            "--family",
+            "imm",
+            *codec,
+            "--ckpt",
+            base,
+            "--out",
+            S,
+            "--num",
+            "4",
+            "--batch-size",
+            "4",
+            "--sampler.num_steps",
+            "4",
+            "--sampler.cfg",
+            "1.8",
+        ]
+    )
     ref = str(tmp_path / "ref.npz")
     cli.main(["fid-stats", "--images", S, "--out", ref, "--inception-weights", inception_file])
     capsys.readouterr()
-    imm_fid.main(["--model_ckpt", base, "--vae", codec[1], "--num_images", "4", "--batch_size", "4", "--img_size",
-                  "16", "--steps", "4", "--fid_stats", ref, "--seed", "0", "--inception_weights", inception_file])
+    imm_fid.main(
+        [
+            "--model_ckpt",
+            base,
+            "--vae",
+            codec[1],
+            "--num_images",
+            "4",
+            "--batch_size",
+            "4",
+            "--img_size",
+            "16",
+            "--steps",
+            "4",
+            "--fid_stats",
+            ref,
+            "--seed",
+            "0",
+            "--inception_weights",
+            inception_file,
+        ]
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the same seeds, labels, batches and sampler as the synthetic set: the FID of the set against itself
     assert result["num_images"] == 4 and result["cfg"] == 1.8 and abs(result["fid"]) < 1e-6

@@ -4,14 +4,13 @@ import pytest
 import torch
 
 from neon import merge
-from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import write_checkpoint
+from neon.io import checkpoint
 from VAR.family import PRESETS, TINY, family, infer_arch
 from VAR.loss import augment
 from VAR.models import build_vae_var
 from VAR.sampler import _draw_tokens
-
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
 
@@ -27,8 +26,11 @@ def test_every_checkpoint_layout_loads(tmp_path):
     codec = str(tmp_path / "vae.pth")
     checkpoint.write(model.codec.state_dict(), codec)
     sd = model.net.state_dict()
-    layouts = {"ours.pt": None, "wrapped.pth": {"var_wo_ddp": sd, "arch": TINY},
-               "trainer.pth": {"trainer": {"var_wo_ddp": sd, "epoch": 3}, "arch": TINY}}
+    layouts = {
+        "ours.pt": None,
+        "wrapped.pth": {"var_wo_ddp": sd, "arch": TINY},
+        "trainer.pth": {"trainer": {"var_wo_ddp": sd, "epoch": 3}, "arch": TINY},
+    }
     write_checkpoint(family, sd, str(tmp_path / "ours.pt"), like=model)
     for name, data in layouts.items():
         if data is not None:
@@ -69,7 +71,9 @@ def test_samples_are_reproducible_and_label_minus_one_is_the_null_class():
     seeds = torch.tensor([7, 8, 9])
     batch = family.sample(model, torch.tensor([1, -1, 3]), seeds, sampler)
     assert batch.shape == (3, 3, 64, 64) and batch.dtype == torch.uint8
-    assert torch.equal(batch, family.sample(model, torch.tensor([1, 10, 3]), seeds, sampler))  # 10 = null class
+    assert torch.equal(
+        batch, family.sample(model, torch.tensor([1, 10, 3]), seeds, sampler)
+    )  # 10 = null class
 
 
 def _run(var, labels, seeds, **kw):
@@ -121,6 +125,7 @@ def test_the_fine_tune_tokenizes_in_float32_outside_its_autocast(monkeypatch):
         codes = tokenize(img, *args, **kwargs)
         seen.append((img.dtype, torch.is_autocast_enabled("cpu"), codes))
         return codes
+
     monkeypatch.setattr(vae, "img_to_idxBl", spy)
     family.loss(model, samples, labels, torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):

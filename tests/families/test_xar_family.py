@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from neon import cli, merge
-from neon.io import checkpoint
 from neon.errors import NeonError
 from neon.family import read_checkpoint, write_checkpoint
+from neon.io import checkpoint
 from neon.toy import appendix
 from tests.dist.test_world_size import TORCHRUN, _shards, _torchrun
 from xAR import calculate_fid
@@ -50,8 +50,26 @@ def drawn(tmp_path_factory, inception_file):
     with appendix.one_thread():
         model, base, codec = _tiny_files(tmp_path)
         S, ref = str(tmp_path / "S"), str(tmp_path / "ref.npz")
-        cli.main(["sample", "--family", "xar", "--model.codec", codec, "--ckpt", base, "--out", S, "--num", "12",
-                  "--batch-size", "6", "--shard-size", "6", *STEPS])
+        cli.main(
+            [
+                "sample",
+                "--family",
+                "xar",
+                "--model.codec",
+                codec,
+                "--ckpt",
+                base,
+                "--out",
+                S,
+                "--num",
+                "12",
+                "--batch-size",
+                "6",
+                "--shard-size",
+                "6",
+                *STEPS,
+            ]
+        )
         cli.main(["fid-stats", "--images", S, "--out", ref, "--inception-weights", inception_file])
     return model, base, codec, S, ref
 
@@ -61,11 +79,33 @@ def test_neon_loop_through_the_cli(drawn, tmp_path, capsys, inception_file):
     common = ["--family", "xar", "--model.codec", codec, *STEPS]
     run = str(tmp_path / "run")
     fid_flags = ["--inception-weights", inception_file, "--batch-size", "8"]
-    cli.main(["finetune", *common, "--ckpt", base, "--data", S, "--out", run, "--images", "8", "--batch-size", "4",
-              "--lr", "1e-3", "--finetune.ema_beta", "0.5", "--finetune.grad_clip", "1.0"])
+    cli.main(
+        [
+            "finetune",
+            *common,
+            "--ckpt",
+            base,
+            "--data",
+            S,
+            "--out",
+            run,
+            "--images",
+            "8",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--finetune.ema_beta",
+            "0.5",
+            "--finetune.grad_clip",
+            "1.0",
+        ]
+    )
     snapshot = os.path.join(run, "snapshot-0000000008.pt")
     merged = str(tmp_path / "neon.pt")
-    cli.main(["merge", "--base", base, "--self", snapshot, "--w", "1.4", "--out", merged])  # family from the file
+    cli.main(
+        ["merge", "--base", base, "--self", snapshot, "--w", "1.4", "--out", merged]
+    )  # family from the file
     base_sd, self_sd = (read_checkpoint(family, p).weights for p in (base, snapshot))
     merged_sd = read_checkpoint(family, merged).weights
     assert read_checkpoint(family, snapshot).weights_key == ("model_ema",)
@@ -82,8 +122,27 @@ def test_neon_loop_through_the_cli(drawn, tmp_path, capsys, inception_file):
 
     sweep = str(tmp_path / "sweep")
     capsys.readouterr()
-    cli.main(["sweep", *common, "--base", base, "--self", run, "--w", "1.4", "--sweep.cfg", "[1.5]", "--num", "4",
-              "--ref", ref, "--out", sweep, *fid_flags])
+    cli.main(
+        [
+            "sweep",
+            *common,
+            "--base",
+            base,
+            "--self",
+            run,
+            "--w",
+            "1.4",
+            "--sweep.cfg",
+            "[1.5]",
+            "--num",
+            "4",
+            "--ref",
+            ref,
+            "--out",
+            sweep,
+            *fid_flags,
+        ]
+    )
     summary = _result(capsys)
     records = [json.loads(line) for line in open(os.path.join(sweep, "results.jsonl"))]
     assert [(r["snapshot"], r["w"], r["cfg"]) for r in records] == [("base", 0.0, 1.5), (snapshot, 1.4, 1.5)]
@@ -93,8 +152,22 @@ def test_neon_loop_through_the_cli(drawn, tmp_path, capsys, inception_file):
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
 def test_two_processes_write_the_same_synthetic_set(tmp_path):
     _, base, codec = _tiny_files(tmp_path)
-    args = ["sample", "--family", "xar", "--model.codec", codec, "--ckpt", base, "--synthetic.num", "8",
-            "--batch-size", "2", "--shard-size", "4", *STEPS]
+    args = [
+        "sample",
+        "--family",
+        "xar",
+        "--model.codec",
+        codec,
+        "--ckpt",
+        base,
+        "--synthetic.num",
+        "8",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "4",
+        *STEPS,
+    ]
     cli.main(args + ["--out", str(tmp_path / "one")])
     _torchrun(*args, "--out", tmp_path / "two")
     assert _shards(tmp_path / "one") == _shards(tmp_path / "two") and len(_shards(tmp_path / "one")) == 2
@@ -104,17 +177,26 @@ def test_every_checkpoint_wrapping_loads_and_the_ema_comes_first(tmp_path):
     model, base, codec = _tiny_files(tmp_path)
     sd, other = model.net.state_dict(), family.tiny(1).net.state_dict()
     args = argparse.Namespace(model="xar_base", blr=1e-6, epochs=250)
-    layouts = {"flat.pth": sd, "ema.pth": {"model_ema": sd, "epoch": 3},
-               "state_dict.pth": {"state_dict": sd}, "args.pth": {"model_ema": sd, "model": other, "args": args}}
+    layouts = {
+        "flat.pth": sd,
+        "ema.pth": {"model_ema": sd, "epoch": 3},
+        "state_dict.pth": {"state_dict": sd},
+        "args.pth": {"model_ema": sd, "model": other, "args": args},
+    }
     for name, data in layouts.items():
         checkpoint.write(data, str(tmp_path / name))
         loaded = family.load(str(tmp_path / name), codec=codec)
         assert all(torch.equal(loaded.net.state_dict()[k], v) for k, v in sd.items()), name
         assert not loaded.net.training and not any(p.requires_grad for p in loaded.net.parameters())
         assert loaded.image_size == 32  # the token grid is 16×16, the VAE's stride is 2
-    assert checkpoint.read(str(tmp_path / "args.pth"), family.format).data["args"] == vars(args)  # data, not code
-    assert family.load(str(tmp_path / "flat.pth"), codec=codec).arch == {**infer_arch(sd), "img_size": 32,
-                                                                          "vae_stride": 2}
+    assert checkpoint.read(str(tmp_path / "args.pth"), family.format).data["args"] == vars(
+        args
+    )  # data, not code
+    assert family.load(str(tmp_path / "flat.pth"), codec=codec).arch == {
+        **infer_arch(sd),
+        "img_size": 32,
+        "vae_stride": 2,
+    }
     with pytest.raises(NeonError, match=r"arch expects 256 px images at stride 16, but the VAE has stride 2"):
         family.load(str(tmp_path / "flat.pth"), "xar_base", codec=codec)
     with pytest.raises(NeonError, match="no KL-16 VAE checkpoint at"):
@@ -132,8 +214,13 @@ def test_kl16_config_is_inferred_from_its_weights():
     with torch.device("meta"):
         vae = kl16()
     config = infer_vae(vae.state_dict())
-    assert config == {"embed_dim": 16, "ch_mult": [1, 1, 2, 2, 4], "ch": 128, "num_res_blocks": 2,
-                      "use_variational": True}
+    assert config == {
+        "embed_dim": 16,
+        "ch_mult": [1, 1, 2, 2, 4],
+        "ch": 128,
+        "num_res_blocks": 2,
+        "use_variational": True,
+    }
     shapes = {k: v.shape for k, v in vae.state_dict().items()}
     assert {k: v.shape for k, v in build_vae(config).state_dict().items()} == shapes
 
@@ -159,7 +246,9 @@ def test_vae_keys_that_do_not_fit_are_named(tmp_path):
     extra, short = str(tmp_path / "extra.pth"), str(tmp_path / "short.pth")
     checkpoint.write({"model": {**vae_sd, "loss.logvar": torch.zeros(())}}, extra)
     checkpoint.write({"model": {k: v for k, v in vae_sd.items() if k != "decoder.conv_out.bias"}}, short)
-    with pytest.raises(NeonError, match=r"extra.pth does not fit the KL-16 VAE: unexpected keys: loss.logvar$"):
+    with pytest.raises(
+        NeonError, match=r"extra.pth does not fit the KL-16 VAE: unexpected keys: loss.logvar$"
+    ):
         family.load(base, codec=extra)
     with pytest.raises(NeonError, match=r"missing keys: decoder.conv_out.bias$"):
         family.load(base, codec=short)
@@ -170,8 +259,23 @@ def test_fewer_than_three_steps_are_refused(tmp_path, capsys):
         family.Sampler(num_steps=2)
     _, base, codec = _tiny_files(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["sample", "--family", "xar", "--model.codec", codec, "--ckpt", base, "--out", str(tmp_path / "S"),
-                  "--num", "2", "--sampler.num_steps", "2"])
+        cli.main(
+            [
+                "sample",
+                "--family",
+                "xar",
+                "--model.codec",
+                codec,
+                "--ckpt",
+                base,
+                "--out",
+                str(tmp_path / "S"),
+                "--num",
+                "2",
+                "--sampler.num_steps",
+                "2",
+            ]
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "num_steps >= 3" in err[0]
 
@@ -185,14 +289,21 @@ def test_merged_buffers_are_the_base_s_and_foreign_tables_are_refused():
         assert torch.equal(value, base_sd[name]), name
     k = "decoder_blocks.0.mlp.fc2.weight"
     assert torch.equal(other.state_dict()[k], merged[k]) and not torch.equal(merged[k], base_sd[k])
-    damaged = {**base_sd, "encoder_blocks.0.attn.rope.freqs_cos": base_sd["encoder_blocks.0.attn.rope.freqs_cos"] + 0.1}
-    with pytest.raises(NeonError, match=r"encoder_blocks.0.attn.rope.freqs_cos differs from the RoPE table by 0.1"):
+    damaged = {
+        **base_sd,
+        "encoder_blocks.0.attn.rope.freqs_cos": base_sd["encoder_blocks.0.attn.rope.freqs_cos"] + 0.1,
+    }
+    with pytest.raises(
+        NeonError, match=r"encoder_blocks.0.attn.rope.freqs_cos differs from the RoPE table by 0.1"
+    ):
         other.load_state_dict(damaged)
 
 
 def test_loss_draws_only_from_its_generator():
     model = family.tiny(0)
-    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images = torch.randint(
+        0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     labels = torch.tensor([1, -1, 9])
     model.net.eval()  # no dropout: the generator decides everything
     losses = [family.loss(model, images, labels, torch.Generator().manual_seed(5)) for _ in range(2)]
@@ -206,7 +317,9 @@ def test_loss_runs_through_a_ddp_wrapper(tmp_path):
     """The core's fine-tune wraps model.net in DDP: the loss must call the wrapper's forward, which is
     `velocity`, and give what the bare network gives."""
     model = family.tiny(0)
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    images = torch.randint(
+        0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
     labels = torch.tensor([3, 4])
     model.net.eval().requires_grad_(True)
     bare = family.loss(model, images, labels, torch.Generator().manual_seed(0))
@@ -223,15 +336,47 @@ def test_loss_runs_through_a_ddp_wrapper(tmp_path):
 def test_calculate_fid(drawn, capsys, inception_file):
     _, base, codec, _, ref = drawn
     capsys.readouterr()
-    calculate_fid.main(["--model_ckpt", base, "--vae_path", codec, "--cfg", "2.7", "--flow_steps", "3",
-                        "--num_images", "12", "--batch_size", "6", "--fid_stats", ref, "--seed", "0", "--is",
-                        "--inception_weights", inception_file])
+    calculate_fid.main(
+        [
+            "--model_ckpt",
+            base,
+            "--vae_path",
+            codec,
+            "--cfg",
+            "2.7",
+            "--flow_steps",
+            "3",
+            "--num_images",
+            "12",
+            "--batch_size",
+            "6",
+            "--fid_stats",
+            ref,
+            "--seed",
+            "0",
+            "--is",
+            "--inception_weights",
+            inception_file,
+        ]
+    )
     result = _result(capsys)
     # the same seeds, labels, batches and sampler as the synthetic set: the FID of the set against itself
     assert result["seeds"] == [0, 12] and abs(result["fid"]) < 1e-6 and result["is"] > 0
     with pytest.raises(SystemExit) as exit_info:
-        calculate_fid.main(["--model_ckpt", base, "--vae_path", codec, "--cfg", "2.0", "--img_size", "256",
-                            "--fid_stats", ref])
+        calculate_fid.main(
+            [
+                "--model_ckpt",
+                base,
+                "--vae_path",
+                codec,
+                "--cfg",
+                "2.0",
+                "--img_size",
+                "256",
+                "--fid_stats",
+                ref,
+            ]
+        )
     assert exit_info.value.code == 2 and "makes 32 px images" in capsys.readouterr().err
 
 

@@ -15,13 +15,17 @@ import os
 import pytest
 import torch
 
-from neon import cli, diagnose, family as registry, finetune, synthetic
-from neon.io import checkpoint
+from neon import cli, diagnose, finetune, synthetic
+from neon import family as registry
 from neon.family import write_checkpoint
+from neon.io import checkpoint
 from tests.conftest import save_base
 from tests.families.test_devices import DRAWS_ON_DEVICE
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 CUDA = torch.device("cuda")
 
 
@@ -72,34 +76,98 @@ def test_sampling_under_autocast_is_finite(fam, dtype):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_finetune_with_autocast_runs_and_stays_finite(fam, precision, tmp_path):
     model = fam.tiny(0)
-    conf = synthetic.SyntheticConfig(out=str(tmp_path / "S"), num=16, batch_size=8, shard_size=16,
-                                     labels="balanced" if model.num_classes else "none")
+    conf = synthetic.SyntheticConfig(
+        out=str(tmp_path / "S"),
+        num=16,
+        batch_size=8,
+        shard_size=16,
+        labels="balanced" if model.num_classes else "none",
+    )
     for _ in synthetic.write(fam, _to(model, CUDA), fam.Sampler(), conf, "sha"):
         pass
-    run = finetune.FinetuneConfig(data=conf.out, out=str(tmp_path / "run"), total_images=32, batch_size=8, lr=1e-4,
-                                  precision=precision)
+    run = finetune.FinetuneConfig(
+        data=conf.out, out=str(tmp_path / "run"), total_images=32, batch_size=8, lr=1e-4, precision=precision
+    )
     records = list(finetune.run(fam, _to(fam.tiny(0), CUDA), run))
     assert len(records) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
 
 def test_toy_merge_and_sweep_point_on_cuda(tmp_path, capsys):
     base = save_base(tmp_path / "base.pt")
-    cli.main(["sample", "--family", "toy", "--ckpt", base, "--out", str(tmp_path / "S"), "--num", "64",
-              "--batch-size", "32", "--shard-size", "64", "--synthetic.labels", "none", "--sampler.zeta", "1.1"])
-    cli.main(["finetune", "--family", "toy", "--ckpt", base, "--data", str(tmp_path / "S"), "--out",
-              str(tmp_path / "run"), "--images", "64", "--batch-size", "32", "--lr", "1e-3"])
+    cli.main(
+        [
+            "sample",
+            "--family",
+            "toy",
+            "--ckpt",
+            base,
+            "--out",
+            str(tmp_path / "S"),
+            "--num",
+            "64",
+            "--batch-size",
+            "32",
+            "--shard-size",
+            "64",
+            "--synthetic.labels",
+            "none",
+            "--sampler.zeta",
+            "1.1",
+        ]
+    )
+    cli.main(
+        [
+            "finetune",
+            "--family",
+            "toy",
+            "--ckpt",
+            base,
+            "--data",
+            str(tmp_path / "S"),
+            "--out",
+            str(tmp_path / "run"),
+            "--images",
+            "64",
+            "--batch-size",
+            "32",
+            "--lr",
+            "1e-3",
+        ]
+    )
     snapshot = str(tmp_path / "run" / "snapshot-0000000064.pt")
     cli.main(["merge", "--base", base, "--self", snapshot, "--w", "0.5", "--out", str(tmp_path / "neon.pt")])
-    cli.main(["sweep", "--family", "toy", "--base", base, "--self", snapshot, "--w", "0.5", "--num", "64",
-              "--batch-size", "32", "--out", str(tmp_path / "sweep")])
+    cli.main(
+        [
+            "sweep",
+            "--family",
+            "toy",
+            "--base",
+            base,
+            "--self",
+            snapshot,
+            "--w",
+            "0.5",
+            "--num",
+            "64",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path / "sweep"),
+        ]
+    )
     records = [json.loads(line) for line in open(tmp_path / "sweep" / "results.jsonl")]
     assert len(records) == 2 and all(r["fid"] > 0 for r in records)
 
 
 def _synthetic_set(fam, tmp_path, num=16):
     model = fam.tiny(0)
-    conf = synthetic.SyntheticConfig(out=str(tmp_path / "S"), num=num, batch_size=8, shard_size=num,
-                                     labels="balanced" if model.num_classes else "none")
+    conf = synthetic.SyntheticConfig(
+        out=str(tmp_path / "S"),
+        num=num,
+        batch_size=8,
+        shard_size=num,
+        labels="balanced" if model.num_classes else "none",
+    )
     for _ in synthetic.write(fam, _to(model, CUDA), fam.Sampler(), conf, "sha"):
         pass
     return conf.out
@@ -112,9 +180,11 @@ def test_finetune_resumed_equals_uninterrupted(fam, precision, tmp_path):
     data = _synthetic_set(fam, tmp_path)
 
     def run(out, total):
-        conf = finetune.FinetuneConfig(data=data, out=str(tmp_path / out), total_images=total, batch_size=8,
-                                       lr=1e-4, precision=precision)
+        conf = finetune.FinetuneConfig(
+            data=data, out=str(tmp_path / out), total_images=total, batch_size=8, lr=1e-4, precision=precision
+        )
         return [r.info for r in finetune.run(fam, _to(fam.tiny(0), CUDA), conf) if r.info is not None]
+
     run("full", 32)
     assert len(run("resumed", 16)) == 2 and run("resumed", 32)[0]["images_seen"] == 24
     a, b = (checkpoint.read_state(str(tmp_path / out / finetune.STATE)) for out in ("full", "resumed"))
@@ -139,12 +209,47 @@ def test_edm_sweep_point_with_inception_features_on_cuda(tmp_path, inception_fil
     write_checkpoint(fam, model.net.state_dict(), base, like=model)
     S, run = str(tmp_path / "S"), str(tmp_path / "run")
     cli.main(["sample", "--family", "edm", "--ckpt", base, "--out", S, "--num", "16", "--batch-size", "8"])
-    cli.main(["finetune", "--family", "edm", "--ckpt", base, "--data", S, "--out", run, "--images", "16",
-              "--batch-size", "8", "--lr", "1e-4"])
+    cli.main(
+        [
+            "finetune",
+            "--family",
+            "edm",
+            "--ckpt",
+            base,
+            "--data",
+            S,
+            "--out",
+            run,
+            "--images",
+            "16",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-4",
+        ]
+    )
     fid_flags = ["--inception-weights", inception_file, "--batch-size", "8"]
     ref = str(tmp_path / "ref.npz")
     cli.main(["fid-stats", "--images", S, "--out", ref, *fid_flags])
-    cli.main(["sweep", "--family", "edm", "--base", base, "--self", run, "--w", "1", "--num", "8",
-              "--ref", ref, "--out", str(tmp_path / "sweep"), *fid_flags])
+    cli.main(
+        [
+            "sweep",
+            "--family",
+            "edm",
+            "--base",
+            base,
+            "--self",
+            run,
+            "--w",
+            "1",
+            "--num",
+            "8",
+            "--ref",
+            ref,
+            "--out",
+            str(tmp_path / "sweep"),
+            *fid_flags,
+        ]
+    )
     records = [json.loads(line) for line in open(os.path.join(tmp_path, "sweep", "results.jsonl"))]
     assert len(records) == 2 and all(r["fid"] > 0 for r in records)

@@ -28,8 +28,10 @@ def audit(values: dict, row: dict) -> list[str]:
         ours = values[section][field]
         expected = row["differences"][key]["ours"] if key in row.get("differences", {}) else authors
         if _plain(ours) != _plain(expected):
-            drift.append(f"{row['recipe']}: {key} is {ours!r}, the audit expects {expected!r} "
-                         f"(authors: {authors!r}; {row['source']})")
+            drift.append(
+                f"{row['recipe']}: {key} is {ours!r}, the audit expects {expected!r} "
+                f"(authors: {authors!r}; {row['source']})"
+            )
     return drift
 
 
@@ -62,7 +64,10 @@ def test_the_audit_catches_a_changed_field():
 def test_every_edm_recipe_has_no_ema_ramp_up_and_xar_l_reaches_cfg_2_7(capsys):
     for name in ("cifar10_cond", "cifar10_uncond", "ffhq64"):
         values = resolved(config.load_yaml(f"configs/edm/{name}.yaml"))
-        assert values["finetune"]["ema_rampup_ratio"] is None and values["finetune"]["ema_halflife_images"] == 500000
+        assert (
+            values["finetune"]["ema_rampup_ratio"] is None
+            and values["finetune"]["ema_halflife_images"] == 500000
+        )
     cli.main(["sweep", "--config", "configs/xAR/xar_l_in256.yaml", "--dry-run"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("# selection: coordinate + halving") and "2.7" in line.split("cfg reachable: ")[1]

@@ -41,16 +41,21 @@ class Disk:
         os.remove(self.filler)
 
     def temporaries(self) -> list[str]:
-        return [os.path.join(root, n) for root, dirs, names in os.walk(self.path) for n in names + dirs
-                if files._TEMPORARY.match(n)]
+        return [
+            os.path.join(root, n)
+            for root, dirs, names in os.walk(self.path)
+            for n in names + dirs
+            if files._TEMPORARY.match(n)
+        ]
 
 
 @pytest.fixture
 def disk(tmp_path):
     path = str(tmp_path / "disk")
     os.makedirs(path)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", path], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", path], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs as the full disk ({mounted.stderr.strip() or 'not root'})")
     try:
@@ -77,14 +82,33 @@ def test_a_results_line_that_does_not_fit_is_not_left_torn(disk):
 
 def test_a_full_disk_during_sample(disk, tmp_path, base_ckpt, synthetic_set, monkeypatch, capsys):
     out = os.path.join(disk.path, "S")
-    argv = ["sample", "--family", "toy", "--ckpt", base_ckpt, "--out", out, "--num-images", "96",
-            "--batch-size", "16", "--shard-size", "24", "--synthetic.labels", "none", "--sampler.zeta", "1.1"]
+    argv = [
+        "sample",
+        "--family",
+        "toy",
+        "--ckpt",
+        base_ckpt,
+        "--out",
+        out,
+        "--num-images",
+        "96",
+        "--batch-size",
+        "16",
+        "--shard-size",
+        "24",
+        "--synthetic.labels",
+        "none",
+        "--sampler.zeta",
+        "1.1",
+    ]
     with monkeypatch.context() as m:
         m.setattr(neon_family, "get", lambda spec: Hooked("sample", 5, disk.fill))  # in the 3rd shard
         code, err = _exit(argv, capsys)
     _full(code, err, os.path.join(out, "shard-00002.npz"))
     assert not disk.temporaries() and sorted(n for n in os.listdir(out) if n.startswith("shard-")) == [
-        "shard-00000.npz", "shard-00001.npz"]  # the complete shards stay
+        "shard-00000.npz",
+        "shard-00001.npz",
+    ]  # the complete shards stay
     disk.free()
     cli.main(list(map(str, argv)))
     for name in sorted(os.listdir(synthetic_set)):
@@ -110,8 +134,21 @@ def test_a_full_disk_during_finetune(disk, tmp_path, base_ckpt, synthetic_set, m
 def test_a_full_disk_during_sweep_and_merge(disk, tmp_path, base_ckpt, synthetic_set, monkeypatch, capsys):
     cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, tmp_path / "run", "--images", "64"))))
     out = os.path.join(disk.path, "sweep")
-    argv = ["sweep", "--family", "toy", "--base", base_ckpt, "--self", tmp_path / "run", "--w", "0:1:0.5",
-            "--num-images", "16", "--batch-size", "16"]
+    argv = [
+        "sweep",
+        "--family",
+        "toy",
+        "--base",
+        base_ckpt,
+        "--self",
+        tmp_path / "run",
+        "--w",
+        "0:1:0.5",
+        "--num-images",
+        "16",
+        "--batch-size",
+        "16",
+    ]
     with monkeypatch.context() as m:
         m.setattr(neon_family, "get", lambda spec: Hooked("sample", 2, disk.fill))  # in the 2nd point
         code, err = _exit(argv + ["--out", out], capsys)
@@ -122,9 +159,13 @@ def test_a_full_disk_during_sweep_and_merge(disk, tmp_path, base_ckpt, synthetic
     disk.free()
     cli.main(list(map(str, argv + ["--out", out])))
     cli.main(list(map(str, argv + ["--out", tmp_path / "whole"])))
-    results = [[{k: v for k, v in r.items() if k != "seconds"}
-                for r in files.read_jsonl(os.path.join(d, "results.jsonl"))]
-               for d in (out, str(tmp_path / "whole"))]
+    results = [
+        [
+            {k: v for k, v in r.items() if k != "seconds"}
+            for r in files.read_jsonl(os.path.join(d, "results.jsonl"))
+        ]
+        for d in (out, str(tmp_path / "whole"))
+    ]
     assert results[0] == results[1] and len(results[0]) == 3
 
     base, merged = save_base(tmp_path / "base.pt"), os.path.join(disk.path, "neon.pt")
@@ -146,10 +187,12 @@ def test_a_read_only_disk_is_refused_before_any_work(disk, base_ckpt, capsys):
     os.makedirs(os.path.join(disk.path, "S"))
     subprocess.run(["mount", "-o", "remount,ro", disk.path], check=True)
     merged = os.path.join(disk.path, "m.pt")
-    code, err = _exit(["merge", "--base", base_ckpt, "--self", base_ckpt, "--w", "1", "--out", merged],
-                      capsys)
+    code, err = _exit(
+        ["merge", "--base", base_ckpt, "--self", base_ckpt, "--w", "1", "--out", merged], capsys
+    )
     assert code == 2 and err == f"error: cannot create {merged}: {disk.path} is on a read-only file system\n"
     out = os.path.join(disk.path, "S")
-    code, err = _exit(["sample", "--family", "toy", "--ckpt", base_ckpt, "--out", out, "--num-images", "8"],
-                      capsys)
+    code, err = _exit(
+        ["sample", "--family", "toy", "--ckpt", base_ckpt, "--out", out, "--num-images", "8"], capsys
+    )
     assert code == 2 and err == f"error: cannot create {out}: {out} is on a read-only file system\n"

@@ -43,6 +43,7 @@ class Hooked:
             if self.calls == self.n:
                 self.action()
             return attr(*args)
+
         return counted
 
 
@@ -57,9 +58,28 @@ def _exit(argv, capsys):
 
 
 def _finetune_args(base, data, out, *extra):
-    return ["finetune", "--family", "toy", "--ckpt", base, "--data", data, "--out", out, "--images", "256",
-            "--batch-size", "16", "--lr", "1e-3", "--ema-beta", "0.9",
-            "--finetune.snapshot_every_images", "64", *extra]
+    return [
+        "finetune",
+        "--family",
+        "toy",
+        "--ckpt",
+        base,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--images",
+        "256",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--ema-beta",
+        "0.9",
+        "--finetune.snapshot_every_images",
+        "64",
+        *extra,
+    ]
 
 
 def _same_state(a, b):
@@ -71,7 +91,8 @@ def _same_state(a, b):
 
 
 def test_sigterm_during_a_finetune_keeps_its_state_and_the_rerun_equals_an_uninterrupted_run(
-        tmp_path, base_ckpt, synthetic_set, monkeypatch, capsys):
+    tmp_path, base_ckpt, synthetic_set, monkeypatch, capsys
+):
     run, whole = str(tmp_path / "run"), str(tmp_path / "whole")
     with monkeypatch.context() as m:
         m.setattr(neon_family, "get", lambda spec: Hooked("loss", 5, sigterm))  # in the 5th step (80 images)
@@ -90,8 +111,9 @@ def test_sigterm_during_a_finetune_keeps_its_state_and_the_rerun_equals_an_unint
     assert all(torch.equal(last[0][k], last[1][k]) for k in last[0])
 
 
-def test_the_state_interval_bounds_what_a_hard_kill_loses(tmp_path, base_ckpt, synthetic_set, monkeypatch,
-                                                           capsys):
+def test_the_state_interval_bounds_what_a_hard_kill_loses(
+    tmp_path, base_ckpt, synthetic_set, monkeypatch, capsys
+):
     run = str(tmp_path / "run")
     with monkeypatch.context() as m:  # an hour passes between two looks at the clock; a kill in the 7th step
         m.setattr(finetune, "time", types.SimpleNamespace(monotonic=itertools.count(0, 3600).__next__))
@@ -100,21 +122,41 @@ def test_the_state_interval_bounds_what_a_hard_kill_loses(tmp_path, base_ckpt, s
     assert code == 130
     state = checkpoint.read_state(os.path.join(run, finetune.STATE))
     assert state["images_seen"] == 96  # the last step's, not the snapshot's 64
-    code, err = _exit(_finetune_args(base_ckpt, synthetic_set, run, "--finetune.state_every_minutes", "-1"),
-                      capsys)
+    code, err = _exit(
+        _finetune_args(base_ckpt, synthetic_set, run, "--finetune.state_every_minutes", "-1"), capsys
+    )
     assert code == 2 and "state_every_minutes must be >= 0" in err
 
 
-def test_sigterm_during_sample_and_sweep_stops_after_the_shard_or_point(tmp_path, base_ckpt, synthetic_set,
-                                                                       monkeypatch, capsys):
-    sample = ["sample", "--family", "toy", "--ckpt", base_ckpt, "--out", tmp_path / "S", "--num-images", "96",
-              "--batch-size", "16", "--shard-size", "24", "--synthetic.labels", "none",
-              "--sampler.zeta", "1.1"]
+def test_sigterm_during_sample_and_sweep_stops_after_the_shard_or_point(
+    tmp_path, base_ckpt, synthetic_set, monkeypatch, capsys
+):
+    sample = [
+        "sample",
+        "--family",
+        "toy",
+        "--ckpt",
+        base_ckpt,
+        "--out",
+        tmp_path / "S",
+        "--num-images",
+        "96",
+        "--batch-size",
+        "16",
+        "--shard-size",
+        "24",
+        "--synthetic.labels",
+        "none",
+        "--sampler.zeta",
+        "1.1",
+    ]
     with monkeypatch.context() as m:  # in shard 1 (2 calls a shard)
         m.setattr(neon_family, "get", lambda spec: Hooked("sample", 3, sigterm))
         code, err = _exit(sample, capsys)
-    assert code == 143 and err == (f"stopped: sampling stopped at 48 of 96 samples in {tmp_path / 'S'}; "
-                                   f"stopped by SIGTERM: run the same command to resume\n")
+    assert code == 143 and err == (
+        f"stopped: sampling stopped at 48 of 96 samples in {tmp_path / 'S'}; "
+        f"stopped by SIGTERM: run the same command to resume\n"
+    )
     shards = json.loads((tmp_path / "S" / "manifest.json").read_text())["shards"]
     assert sorted(shards) == ["shard-00000.npz", "shard-00001.npz"]
     cli.main(list(map(str, sample)))
@@ -124,8 +166,21 @@ def test_sigterm_during_sample_and_sweep_stops_after_the_shard_or_point(tmp_path
                 assert (tmp_path / "S" / name).read_bytes() == f.read()
 
     cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, tmp_path / "run", "--images", "64"))))
-    sweep = ["sweep", "--family", "toy", "--base", base_ckpt, "--self", tmp_path / "run", "--w", "0:1:0.5",
-             "--num-images", "16", "--batch-size", "16"]
+    sweep = [
+        "sweep",
+        "--family",
+        "toy",
+        "--base",
+        base_ckpt,
+        "--self",
+        tmp_path / "run",
+        "--w",
+        "0:1:0.5",
+        "--num-images",
+        "16",
+        "--batch-size",
+        "16",
+    ]
     with monkeypatch.context() as m:
         m.setattr(neon_family, "get", lambda spec: Hooked("sample", 2, sigterm))  # in the 2nd point
         code, err = _exit(sweep + ["--out", tmp_path / "sweep"], capsys)
@@ -135,8 +190,10 @@ def test_sigterm_during_sample_and_sweep_stops_after_the_shard_or_point(tmp_path
     assert len(files.read_jsonl(str(tmp_path / "sweep" / "results.jsonl"))) == 2  # the point in progress kept
     cli.main(list(map(str, sweep + ["--out", tmp_path / "sweep"])))
     cli.main(list(map(str, sweep + ["--out", tmp_path / "whole"])))
-    fids = [[(r["snapshot"], r["w"], r["fid"]) for r in files.read_jsonl(str(tmp_path / d / "results.jsonl"))]
-            for d in ("sweep", "whole")]
+    fids = [
+        [(r["snapshot"], r["w"], r["fid"]) for r in files.read_jsonl(str(tmp_path / d / "results.jsonl"))]
+        for d in ("sweep", "whole")
+    ]
     assert sorted(fids[0]) == sorted(fids[1]) and len(fids[0]) == 3
 
 
@@ -146,12 +203,20 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(tmp_path, base_ckpt
     step's all-reduce. The resumed run ends where one process with 2 micro-steps ends (within float
     tolerance: DDP sums the gradient in another order, tests/dist/test_world_size.py)."""
     run = tmp_path / "run"
-    argv = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "neon.cli",
-            *map(str, _finetune_args(base_ckpt, synthetic_set, run, "--images", "160")),
-            "--family", "tests.reliability.signalling:family"]
+    argv = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "neon.cli",
+        *map(str, _finetune_args(base_ckpt, synthetic_set, run, "--images", "160")),
+        "--family",
+        "tests.reliability.signalling:family",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    stopped = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120,
-                             env={**env, "NEON_TEST_SIGNAL_AT": "6"})  # in the 6th step, past the snapshot
+    stopped = subprocess.run(
+        argv, capture_output=True, text=True, cwd=REPO, timeout=120, env={**env, "NEON_TEST_SIGNAL_AT": "6"}
+    )  # in the 6th step, past the snapshot
     assert stopped.returncode != 0, stopped.stderr[-2000:]
     assert "stopped: the fine-tune stopped at " in stopped.stderr, stopped.stderr[-2000:]
     seen = checkpoint.read_state(str(run / finetune.STATE))["images_seen"]
@@ -159,8 +224,22 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(tmp_path, base_ckpt
     assert [os.path.basename(p) for p in finetune.snapshots(str(run))] == ["snapshot-0000000064.pt"]
     resumed = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, tmp_path / "one", "--images", "160",
-                                          "--finetune.accumulate", "2"))))
+    cli.main(
+        list(
+            map(
+                str,
+                _finetune_args(
+                    base_ckpt,
+                    synthetic_set,
+                    tmp_path / "one",
+                    "--images",
+                    "160",
+                    "--finetune.accumulate",
+                    "2",
+                ),
+            )
+        )
+    )
     two, one = (checkpoint.read_state(str(d / finetune.STATE)) for d in (run, tmp_path / "one"))
     for key in ("net", "ema"):
         for k in one[key]:
@@ -187,8 +266,13 @@ def test_the_launcher_waits_for_the_stopped_step_and_starts_no_other(tmp_path, s
     fake.chmod(0o755)
     log = tmp_path / "log"
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "LOG": str(log), "NPROC": "1"}
-    job = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "torchrun.sh"), "recipe.yaml"], env=env,
-                           start_new_session=True, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        ["bash", os.path.join(REPO, "scripts", "torchrun.sh"), "recipe.yaml"],
+        env=env,
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while "started" not in (log.read_text() if log.exists() else ""):
         assert job.poll() is None
     os.killpg(job.pid, sig)
@@ -224,17 +308,31 @@ def test_slurm_passes_the_warning_signal_to_the_step_and_requeues(tmp_path):
         path.write_text(text)
         path.chmod(0o755)
     log = tmp_path / "log"
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "LOG": str(log),
-           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n0", "SLURM_JOB_NUM_NODES": "1",
-           "SLURM_SUBMIT_DIR": REPO}
-    job = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "slurm.sbatch"), "recipe.yaml"], env=env,
-                           stdout=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "LOG": str(log),
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "n0",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_SUBMIT_DIR": REPO,
+    }
+    job = subprocess.Popen(
+        ["bash", os.path.join(REPO, "scripts", "slurm.sbatch"), "recipe.yaml"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     while "step started" not in (log.read_text() if log.exists() else ""):
         assert job.poll() is None
     job.send_signal(signal.SIGUSR1)
     assert job.wait(timeout=20) == 0
-    assert log.read_text().splitlines() == ["step started", "scancel --signal=USR1 42", "step got USR1",
-                                            "scontrol requeue 42"]
+    assert log.read_text().splitlines() == [
+        "step started",
+        "scancel --signal=USR1 42",
+        "step got USR1",
+        "scontrol requeue 42",
+    ]
     assert "requeueing job 42" in job.stdout.read()
 
 
@@ -246,7 +344,9 @@ def test_ranks_agree_on_the_signal_and_raise_a_rank_s_io_error(monkeypatch):
     full = OSError(28, "No space left on device", "/out/shard-00001.npz")
     others = {"flags": [0.0, 0.0], "error": None}
     monkeypatch.setattr(distributed, "world", lambda: 2)
-    monkeypatch.setattr(distributed, "gather_objects", lambda mine: [mine, (others["error"], others["flags"])])
+    monkeypatch.setattr(
+        distributed, "gather_objects", lambda mine: [mine, (others["error"], others["flags"])]
+    )
     with stop.catching():
         assert stop.agree() is None
         others["flags"] = [0.0, 1.0]  # the other rank caught SIGUSR1

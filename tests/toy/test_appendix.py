@@ -42,7 +42,9 @@ def executed(toy_out):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = nb.cells[1]
     assert params.source.startswith("QUICK = False")
-    params.source = params.source.replace("QUICK = False", "QUICK = True").replace('"outputs/appendix"', repr(toy_out))
+    params.source = params.source.replace("QUICK = False", "QUICK = True").replace(
+        '"outputs/appendix"', repr(toy_out)
+    )
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
     curves = json.load(open(os.path.join(toy_out, "curves.json")))
     cosines = json.load(open(os.path.join(toy_out, "cosines.json")))
@@ -51,8 +53,12 @@ def executed(toy_out):
 
 def test_notebook_draws_both_figures(executed, toy_out):
     nb, _, _ = executed
-    assert all(not any(o.get("output_type") == "error" for o in c.outputs) for c in nb.cells if c.cell_type == "code")
-    assert os.path.exists(os.path.join(toy_out, "curves.png")) and os.path.exists(os.path.join(toy_out, "cosines.png"))
+    assert all(
+        not any(o.get("output_type") == "error" for o in c.outputs) for c in nb.cells if c.cell_type == "code"
+    )
+    assert os.path.exists(os.path.join(toy_out, "curves.png")) and os.path.exists(
+        os.path.join(toy_out, "cosines.png")
+    )
 
 
 def test_curves_have_the_signs_of_the_appendix_and_w_shrinks_with_longer_finetunes(executed):
@@ -82,7 +88,7 @@ def test_cosines_are_negative_for_mode_seeking_and_positive_for_diversity_seekin
     _, _, cosines = executed
     checked = 0
     for r in cosines:
-        (name, value), = r["sampler"].items()
+        ((name, value),) = r["sampler"].items()
         assert r["low"] <= r["cos_p"] <= r["high"] or abs(r["cos_p"] - r["low"]) < 1e-9
         if (name, value >= 1.05) == ("zeta", True) or (name == "tau" and value <= 0.9):
             assert r["cos_p"] < 0, r
@@ -100,13 +106,19 @@ def test_adam_preconditioner_is_the_one_adam_uses():
     for g in grads:
         param.grad = g.clone()
         opt.step()
-    v_hat = opt.state[param]["exp_avg_sq"].double() / (1 - 0.999 ** 5)
-    torch.testing.assert_close(diagnose.adam_preconditioner(grads), 1 / (v_hat.sqrt() + 1e-8), rtol=1e-6, atol=0)
+    v_hat = opt.state[param]["exp_avg_sq"].double() / (1 - 0.999**5)
+    torch.testing.assert_close(
+        diagnose.adam_preconditioner(grads), 1 / (v_hat.sqrt() + 1e-8), rtol=1e-6, atol=0
+    )
 
 
 def test_cosine_is_the_preconditioned_cosine_of_the_mean_gradients():
     gen = torch.Generator().manual_seed(1)
-    d, s, p = torch.randn(6, 9, generator=gen), torch.randn(4, 9, generator=gen), torch.rand(9, generator=gen) + 0.5
+    d, s, p = (
+        torch.randn(6, 9, generator=gen),
+        torch.randn(4, 9, generator=gen),
+        torch.rand(9, generator=gen) + 0.5,
+    )
     a, b = d.double().mean(0), s.double().mean(0)
     expected = (a * p * b).sum() / ((a * p * a).sum().sqrt() * (b * p * b).sum().sqrt())
     point, low, high = diagnose.cosine(d, s, p, bootstrap=500)
@@ -115,23 +127,64 @@ def test_cosine_is_the_preconditioned_cosine_of_the_mean_gradients():
     assert same == pytest.approx(1.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("kind, field, value, method, sign", [
-    ("diffusion", "zeta", 1.1, "notebook", -1), ("diffusion", "zeta", 0.9, "notebook", +1),
-    ("diffusion", "zeta", 1.1, "ddim", -1), ("diffusion", "zeta", 0.9, "ddim", +1),
-    ("ar", "tau", 0.5, "ddim", -1), ("ar", "tau", 1.6, "ddim", +1)])
-def test_diagnose_cli_gives_the_signs_with_2000_real_points(toy_out, tmp_path, capsys, kind, field, value, method,
-                                                            sign):
+@pytest.mark.parametrize(
+    "kind, field, value, method, sign",
+    [
+        ("diffusion", "zeta", 1.1, "notebook", -1),
+        ("diffusion", "zeta", 0.9, "notebook", +1),
+        ("diffusion", "zeta", 1.1, "ddim", -1),
+        ("diffusion", "zeta", 0.9, "ddim", +1),
+        ("ar", "tau", 0.5, "ddim", -1),
+        ("ar", "tau", 1.6, "ddim", +1),
+    ],
+)
+def test_diagnose_cli_gives_the_signs_with_2000_real_points(
+    toy_out, tmp_path, capsys, kind, field, value, method, sign
+):
     from neon import cli
     from neon.toy import appendix
 
     base = appendix.base(toy_out, kind, quick=True)
     synthetic_dir = str(tmp_path / "S")
-    cli.main(["sample", "--family", "toy", "--ckpt", base, "--out", synthetic_dir, "--num", "2000",
-              "--batch-size", "2000", "--shard-size", "2000", f"--sampler.{field}", str(value),
-              "--sampler.method", method, "--synthetic.labels", "none"])
+    cli.main(
+        [
+            "sample",
+            "--family",
+            "toy",
+            "--ckpt",
+            base,
+            "--out",
+            synthetic_dir,
+            "--num",
+            "2000",
+            "--batch-size",
+            "2000",
+            "--shard-size",
+            "2000",
+            f"--sampler.{field}",
+            str(value),
+            "--sampler.method",
+            method,
+            "--synthetic.labels",
+            "none",
+        ]
+    )
     capsys.readouterr()
-    cli.main(["diagnose", "--family", "toy", "--ckpt", base, "--real", "toy:2000", "--synthetic", synthetic_dir,
-              "--repeats", "16" if kind == "diffusion" else "1"])
+    cli.main(
+        [
+            "diagnose",
+            "--family",
+            "toy",
+            "--ckpt",
+            base,
+            "--real",
+            "toy:2000",
+            "--synthetic",
+            synthetic_dir,
+            "--repeats",
+            "16" if kind == "diffusion" else "1",
+        ]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert set(result) == {"cos_p", "low", "high", "advice"} and lines[0].startswith("cos_P = ")

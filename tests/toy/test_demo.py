@@ -16,10 +16,20 @@ def test_quick_demo_shows_the_neon_effect(toy_out, capsys):
     out = toy_out
     cli.main(["demo", "--quick", "--out", out])
     printed = capsys.readouterr().out
-    assert printed.splitlines()[0].split() == ["model", "sampler", "mode", "base", "best", "w", "best", "ratio"]
+    assert printed.splitlines()[0].split() == [
+        "model",
+        "sampler",
+        "mode",
+        "base",
+        "best",
+        "w",
+        "best",
+        "ratio",
+    ]
     rows = json.load(open(os.path.join(out, "results.json")))
     assert [(r["model"], r["sampler"], r["mode"]) for r in rows] == [
-        (s["model"], s["sampler"], s["mode"]) for s in demo.SETTINGS]
+        (s["model"], s["sampler"], s["mode"]) for s in demo.SETTINGS
+    ]
     for r in rows:
         assert r["base"] == r["metric"][r["w"].index(0.0)] and r["best"] == min(r["metric"])
         if r["mode"] == "mode-seeking":
@@ -28,6 +38,11 @@ def test_quick_demo_shows_the_neon_effect(toy_out, capsys):
             assert r["best_w"] > 0 and r["best"] <= 0.8 * r["base"], r
         else:
             assert r["best_w"] < 0, r
-    for name in ("diffusion-base.pt", "ar-base.pt", "curves.png", "diffusion-zeta1.1/synthetic/manifest.json",
-                 "ar-tau1.6/run/snapshot-0000050000.pt"):
+    for name in (
+        "diffusion-base.pt",
+        "ar-base.pt",
+        "curves.png",
+        "diffusion-zeta1.1/synthetic/manifest.json",
+        "ar-tau1.6/run/snapshot-0000050000.pt",
+    ):
         assert os.path.exists(os.path.join(out, name)), name

@@ -6,7 +6,8 @@ state-dict keys and their order) and the numerics follow upstream. The official 
 whose `'model'` entry is this state dict (`vae_state_dict`).
 
 Shapes: images float32 [B, 3, H, W] in [-1, 1]; latents [B, embed_dim, H/2^(L-1), W/2^(L-1)] for
-L = len(ch_mult). xAR trains on `posterior.sample() · LATENT_SCALE` and decodes `decode(tokens / LATENT_SCALE)`.
+L = len(ch_mult). xAR trains on `posterior.sample() · LATENT_SCALE` and decodes
+`decode(tokens / LATENT_SCALE)`.
 """
 
 import torch
@@ -56,7 +57,7 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3) for conv in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)              # scale 1/sqrt(C)
+        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C)
         return x + self.proj_out(out.transpose(2, 3).reshape(B, C, H, W))
 
 
@@ -79,7 +80,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _level(blocks: list, attn: list, downsample=None, upsample=None) -> nn.Module:
@@ -92,8 +93,11 @@ def _level(blocks: list, attn: list, downsample=None, upsample=None) -> nn.Modul
 
 def _middle(channels: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), \
-        ResnetBlock(channels, channels)
+    mid.block_1, mid.attn_1, mid.block_2 = (
+        ResnetBlock(channels, channels),
+        AttnBlock(channels),
+        ResnetBlock(channels, channels),
+    )
     return mid
 
 
@@ -106,8 +110,16 @@ class Encoder(nn.Module):
     nominal resolution, counted from `resolution`, is in attn_resolutions), downsampling between levels;
     middle (res, attn, res); norm, swish, conv_out to 2·z_channels (mean and log-variance)."""
 
-    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
-                 in_channels=3, resolution=256, z_channels=16):
+    def __init__(
+        self,
+        ch=128,
+        ch_mult=(1, 1, 2, 2, 4),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        in_channels=3,
+        resolution=256,
+        z_channels=16,
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -184,7 +196,7 @@ class DiagonalGaussian:
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """mean + std·ε, ε = float32 `torch.randn(mean.shape)` from `generator` (on its device), or from
         torch's default CPU generator when None (as upstream, which draws on the CPU whatever the device)."""
-        device = generator.device if generator is not None else 'cpu'
+        device = generator.device if generator is not None else "cpu"
         eps = torch.randn(self.mean.shape, generator=generator, device=device)
         return self.mean + self.std * eps.to(self.mean.device)
 
@@ -230,4 +242,4 @@ def kl16() -> AutoencoderKL:
 def vae_state_dict(ckpt: dict) -> dict:
     """The VAE state dict inside a loaded `kl16.ckpt` ({'model': state dict}) or a flat one.
     Upstream loads it with strict=False; the official file matches every key of `kl16()`."""
-    return ckpt['model'] if isinstance(ckpt.get('model'), dict) else ckpt
+    return ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt

@@ -27,24 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NULL_CLASS = 1000   # class_emb row of the unconditional branch; upstream always builds 1001 rows
-CELL = 64           # tokens per cell
+NULL_CLASS = 1000  # class_emb row of the unconditional branch; upstream always builds 1001 rows
+CELL = 64  # tokens per cell
 CELLS = 4
-GRID = 16           # the latent is GRID × GRID tokens
-CHANNELS = 16       # latent channels (KL-16, patch size 1)
+GRID = 16  # the latent is GRID × GRID tokens
+CHANNELS = 16  # latent channels (KL-16, patch size 1)
 
 
 def to_tokens(latent: torch.Tensor) -> torch.Tensor:
     """[B, C, 16, 16] latent -> [B, 256, C] tokens in cell-major order."""
     B, C = latent.shape[:2]
-    h = latent.reshape(B, C, 2, GRID // 2, 2, GRID // 2)        # b, c, cell row, row, cell col, col
+    h = latent.reshape(B, C, 2, GRID // 2, 2, GRID // 2)  # b, c, cell row, row, cell col, col
     return h.permute(0, 2, 4, 3, 5, 1).reshape(B, GRID * GRID, C)
 
 
 def to_latent(tokens: torch.Tensor) -> torch.Tensor:
     """[B, 256, C] tokens in cell-major order -> [B, C, 16, 16] latent (inverse of `to_tokens`)."""
     B, _, C = tokens.shape
-    h = tokens.reshape(B, 2, 2, GRID // 2, GRID // 2, C)        # b, cell row, cell col, row, col, c
+    h = tokens.reshape(B, 2, 2, GRID // 2, GRID // 2, C)  # b, cell row, cell col, row, col, c
     return h.permute(0, 5, 1, 3, 2, 4).reshape(B, C, GRID, GRID)
 
 
@@ -74,12 +74,15 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, index):
         half = self.frequency_embedding_size // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=index.device) / half)
+        freqs = torch.exp(
+            -math.log(10000) * torch.arange(half, dtype=torch.float32, device=index.device) / half
+        )
         angle = index.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1))
 
@@ -97,14 +100,19 @@ class Rope2D(nn.Module):
         super().__init__()
         half = head_dim // 2
         freqs = 1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))
-        self.register_buffer('freqs', freqs)
-        pos = torch.arange(GRID) / GRID * GRID                     # float positions 0..15
-        angle = (pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1)          # [16, half]
-        grid = torch.cat([angle[:, None, :].expand(GRID, GRID, half),              # row part
-                          angle[None, :, :].expand(GRID, GRID, half)], dim=-1)     # column part
+        self.register_buffer("freqs", freqs)
+        pos = torch.arange(GRID) / GRID * GRID  # float positions 0..15
+        angle = (pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1)  # [16, half]
+        grid = torch.cat(
+            [
+                angle[:, None, :].expand(GRID, GRID, half),  # row part
+                angle[None, :, :].expand(GRID, GRID, half),
+            ],
+            dim=-1,
+        )  # column part
         grid = grid.reshape(2, GRID // 2, 2, GRID // 2, head_dim).permute(0, 2, 1, 3, 4).reshape(-1, head_dim)
-        self.register_buffer('freqs_cos', grid.cos())
-        self.register_buffer('freqs_sin', grid.sin())
+        self.register_buffer("freqs_cos", grid.cos())
+        self.register_buffer("freqs_sin", grid.sin())
 
     def forward(self, x, rows: slice):
         """x [B, H, N, head_dim] at absolute token positions `rows` (N of them)."""
@@ -157,12 +165,13 @@ class Attention(nn.Module):
         if cache is not None:
             if self.cache_k is not None:
                 k, v = torch.cat([self.cache_k, k], dim=2), torch.cat([self.cache_v, v], dim=2)
-            if cache == 'extend':
+            if cache == "extend":
                 self.cache_k, self.cache_v = k[:, :, :-CELL], v[:, :, :-CELL]
         if mask is not None:
             mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0
+        )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
 
 
@@ -186,8 +195,8 @@ class Block(nn.Module):
         """x [B, 64·n, D] (n whole cells); cond [n·B, D] cell-major."""
         B, N, D = x.shape
         n = N // CELL
-        mod = self.ada_lin(cond).view(n, B, 6, 1, D).transpose(0, 1)   # [B, n, 6, 1, D]
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)   # each [B, n, 1, D]
+        mod = self.ada_lin(cond).view(n, B, 6, 1, D).transpose(0, 1)  # [B, n, 6, 1, D]
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)  # each [B, n, 1, D]
 
         def per_cell(h):
             return h.view(B, n, CELL, D)
@@ -208,22 +217,43 @@ class xAR(nn.Module):
     never extrapolate it) and the RoPE tables of every block.
     """
 
-    def __init__(self, img_size=256, vae_stride=16, patch_size=1,
-                 encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
-                 decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16,
-                 mlp_ratio=4.0, norm_layer=None, vae_embed_dim=16, label_drop_prob=0.1, class_num=1000,
-                 attn_dropout=0.0, proj_dropout=0.0, diffusion_batch_mul=4, clusters=4):
+    def __init__(
+        self,
+        img_size=256,
+        vae_stride=16,
+        patch_size=1,
+        encoder_embed_dim=1024,
+        encoder_depth=16,
+        encoder_num_heads=16,
+        decoder_embed_dim=1024,
+        decoder_depth=16,
+        decoder_num_heads=16,
+        mlp_ratio=4.0,
+        norm_layer=None,
+        vae_embed_dim=16,
+        label_drop_prob=0.1,
+        class_num=1000,
+        attn_dropout=0.0,
+        proj_dropout=0.0,
+        diffusion_batch_mul=4,
+        clusters=4,
+    ):
         super().__init__()
-        if img_size // vae_stride // patch_size != GRID or vae_embed_dim * patch_size ** 2 != CHANNELS \
-                or clusters != CELLS:
-            raise ValueError('xAR supports only a 16x16 grid of 16-channel tokens in 4 cells '
-                             f'(got img_size={img_size}, vae_stride={vae_stride}, patch_size={patch_size}, '
-                             f'vae_embed_dim={vae_embed_dim}, clusters={clusters})')
+        if (
+            img_size // vae_stride // patch_size != GRID
+            or vae_embed_dim * patch_size**2 != CHANNELS
+            or clusters != CELLS
+        ):
+            raise ValueError(
+                "xAR supports only a 16x16 grid of 16-channel tokens in 4 cells "
+                f"(got img_size={img_size}, vae_stride={vae_stride}, patch_size={patch_size}, "
+                f"vae_embed_dim={vae_embed_dim}, clusters={clusters})"
+            )
         if encoder_embed_dim != decoder_embed_dim:
-            raise ValueError('xAR needs encoder_embed_dim == decoder_embed_dim (both use one condition)')
+            raise ValueError("xAR needs encoder_embed_dim == decoder_embed_dim (both use one condition)")
         for dim, heads in ((encoder_embed_dim, encoder_num_heads), (decoder_embed_dim, decoder_num_heads)):
             if dim % heads or (dim // heads) % 4:
-                raise ValueError(f'width {dim} with {heads} heads: the head width must be a multiple of 4')
+                raise ValueError(f"width {dim} with {heads} heads: the head width must be a multiple of 4")
         self.img_size, self.vae_stride, self.patch_size = img_size, vae_stride, patch_size
         self.vae_embed_dim, self.clusters, self.seq_len = vae_embed_dim, clusters, GRID * GRID
         self.num_classes, self.label_drop_prob = class_num, label_drop_prob
@@ -234,20 +264,32 @@ class xAR(nn.Module):
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, dim))
         cell = torch.arange(self.seq_len) // CELL
         visible = cell[:, None] >= cell[None, :]
-        self.register_buffer('mask', torch.zeros(visible.shape).masked_fill(~visible, -torch.inf)[None, None])
+        self.register_buffer("mask", torch.zeros(visible.shape).masked_fill(~visible, -torch.inf)[None, None])
 
         self.class_emb = nn.Embedding(NULL_CLASS + 1, dim)
         self.time_embed = TimestepEmbedder(dim)
         self.z_proj = nn.Linear(CHANNELS, dim)
         self.z_proj_ln = RMSNorm(dim, weight=True)
-        self.encoder_blocks = nn.ModuleList([
-            Block(dim, encoder_num_heads, mlp_ratio, attn_drop=attn_dropout, proj_drop=proj_dropout)
-            for _ in range(encoder_depth)])
+        self.encoder_blocks = nn.ModuleList(
+            [
+                Block(dim, encoder_num_heads, mlp_ratio, attn_drop=attn_dropout, proj_drop=proj_dropout)
+                for _ in range(encoder_depth)
+            ]
+        )
         self.encoder_norm = RMSNorm(dim, weight=True)
         self.decoder_embed = nn.Linear(dim, decoder_embed_dim)
-        self.decoder_blocks = nn.ModuleList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, attn_drop=attn_dropout, proj_drop=proj_dropout)
-            for _ in range(decoder_depth)])
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(
+                    decoder_embed_dim,
+                    decoder_num_heads,
+                    mlp_ratio,
+                    attn_drop=attn_dropout,
+                    proj_drop=proj_dropout,
+                )
+                for _ in range(decoder_depth)
+            ]
+        )
         self.decoder_norm = RMSNorm(decoder_embed_dim, weight=True)
         self.pred = nn.Linear(decoder_embed_dim, CHANNELS)
         self._init_weights()
@@ -302,8 +344,9 @@ class xAR(nn.Module):
         """
         return self.prefix_velocity(x_t, labels, time_index(t.float()))
 
-    def cell_velocity(self, x: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, cell: int,
-                      extend: bool) -> torch.Tensor:
+    def cell_velocity(
+        self, x: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, cell: int, extend: bool
+    ) -> torch.Tensor:
         """One sampling call for cell `cell`, attending to the key/value cache.
 
         x float [B', N, 16]: the tokens ending at the end of `cell` (N = 64, or 128 with the previous
@@ -315,14 +358,21 @@ class xAR(nn.Module):
         end, N = CELL * (cell + 1), x.shape[1]
         rows = slice(end - N, end)
         mask = self.mask[:, :, rows, :end] if extend else None
-        out = self._trunk(x, self.condition(labels, index), rows, mask, 'extend' if extend else 'read')
+        out = self._trunk(x, self.condition(labels, index), rows, mask, "extend" if extend else "read")
         return out[:, -CELL:]
 
 
 def _build(width: int, depth: int, heads: int, kwargs: dict) -> xAR:
-    kwargs = {'mlp_ratio': 4.0, **kwargs}
-    return xAR(encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
-               decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=heads, **kwargs)
+    kwargs = {"mlp_ratio": 4.0, **kwargs}
+    return xAR(
+        encoder_embed_dim=width,
+        encoder_depth=depth,
+        encoder_num_heads=heads,
+        decoder_embed_dim=width,
+        decoder_depth=depth,
+        decoder_num_heads=heads,
+        **kwargs,
+    )
 
 
 def xar_base(**kwargs) -> xAR:
