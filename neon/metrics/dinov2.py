@@ -31,9 +31,9 @@ def build(device: torch.device | str = "cpu", pretrained: bool = True, **overrid
     """timm's DINOv2 ViT-L/14 at 224 px without a head (features = the normed class token), eval mode on
     `device`. `pretrained` downloads the weights (hub cache) on first use; `overrides` change the
     architecture (tests: a small random one of the same kind). Not collective."""
-    import timm
+    from timm import create_model
 
-    model = timm.create_model(NAME, pretrained=pretrained, num_classes=0, img_size=SIZE, **overrides)
+    model = create_model(NAME, pretrained=pretrained, num_classes=0, img_size=SIZE, **overrides)
     return model.eval().requires_grad_(False).to(device)
 
 

@@ -105,3 +105,19 @@ def test_core_never_imports_a_family_package():
 def test_the_checks_catch_violations(bad):
     names = set(_calls_and_imports(ast.parse(bad)))
     assert names & (FORBIDDEN_IO | {"torch.distributed", "torch.distributed.barrier"})
+
+
+def test_no_family_is_named_in_the_core_text():
+    """Issue 22's check, as text: `grep -rnE "\\bedm\\b\\.|VAR\\.|xAR\\.|imm\\." neon/` (the toy aside) finds
+    nothing, in code, comments or strings."""
+    import re
+
+    pattern = re.compile(r"\bedm\b\.|VAR\.|xAR\.|imm\.")
+    found = [
+        (path, n)
+        for path, _ in _modules("neon")
+        if not path.startswith(os.path.join("neon", "toy"))
+        for n, line in enumerate(open(os.path.join(REPO, path)), 1)
+        if pattern.search(line)
+    ]
+    assert found == []
