@@ -20,7 +20,7 @@ from neon import cli, finetune
 from neon import family as neon_family
 from neon.io import checkpoint, files
 from tests.conftest import save_base
-from tests.reliability.test_preemption import Hooked, _exit, _finetune_args, _same_state
+from tests.reliability.test_preemption import Hooked, _exit, _finetune_args, _same_state, _sweep_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,21 +134,7 @@ def test_a_full_disk_during_finetune(disk, tmp_path, base_ckpt, synthetic_set, m
 def test_a_full_disk_during_sweep_and_merge(disk, tmp_path, base_ckpt, synthetic_set, monkeypatch, capsys):
     cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, tmp_path / "run", "--images", "64"))))
     out = os.path.join(disk.path, "sweep")
-    argv = [
-        "sweep",
-        "--family",
-        "toy",
-        "--base",
-        base_ckpt,
-        "--self",
-        tmp_path / "run",
-        "--w",
-        "0:1:0.5",
-        "--num-images",
-        "16",
-        "--batch-size",
-        "16",
-    ]
+    argv = _sweep_args(base_ckpt, tmp_path / "run")
     with monkeypatch.context() as m:
         m.setattr(neon_family, "get", lambda spec: Hooked("sample", 2, disk.fill))  # in the 2nd point
         code, err = _exit(argv + ["--out", out], capsys)

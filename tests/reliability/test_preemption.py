@@ -57,6 +57,25 @@ def _exit(argv, capsys):
     return info.value.code, capsys.readouterr().err
 
 
+def _sweep_args(base, run):
+    """A toy sweep of the run's snapshots over w 0, 0.5, 1 at 16 samples a point (no --out)."""
+    return [
+        "sweep",
+        "--family",
+        "toy",
+        "--base",
+        base,
+        "--self",
+        run,
+        "--w",
+        "0:1:0.5",
+        "--num-images",
+        "16",
+        "--batch-size",
+        "16",
+    ]
+
+
 def _finetune_args(base, data, out, *extra):
     return [
         "finetune",
@@ -166,21 +185,7 @@ def test_sigterm_during_sample_and_sweep_stops_after_the_shard_or_point(
                 assert (tmp_path / "S" / name).read_bytes() == f.read()
 
     cli.main(list(map(str, _finetune_args(base_ckpt, synthetic_set, tmp_path / "run", "--images", "64"))))
-    sweep = [
-        "sweep",
-        "--family",
-        "toy",
-        "--base",
-        base_ckpt,
-        "--self",
-        tmp_path / "run",
-        "--w",
-        "0:1:0.5",
-        "--num-images",
-        "16",
-        "--batch-size",
-        "16",
-    ]
+    sweep = _sweep_args(base_ckpt, tmp_path / "run")
     with monkeypatch.context() as m:
         m.setattr(neon_family, "get", lambda spec: Hooked("sample", 2, sigterm))  # in the 2nd point
         code, err = _exit(sweep + ["--out", tmp_path / "sweep"], capsys)
