@@ -133,6 +133,15 @@ class FinetuneConfig:
         return 0.5 ** (self.batch_size / max(halflife, 1e-8))
 
 
+def snapshot_count(conf: FinetuneConfig) -> int:
+    """The snapshots a fine-tune of `conf` writes: one at each step that crosses a multiple of
+    `snapshot_every_images`, and one at the end (`run`)."""
+    every = conf.snapshot_every_images or conf.total_images
+    steps = -(-conf.total_images // conf.batch_size)
+    crossings = {(k * conf.batch_size) // every for k in range(1, steps)} - {0}
+    return len(crossings) + 1
+
+
 def snapshot_name(images_seen: int, folder: bool = False) -> str:
     """`snapshot-<images_seen:010d>.pt`, or without the suffix for a family of folder checkpoints."""
     return f"snapshot-{images_seen:010d}" + ("" if folder else ".pt")

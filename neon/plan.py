@@ -220,15 +220,6 @@ def _hold(tracker: _Tracker, model) -> None:
             tracker.add(t)
 
 
-def snapshot_count(conf: finetune.FinetuneConfig) -> int:
-    """The snapshots a fine-tune writes: one at each step that crosses a multiple of
-    `snapshot_every_images`, and one at the end (`neon.finetune.run`)."""
-    every = conf.snapshot_every_images or conf.total_images
-    steps = -(-conf.total_images // conf.batch_size)
-    crossings = {(k * conf.batch_size) // every for k in range(1, steps)} - {0}
-    return len(crossings) + 1
-
-
 def selection_bound(conf, snapshots: int) -> int:
     """The most images the sweep's selection generates over `snapshots` snapshots: `neon.search.max_images`
     for the recipe's strategy, halving and refinement (what `neon sweep --dry-run` prints too)."""
@@ -316,7 +307,7 @@ def plan(recipe, gpus: int = H100["gpus"], gpu_memory: float = H100["gpu_memory"
     else:
         out.update(finetune_peak_gib=None, sample_peak_gib=None, sweep_peak_gib=None, finetune_fits=None)
         step = sampling = evaluating = None
-    snapshots = snapshot_count(ft)
+    snapshots = finetune.snapshot_count(ft)
     trained = -(-ft.total_images // ft.batch_size) * ft.batch_size
     final = 2 * sw.final_seeds * sw.final_num
     selection = selection_bound(sw, snapshots)

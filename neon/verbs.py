@@ -117,9 +117,7 @@ def _selection_line(conf: sweep.SweepConfig, ft: finetune.FinetuneConfig | None)
     """A YAML comment: the images the selection generates at most against the full grid's, and the cfg
     values it can reach (the snapshots the recipe's fine-tune writes, else those on disk)."""
     if ft is not None and ft.out and conf.self_trained == ft.out:
-        every = ft.snapshot_every_images or ft.total_images
-        count = len({min(ft.total_images, -(-k * every // ft.batch_size) * ft.batch_size)
-                     for k in range(1, -(-ft.total_images // every) + 1)})
+        count = finetune.snapshot_count(ft)
     else:
         count = len(finetune.snapshots(conf.self_trained or "")) or 1
     ws, cfgs = search.grid(conf.w), conf.cfg or [None]
