@@ -78,6 +78,9 @@ def run_command(body) -> None:
         distributed.init()  # first, so that logging knows the rank: INFO on rank 0, WARNING on the others
         log.setup()
         body()
+        # Every rank finished before any leaves: a gloo rank whose peer tears the group down while it
+        # is still in its last exchange can abort ("terminate called without an active exception").
+        distributed.barrier()
     except (NeonError, OSError) as e:
         if debug:
             raise
