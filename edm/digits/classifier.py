@@ -1,11 +1,12 @@
 """The digits' feature network: a small CNN classifier trained on the split's `features` images only.
 
-Its penultimate layer (64 ReLU units) gives the features of the "digits FID" and of precision/recall,
-as Inception's pool layer does for ImageNet-like images; its head gives the label accuracy of
-class-conditional samples. It trains in seconds on 2 CPU cores on the 300 `features` images and
-reaches 97.7 % accuracy on the 1,497 digits it never saw. The defaults of `ClassifierConfig` are the
-recipe's, so the classifier the family trains for itself is the demo's. Training draws only from
-explicit generators (init, order, shifts), so the same seed on the same machine gives the same network.
+Its penultimate layer (64 ReLU units; `DigitsFamily.features` whitens it) gives the features of the
+"digits FID" and of precision/recall, as Inception's pool layer does for ImageNet-like images; its
+head gives the label accuracy of class-conditional samples. It trains in seconds on 2 CPU cores on
+the 300 `features` images and reaches 97.7 % accuracy on the 1,497 digits it never saw. The defaults
+of `ClassifierConfig` are the recipe's, so the classifier the family trains for itself is the
+demo's. Training draws only from explicit generators (init, order, shifts), so the same seed on the
+same machine gives the same network.
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FEATURES = 64  # width of the penultimate layer: the dimension of the digits FID
+FEATURES = 64  # width of the penultimate layer (the digits FID uses its live, whitened directions)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,9 @@ Stages, each skipped when its output is complete (a rerun resumes and computes n
 8. `results.json`, `fid_vs_w.png` and `samples.png`.
 
 Every score is `neon.evaluate.evaluate`'s, with the family's features (the classifier's penultimate
-layer) against the reference images' statistics; label accuracy and precision/recall (against the
-reference images' features) are `evaluate.Metrics.extra`. Summaries and paired differences are
+layer, whitened by the reference images' covariance: `DigitsFamily.features`) against the reference
+images' statistics; label accuracy and precision/recall (against the reference images' features) are
+`evaluate.Metrics.extra`. Summaries and paired differences are
 `neon.evaluate.summarize`, `paired` and `verdict`, as in the sweep's final report.
 """
 
@@ -144,7 +145,11 @@ def _run(out: str, s: dict) -> dict:
     result = {
         "settings": s,
         "split": {role: split[role][2].tolist() for role in data.ROLES},
-        "classifier": {"heldout_accuracy": accuracy, "features": classifier.FEATURES},
+        "classifier": {
+            "heldout_accuracy": accuracy,
+            "features": classifier.FEATURES,
+            "whitened_dims": fam.whitening()[1].shape[1],
+        },
         "diagnose": diagnosis,
         "selection": _selection(records, conf, found),
         "best_w": found.w,
@@ -294,11 +299,9 @@ def _sweep_config(out: str, self_path: str, s: dict) -> sweep.SweepConfig:
 def _extra(fam: DigitsFamily, reference: torch.Tensor):
     """`evaluate.Metrics.extra`: the label accuracy (the classifier's head on the features against the
     labels drawn) and precision/recall against the reference images' features."""
-    head = fam.classifier().head
 
     def extra(features: torch.Tensor, labels: torch.Tensor) -> dict:
-        with torch.no_grad():
-            predicted = head(features.float()).argmax(1)
+        predicted = fam.logits(features).argmax(1)
         precision, recall = fid.precision_recall(features, reference)
         return {
             "label_accuracy": (predicted == labels).double().mean().item(),

@@ -95,10 +95,19 @@ def test_digits_family_is_edm_plus_features_and_reference(trained, split, one_th
     images = fam.sample(model, labels, seeds, sampler)
     assert torch.equal(images, edm.sample(model, labels, seeds, sampler))  # sampling is the EDM family's
     assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
+    # the features are the classifier's live penultimate directions whitened by the reference images:
+    # their statistics on the reference are 0 and the identity, and the head still reads them
     features = fam.features(split["reference"][0][:10])
-    assert features.dtype == torch.float64 and features.shape == (10, classifier.FEATURES)
+    dims = fam.whitening()[1].shape[1]
+    assert features.dtype == torch.float64 and features.shape == (10, dims)
+    assert 10 <= dims <= classifier.FEATURES
     mu, sigma = fam.reference()
-    assert mu.shape == (classifier.FEATURES,) and sigma.shape == (classifier.FEATURES,) * 2
+    assert mu.shape == (dims,) and sigma.shape == (dims, dims)
+    assert abs(mu).max() < 1e-9 and abs(sigma - torch.eye(dims).numpy()).max() < 1e-9
+    digits = torch.cat([split[role][0] for role in data.ROLES])
+    with torch.no_grad():
+        logits = trained[0](digits)
+    assert torch.allclose(fam.logits(fam.features(digits)), logits, rtol=1e-4, atol=1e-4)
     # The core's scoring path uses the family's features and reference: no --ref, no Inception.
     result = score.generate_and_score(
         fam, model, sampler, (0, 20), 10, inception.FidConfig(), fam.reference()
