@@ -179,7 +179,7 @@ EPILOG = ("Any recipe field can be set with --section.field VALUE, "
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
-    args, extra = parser.parse_known_args(_glued(argv))
+    args, extra = parser.parse_known_args(_glued(_demo_flag(argv)))
     overrides = _dotted(extra, parser)
     run = getattr(verbs, "cmd_" + args.verb.replace("-", "_"))  # looked up now: tests replace verbs
     run_command(lambda: run(_resolve(args, overrides), args.dry_run))
@@ -213,6 +213,15 @@ def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
     metavar = flag.metavar or (None if flag.choices else flag.name.lstrip("-").replace("-", "_").upper())
     parser.add_argument(flag.name, *flag.aliases, dest=flag.key, type=flag.type, nargs=flag.nargs,
                         choices=flag.choices, default=flag.default, metavar=metavar, help=text)
+
+
+def _demo_flag(argv: list[str]) -> list[str]:
+    """`neon demo --NAME` (the spelling before `neon demo NAME`) for an installed demo NAME → `neon demo
+    NAME`; other arguments are left as they are."""
+    if not argv or argv[0] != "demo":
+        return argv
+    names = {f"--{name}": name for name in verbs.demo_names()}
+    return [names.get(token, token) for token in argv]
 
 
 _NEGATIVE = re.compile(r"^-\.?\d")  # -2:2:0.25, -1,-0.5, -1e-5, -3

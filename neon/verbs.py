@@ -241,6 +241,11 @@ def _real_data(fam, spec: str, seed: int):
     return samples, found if found is not None else torch.full((len(samples),), -1, dtype=torch.int64)
 
 
+def demo_names() -> list[str]:
+    """The installed demos: 'toy' and the entry points of the group `neon.demos`."""
+    return ["toy", *sorted(e.name for e in importlib.metadata.entry_points(group="neon.demos"))]
+
+
 def _demo(name: str):
     """The toy demo (`neon.toy.demo`), or a demo another package registers as an entry point of the
     group `neon.demos`."""
@@ -250,7 +255,7 @@ def _demo(name: str):
         return demo
     found = {e.name: e for e in importlib.metadata.entry_points(group="neon.demos")}
     if name not in found:
-        raise NeonError(f"no demo {name!r} is installed (installed: {', '.join(['toy', *sorted(found)])})")
+        raise NeonError(f"no demo {name!r} is installed (installed: {', '.join(demo_names())})")
     return found[name].load()
 
 

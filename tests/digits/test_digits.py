@@ -211,3 +211,13 @@ def test_reduced_run_writes_its_results_and_resumes(tmp_path):
     assert {k: v for k, v in again.items() if k != "seconds"} == {
         k: v for k, v in result.items() if k != "seconds"
     }
+
+
+def test_the_old_spelling_neon_demo_dash_dash_digits_still_works(capsys):
+    from neon import cli
+
+    printed = []
+    for argv in (["demo", "digits", "--dry-run"], ["demo", "--digits", "--dry-run"]):
+        cli.main(argv)
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and printed[0].startswith("demo: digits\n")
