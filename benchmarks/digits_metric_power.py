@@ -25,14 +25,11 @@ from neon.metrics import fid
 from neon.threads import one_thread
 
 
-def measure(demo_out: str, ranges: int, w: float | None = None) -> dict:
-    """{'raw' | 'whitened': {'base', 'neon', 'real', 'paired', 'half', 'relative', 'span'}}; Neon at
-    `w` (default: the demo's chosen w)."""
-    result = json.load(open(os.path.join(demo_out, "results.json")))
-    w = result["best_w"] if w is None else w
+def measure(demo_out: str, result: dict, ranges: int, w: float) -> dict:
+    """{'raw' | 'whitened': {'base', 'neon', 'real', 'paired', 'half', 'relative', 'span'}} of the
+    demo in `demo_out` (`result`: its results.json), Neon at `w`."""
     s = result["settings"]
-    d = s["data"]
-    split = data.split(d["size"], d["split_seed"], d["features"], d["reference"], d["real"])
+    split = data.split_of(s["data"])
     net, _ = demo._classifier(demo_out, split, s["classifier"])
     fam = DigitsFamily(net, split)
     base_path = os.path.join(demo_out, "base.pt")
@@ -97,10 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranges", type=int, default=25, help="the report's first k ranges (default 25)")
     p.add_argument("--w", type=float, default=None, help="Neon's w (default: the demo's chosen w)")
     args = p.parse_args(argv)
-    result = json.load(open(os.path.join(args.demo_out, "results.json")))
+    with open(os.path.join(args.demo_out, "results.json")) as f:
+        result = json.load(f)
     w = result["best_w"] if args.w is None else args.w
     with one_thread():
-        scores = measure(args.demo_out, args.ranges, w)
+        scores = measure(args.demo_out, result, args.ranges, w)
     print(table(scores, args.ranges, result["report"]["num"], w))
 
 

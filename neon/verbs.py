@@ -241,9 +241,14 @@ def _real_data(fam, spec: str, seed: int):
     return samples, found if found is not None else torch.full((len(samples),), -1, dtype=torch.int64)
 
 
+def _entry_points() -> dict:
+    """{name: entry point} of the group `neon.demos`: the demos other packages install."""
+    return {e.name: e for e in importlib.metadata.entry_points(group="neon.demos")}
+
+
 def demo_names() -> list[str]:
     """The installed demos: 'toy' and the entry points of the group `neon.demos`."""
-    return ["toy", *sorted(e.name for e in importlib.metadata.entry_points(group="neon.demos"))]
+    return ["toy", *sorted(_entry_points())]
 
 
 def _demo(name: str):
@@ -253,7 +258,7 @@ def _demo(name: str):
         from neon.toy import demo
 
         return demo
-    found = {e.name: e for e in importlib.metadata.entry_points(group="neon.demos")}
+    found = _entry_points()
     if name not in found:
         raise NeonError(f"no demo {name!r} is installed (installed: {', '.join(demo_names())})")
     return found[name].load()

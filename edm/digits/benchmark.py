@@ -37,8 +37,7 @@ def run(demo_out: str, out: str) -> list[dict]:
     """One row per variant (axis, value): the chosen w, the base's and Neon's mean FID, the paired
     differences Neon − base of FID, precision and recall with their 95% intervals, and cos_P."""
     s = demo.settings()
-    d = s["data"]
-    split = data.split(d["size"], d["split_seed"], d["features"], d["reference"], d["real"])
+    split = data.split_of(s["data"])
     rows, done = [], {}
     with one_thread():
         net, _ = demo._classifier(demo_out, split, s["classifier"])

@@ -79,6 +79,13 @@ def split(
     }
 
 
+def split_of(section: dict) -> dict:
+    """`split` by a recipe's `data` section (size, split_seed, features, reference, real)."""
+    return split(
+        section["size"], section["split_seed"], section["features"], section["reference"], section["real"]
+    )
+
+
 def write_set(out: str, images: torch.Tensor, labels: torch.Tensor, family_name: str) -> str:
     """Write real images uint8 [N, C, H, W] with labels int64 [N] as a one-shard set of the
     synthetic-set layout at `out` (seeds are the row numbers), unless a complete one is there.

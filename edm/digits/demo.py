@@ -79,13 +79,7 @@ def run(out: str, quick: bool = False, overrides: dict | None = None) -> dict:
 def _run(out: str, s: dict) -> dict:
     start = time.time()
     os.makedirs(out, exist_ok=True)
-    split = data.split(
-        s["data"]["size"],
-        s["data"]["split_seed"],
-        s["data"]["features"],
-        s["data"]["reference"],
-        s["data"]["real"],
-    )
+    split = data.split_of(s["data"])
     net, accuracy = _classifier(out, split, s["classifier"])
     fam = DigitsFamily(net, split)
     generator = split["generator"][:2]
