@@ -10,7 +10,9 @@ this file or `torch.distributed`.
 
 import contextlib
 import datetime
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,19 @@ def shutdown() -> None:
     """Leave the process group (if any), so torchrun sees a clean exit."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int):
+    """End this process now with exit status `code`, without the interpreter's finalization: for a rank
+    that has left its process group. After `shutdown()` a gloo worker thread can still hold the last
+    reference to a finished collective's tensors; dropping it takes the GIL, and a thread that asks for
+    the GIL while the interpreter finalizes aborts the process (SIGABRT, "terminate called without an
+    active exception") although every rank finished its work. stdout, stderr and the log handlers are
+    flushed first; atexit hooks do not run (the core registers none)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank() -> int:

@@ -74,13 +74,13 @@ def run_command(body) -> None:
     from neon import distributed, log, stop  # they import this module
 
     debug = os.environ.get("NEON_DEBUG") == "1"
+    joined = False
     try:
         distributed.init()  # first, so that logging knows the rank: INFO on rank 0, WARNING on the others
+        joined = distributed.world() > 1
         log.setup()
         body()
-        # Every rank finished before any leaves: a gloo rank whose peer tears the group down while it
-        # is still in its last exchange can abort ("terminate called without an active exception").
-        distributed.barrier()
+        distributed.barrier()  # every rank finished before any leaves
     except (NeonError, OSError) as e:
         if debug:
             raise
@@ -102,6 +102,19 @@ def run_command(body) -> None:
              f"traceback)", 1)
     finally:
         distributed.shutdown()
+        if joined:  # a rank of a torchrun job ends without the finalization its gloo threads can abort
+            ending = sys.exc_info()[1]
+            if ending is None or isinstance(ending, SystemExit):
+                distributed.exit_process(_exit_status(ending))
+
+
+def _exit_status(ending: SystemExit | None) -> int:
+    """The status Python would exit with after `ending` (None: a normal return)."""
+    code = None if ending is None else ending.code
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr, flush=True)
+    return 1
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}

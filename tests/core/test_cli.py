@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -284,6 +287,54 @@ def test_ranks_but_the_first_log_warnings_only(monkeypatch):
     finally:
         root.setLevel(level)
     assert levels == [logging.WARNING]
+
+
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("body, status", [
+    ("return", 0), ("user error", 2), ("stopped", 143), ("bug", 1)])
+def test_a_torchrun_rank_ends_with_its_status_and_no_finalization(monkeypatch, capsys, body, status):
+    """A rank that joined a process group leaves through `distributed.exit_process` with the status the
+    command would have had, after leaving the group (a gloo worker thread can abort a finalizing
+    interpreter)."""
+    from neon import distributed, stop
+    from neon.errors import NeonError, run_command
+
+    events = []
+    monkeypatch.setattr(distributed, "init", lambda: events.append("init"))
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(distributed, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(distributed, "shutdown", lambda: events.append("shutdown"))
+
+    def exit_process(code):
+        events.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(distributed, "exit_process", exit_process)
+
+    def run():
+        if body == "user error":
+            raise NeonError("bad input")
+        if body == "stopped":
+            raise stop.Stopped("stopped at step 3", signal.SIGTERM)
+        if body == "bug":
+            raise KeyError("x")
+
+    with pytest.raises(_Exited):
+        run_command(run)
+    assert events == ["init", "barrier", "shutdown", 0] if body == "return" else ["init", "shutdown", status]
+    if body == "user error":
+        assert capsys.readouterr().err == "error: bad input\n"
+
+
+def test_exit_process_flushes_what_was_printed_and_exits_with_the_code(tmp_path):
+    code = "import sys; from neon import distributed; print('kept', end=''); " \
+           "sys.stderr.write('also'); distributed.exit_process(3)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "kept", "also")
 
 
 DRY_RUNS = {  # verb: (argv, {dotted key: value the printed YAML holds})
