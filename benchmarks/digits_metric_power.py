@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranges", type=int, default=25, help="the report's first k ranges (default 25)")
     p.add_argument("--w", type=float, default=None, help="Neon's w (default: the demo's chosen w)")
     args = p.parse_args(argv)
-    with open(os.path.join(args.demo_out, "results.json")) as f:
+    path = os.path.join(args.demo_out, "results.json")
+    if not os.path.isfile(path):
+        p.error(f"{path} not found: give the directory of a finished `neon demo digits` run")
+    with open(path) as f:
         result = json.load(f)
     w = result["best_w"] if args.w is None else args.w
     with one_thread():
