@@ -46,6 +46,9 @@ def frechet_distance(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.n
     direction) add up to ~1e-3 over 2048 directions, and the FID of a set against its own
     statistics would not be 0. When either side is full rank (any 50k reference) the statistics go
     to torch-fidelity unchanged.
+
+    It is a squared distance: rounding that takes it below 0 (−1e-12 for identical statistics on some
+    CPUs' kernels) is returned as 0.
     """
     import scipy.linalg
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
@@ -69,13 +72,13 @@ def frechet_distance(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.n
         diff = mu_a - mu_b
         outside = float(diff @ diff - np.sum((span.T @ diff) ** 2))  # the mean difference off the span
         if span.shape[1] == 0:
-            return outside
+            return max(outside, 0.0)
         mu_a, mu_b = span.T @ mu_a, span.T @ mu_b
         sigma_a, sigma_b = span.T @ sigma_a @ span, span.T @ sigma_b @ span
     metric = fid_statistics_to_metric(
         {"mu": mu_a, "sigma": sigma_a}, {"mu": mu_b, "sigma": sigma_b}, verbose=False
     )
-    return float(metric[KEY_METRIC_FID]) + outside
+    return max(float(metric[KEY_METRIC_FID]) + outside, 0.0)
 
 
 def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS) -> tuple[float, float]:
