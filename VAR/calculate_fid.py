@@ -12,9 +12,7 @@ over the processes: sample i has seed `--seed + i` and its own generator, labels
 1000 classes. Prints one JSON line.
 """
 
-import json
 
-from neon import distributed
 from neon.errors import ArgumentParser, run_command
 from neon.metrics import score
 from VAR.family import family
@@ -36,7 +34,6 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--fid_stats", required=True, help="reference statistics .npz (path or URL)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
-    parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
     score.add_metric_flags(parser)
     args = parser.parse_args(argv)
     run_command(lambda: _run(args))
@@ -52,23 +49,18 @@ def _run(args) -> None:
         args.batch_size,
         args.fid_stats,
         codec=args.vae_ckpt,
-        inception_weights=args.inception_weights,
-        metrics=args.metrics,
-        real=args.real,
+        **score.metric_options(args),
         img_size=args.img_size,
     )
-    if distributed.is_main():
-        print(
-            json.dumps(
-                {
-                    "var_ckpt": args.var_ckpt,
-                    "cfg": args.cfg,
-                    "num_images": args.num_images,
-                    "seeds": [args.seed, args.num_images],
-                    **value,
-                }
-            )
-        )
+    score.print_result(
+        {
+            "var_ckpt": args.var_ckpt,
+            "cfg": args.cfg,
+            "num_images": args.num_images,
+            "seeds": [args.seed, args.num_images],
+            **value,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@
 in memory, sharded over the processes; class labels are balanced over the classes. Prints one JSON line.
 """
 
-import json
 
 from diffusers_family.family import family
-from neon import distributed
 from neon.errors import ArgumentParser, run_command
 from neon.metrics import score
 
@@ -27,7 +25,6 @@ def main(argv=None) -> None:
     parser.add_argument("--fid_stats", required=True, help="reference statistics .npz (path or URL)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--batch_size", type=int, default=64, help="images per sampler call and process")
-    parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
     score.add_metric_flags(parser)
     args = parser.parse_args(argv)
     run_command(lambda: _run(args))
@@ -42,24 +39,19 @@ def _run(args) -> None:
         (args.seed, args.num_images),
         args.batch_size,
         args.fid_stats,
-        inception_weights=args.inception_weights,
-        metrics=args.metrics,
-        real=args.real,
+        **score.metric_options(args),
     )
-    if distributed.is_main():
-        print(
-            json.dumps(
-                {
-                    "ckpt": args.ckpt,
-                    "fid_stats": args.fid_stats,
-                    "num_images": args.num_images,
-                    "num_steps": args.num_steps,
-                    "cfg": args.cfg,
-                    "eta": args.eta,
-                    **value,
-                }
-            )
-        )
+    score.print_result(
+        {
+            "ckpt": args.ckpt,
+            "fid_stats": args.fid_stats,
+            "num_images": args.num_images,
+            "num_steps": args.num_steps,
+            "cfg": args.cfg,
+            "eta": args.eta,
+            **value,
+        }
+    )
 
 
 if __name__ == "__main__":

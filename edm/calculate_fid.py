@@ -11,10 +11,8 @@ into `fid_stats/`. Images are generated and scored in memory, sharded over the p
 are balanced over the classes and shuffled by the first seed. Prints one JSON line.
 """
 
-import json
 
 from edm.family import PRESETS, family
-from neon import distributed
 from neon.errors import ArgumentParser, NeonError, run_command
 from neon.metrics import score
 
@@ -38,7 +36,6 @@ def main(argv=None) -> None:
     parser.add_argument("--max_batch_size", type=int, default=64, help="images per sampler call and process")
     parser.add_argument("--num_steps", type=int, default=18, help="Heun steps")
     parser.add_argument("--arch", choices=sorted(PRESETS), help="architecture of a .safetensors file")
-    parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
     score.add_metric_flags(parser)
     args = parser.parse_args(argv)
     run_command(lambda: _run(args))
@@ -54,22 +51,17 @@ def _run(args) -> None:
         args.max_batch_size,
         args.ref,
         arch=args.arch,
-        inception_weights=args.inception_weights,
-        metrics=args.metrics,
-        real=args.real,
+        **score.metric_options(args),
     )
-    if distributed.is_main():
-        print(
-            json.dumps(
-                {
-                    "network": args.network,
-                    "ref": args.ref,
-                    "seeds": list(seeds),
-                    "num_steps": args.num_steps,
-                    **value,
-                }
-            )
-        )
+    score.print_result(
+        {
+            "network": args.network,
+            "ref": args.ref,
+            "seeds": list(seeds),
+            "num_steps": args.num_steps,
+            **value,
+        }
+    )
 
 
 if __name__ == "__main__":

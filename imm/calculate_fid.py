@@ -14,10 +14,8 @@ ft-EMA. Images are generated and scored in memory, sharded over the processes: s
 paper's headline setting (T = 8 uniform steps, guidance 1.8). Prints one JSON line.
 """
 
-import json
 
 from imm.family import DEFAULT_CODEC, PRESETS, family
-from neon import distributed
 from neon.errors import ArgumentParser, NeonError, run_command
 from neon.metrics import score
 
@@ -36,7 +34,6 @@ def main(argv=None) -> None:
     parser.add_argument("--cfg", type=float, default=1.8, help="guidance scale (1: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
     parser.add_argument("--arch", choices=sorted(PRESETS), help="architecture of a .safetensors file")
-    parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
     score.add_metric_flags(parser)
     args = parser.parse_args(argv)
     run_command(lambda: _run(args))
@@ -55,24 +52,19 @@ def _run(args) -> None:
         args.fid_stats,
         arch=args.arch,
         codec=args.vae,
-        inception_weights=args.inception_weights,
-        metrics=args.metrics,
-        real=args.real,
+        **score.metric_options(args),
         img_size=args.img_size,
     )
-    if distributed.is_main():
-        print(
-            json.dumps(
-                {
-                    "model_ckpt": args.model_ckpt,
-                    "steps": args.steps,
-                    "cfg": args.cfg,
-                    "num_images": args.num_images,
-                    "seeds": [args.seed, args.num_images],
-                    **value,
-                }
-            )
-        )
+    score.print_result(
+        {
+            "model_ckpt": args.model_ckpt,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "num_images": args.num_images,
+            "seeds": [args.seed, args.num_images],
+            **value,
+        }
+    )
 
 
 if __name__ == "__main__":

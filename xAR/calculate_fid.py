@@ -13,9 +13,7 @@ over the processes: sample i has seed `--seed + i` and its own generator, labels
 classes. Prints one JSON line.
 """
 
-import json
 
-from neon import distributed
 from neon.errors import ArgumentParser, run_command
 from neon.metrics import score
 from xAR.family import PRESETS, family
@@ -51,7 +49,6 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
     parser.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception score")
-    parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
     score.add_metric_flags(parser)
     args = parser.parse_args(argv)
     run_command(lambda: _run(args))
@@ -68,25 +65,20 @@ def _run(args) -> None:
         args.fid_stats,
         arch=args.model,
         codec=args.vae_path,
-        inception_weights=args.inception_weights,
-        metrics=args.metrics,
-        real=args.real,
+        **score.metric_options(args),
         img_size=args.img_size,
         with_is=args.inception_score,
     )
-    if distributed.is_main():
-        print(
-            json.dumps(
-                {
-                    "model_ckpt": args.model_ckpt,
-                    "cfg": args.cfg,
-                    "flow_steps": args.flow_steps,
-                    "num_images": args.num_images,
-                    "seeds": [args.seed, args.num_images],
-                    **metrics,
-                }
-            )
-        )
+    score.print_result(
+        {
+            "model_ckpt": args.model_ckpt,
+            "cfg": args.cfg,
+            "flow_steps": args.flow_steps,
+            "num_images": args.num_images,
+            "seeds": [args.seed, args.num_images],
+            **metrics,
+        }
+    )
 
 
 if __name__ == "__main__":

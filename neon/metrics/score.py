@@ -10,6 +10,8 @@ Features are the family's own where it defines `features` (the toy's points), el
 features; the reference is `--ref` (a path or a URL) or the family's own `reference()`.
 """
 
+import json
+
 import torch
 
 from neon import distributed, synthetic
@@ -120,12 +122,25 @@ def generate_and_score(family, model, sampler, seeds: tuple[int, int], batch_siz
 
 
 def add_metric_flags(parser) -> None:
-    """`--metrics fid,fd_dinov2,prdc` and `--real REAL_SRC`, the flags every `calculate_fid.py` shares."""
+    """`--inception_weights`, `--metrics fid,fd_dinov2,prdc` and `--real REAL_SRC`, the flags every
+    `calculate_fid.py` shares (`metric_options` reads them back)."""
+    parser.add_argument("--inception_weights", help="torch-fidelity InceptionV3 weights file")
     parser.add_argument("--metrics", type=parse_metrics, default=["fid"],
                         help="fid,fd_dinov2,prdc (fd_dinov2, prdc and precision/recall against --real)")
     parser.add_argument(
         "--real", metavar="REAL_SRC", help="real images (a folder, an .npz or a synthetic set)"
     )
+
+
+def metric_options(args) -> dict:
+    """The `score_checkpoint` keywords that the flags of `add_metric_flags` set."""
+    return {"inception_weights": args.inception_weights, "metrics": args.metrics, "real": args.real}
+
+
+def print_result(record: dict) -> None:
+    """A `calculate_fid.py` result: `record` as one JSON line on stdout, on rank 0."""
+    if distributed.is_main():
+        print(json.dumps(record))
 
 
 def score_checkpoint(family, path: str, sampler, seeds: tuple[int, int], batch_size: int, ref: str, *,
