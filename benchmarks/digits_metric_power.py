@@ -14,13 +14,13 @@ interval half-widths the effect spans), then the ratios whitened / raw of the la
 """
 
 import argparse
-import json
 import os
 
 from edm.digits import data, demo
 from edm.digits.family import DigitsFamily
 from neon import evaluate, finetune
 from neon import family as neon_family
+from neon.errors import NeonError
 from neon.metrics import fid
 from neon.threads import one_thread
 
@@ -94,11 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranges", type=int, default=25, help="the report's first k ranges (default 25)")
     p.add_argument("--w", type=float, default=None, help="Neon's w (default: the demo's chosen w)")
     args = p.parse_args(argv)
-    path = os.path.join(args.demo_out, "results.json")
-    if not os.path.isfile(path):
-        p.error(f"{path} not found: give the directory of a finished `neon demo digits` run")
-    with open(path) as f:
-        result = json.load(f)
+    try:
+        result = demo.finished(args.demo_out)
+    except NeonError as e:
+        p.error(str(e))
     w = result["best_w"] if args.w is None else args.w
     with one_thread():
         scores = measure(args.demo_out, result, args.ranges, w)

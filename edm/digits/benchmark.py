@@ -20,6 +20,7 @@ import os
 from edm.digits import data, demo
 from edm.digits.family import DigitsFamily
 from neon import config, progress, sweep
+from neon.errors import NeonError
 from neon.threads import one_thread
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("demo_out", help="a finished `neon demo digits` directory")
     p.add_argument("out", help="where the variants go (resumed when it exists)")
     args = p.parse_args(argv)
+    try:
+        demo.finished(args.demo_out)  # before the classifier, which `run` would otherwise train there
+    except NeonError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     print(table(run(args.demo_out, args.out)))
 

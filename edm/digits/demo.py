@@ -39,6 +39,7 @@ from edm.digits import classifier, data
 from edm.digits.family import DigitsFamily
 from neon import config, diagnose, evaluate, finetune, plots, progress, summary, sweep, synthetic
 from neon import family as neon_family
+from neon.errors import NeonError
 from neon.io import checkpoint, files
 from neon.metrics import fid
 from neon.progress import Progress
@@ -156,6 +157,16 @@ def _run(out: str, s: dict) -> dict:
     result["seconds"] = round(time.time() - start, 1)
     files.write_json(os.path.join(out, "results.json"), result)
     return result
+
+
+def finished(out: str) -> dict:
+    """What `results.json` holds in `out`, a finished run of this demo; NeonError when there is none.
+    The tools that reuse a demo's models check it before they write anything."""
+    path = os.path.join(out, "results.json")
+    if not os.path.isfile(path):
+        raise NeonError(f"{path} not found: give the directory of a finished `neon demo digits` run")
+    with open(path) as f:
+        return json.load(f)
 
 
 def table(result: dict) -> str:

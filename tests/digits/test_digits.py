@@ -221,3 +221,22 @@ def test_the_old_spelling_neon_demo_dash_dash_digits_still_works(capsys):
         cli.main(argv)
         printed.append(capsys.readouterr().out)
     assert printed[0] == printed[1] and printed[0].startswith("demo: digits\n")
+
+
+@pytest.mark.parametrize("tool, takes_out", [(["-m", "edm.digits.benchmark"], True),
+                                             (["benchmarks/digits_metric_power.py"], False)])
+def test_the_tools_that_reuse_a_demo_refuse_a_folder_without_one(tmp_path, tool, takes_out):
+    """Given a folder that holds no finished demo, they stop before the classifier would be trained
+    into it: exit 2 with the reason on the last line, and nothing written."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    missing, out = tmp_path / "no-demo", tmp_path / "variants"
+    argv = [sys.executable, *tool, str(missing)] + ([str(out)] if takes_out else [])
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    reason = f"{missing / 'results.json'} not found: give the directory of a finished `neon demo digits` run"
+    assert result.stderr.splitlines()[-1].endswith(f"error: {reason}")
+    assert list(tmp_path.iterdir()) == []
