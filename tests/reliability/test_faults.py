@@ -233,6 +233,8 @@ def test_stale_temporaries_of_a_killed_merge_are_removed(tmp_path):
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path, base_ckpt):
     out = tmp_path / "S"
+    sample = ("sample", "--family", "toy", "--ckpt", base_ckpt, "--out", out, "--num-images", "8",
+              "--batch-size", "8", "--synthetic.labels", "none")
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -250,42 +252,14 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path, b
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        result = run_neon(
-            "sample",
-            "--family",
-            "toy",
-            "--ckpt",
-            base_ckpt,
-            "--out",
-            out,
-            "--num-images",
-            "8",
-            "--batch-size",
-            "8",
-            "--synthetic.labels",
-            "none",
-        )
+        result = run_neon(*sample)
         assert result.returncode == 2 and result.stderr.count("\n") == 1
         assert f"is in use by neon sample (pid {holder.pid} on " in result.stderr
         assert sorted(os.listdir(out)) == [files.LOCK]
     finally:
         holder.kill()
         holder.wait()
-    result = run_neon(
-        "sample",
-        "--family",
-        "toy",
-        "--ckpt",
-        base_ckpt,
-        "--out",
-        out,
-        "--num-images",
-        "8",
-        "--batch-size",
-        "8",
-        "--synthetic.labels",
-        "none",
-    )  # a dead holder's lock is free
+    result = run_neon(*sample)  # a dead holder's lock is free
     assert result.returncode == 0, result.stderr
     assert files.LOCK not in os.listdir(out)
 
